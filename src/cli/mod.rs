@@ -1,0 +1,56 @@
+//! The `tlens` command line: one subcommand per job, each a thin layer over the library.
+//! Errors are returned to `main`, which prints one line and exits non-zero.
+
+mod convert;
+mod inspect;
+
+use crate::error::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// The demo run shipped with the crate.
+pub const DEMO_FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/demo_p113.pth");
+
+#[derive(Parser, Debug)]
+#[command(name = "tlens", version, about = "TransformerLens for grokking models, in Rust")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Describe a checkpoint file: format, layout, config, tensors, checkpoints, losses.
+    Inspect {
+        file: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert between .pth (either layout) and safetensors; output format from OUT's extension.
+    Convert {
+        input: PathBuf,
+        output: PathBuf,
+        /// How to pickle the config in a .pth: tl2 (the demo's TL object), tl3, or dict
+        /// (loadable with torch.load(weights_only=True)).
+        #[arg(long, default_value = "tl2")]
+        config_style: String,
+    },
+    /// The main job on the shipped demo run (for now: inspect it).
+    Demo,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Inspect { file, json } => inspect::run(&file, json),
+        Command::Convert {
+            input,
+            output,
+            config_style,
+        } => convert::run(&input, &output, &config_style),
+        Command::Demo => {
+            println!("tlens demo: inspecting the shipped run {DEMO_FIXTURE}\n");
+            inspect::run(std::path::Path::new(DEMO_FIXTURE), false)
+        }
+    }
+}

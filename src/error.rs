@@ -1,0 +1,184 @@
+//! One error type for the whole crate.
+//!
+//! Every failure on bad input is a typed variant carrying its context (byte position, key path,
+//! expected vs found) so that callers can match on the kind and users get one clear line. Errors
+//! raised while reading a file are wrapped once in [`Error::File`], which adds the path; use
+//! [`Error::root`] to match on the underlying kind.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout tlens.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in tlens.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An error that happened while reading or writing a particular file.
+    #[error("{}: {source}", path.display())]
+    File {
+        path: PathBuf,
+        #[source]
+        source: Box<Error>,
+    },
+
+    /// Operating-system I/O failure.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+
+    /// The bytes do not start like any format tlens reads.
+    #[error("unrecognised file format: {0}")]
+    UnknownFormat(String),
+
+    /// The zip container of a torch file is malformed or uses a feature torch never writes.
+    #[error("zip container: {0}")]
+    Zip(String),
+
+    /// A required zip record or storage is missing.
+    #[error("missing record '{0}' in the archive")]
+    MissingRecord(String),
+
+    /// The pickle stream ended before a complete opcode or before STOP.
+    #[error("pickle truncated at byte {pos}: {what}")]
+    PickleEof { pos: usize, what: &'static str },
+
+    /// An opcode byte that is not part of pickle protocols 0-5.
+    #[error("unknown pickle opcode 0x{opcode:02x} at byte {pos}")]
+    PickleOpcode { pos: usize, opcode: u8 },
+
+    /// An opcode that tlens deliberately does not execute (out-of-band buffers, extension registry).
+    #[error("unsupported pickle opcode {name} at byte {pos}")]
+    PickleUnsupported { pos: usize, name: &'static str },
+
+    /// The stack or mark stack does not hold what the opcode needs.
+    #[error("malformed pickle at byte {pos} ({opcode}): {msg}")]
+    PickleStack {
+        pos: usize,
+        opcode: &'static str,
+        msg: String,
+    },
+
+    /// A memo lookup for an index that was never stored.
+    #[error("pickle memo index {index} not found (at byte {pos})")]
+    PickleMemo { pos: usize, index: u64 },
+
+    /// A limit that protects against hostile files was exceeded.
+    #[error("limit exceeded: {what} (limit {limit}, found {found})")]
+    Limit {
+        what: &'static str,
+        limit: u64,
+        found: u64,
+    },
+
+    /// A section of the file is shorter than its header says.
+    #[error("truncated {what}: needs {needed} bytes, {available} available")]
+    Truncated {
+        what: String,
+        needed: u64,
+        available: u64,
+    },
+
+    /// A tensor view reaches outside its storage.
+    #[error(
+        "tensor '{tensor}': view needs {needed} elements of storage '{storage}' but it holds {available}"
+    )]
+    StorageBounds {
+        tensor: String,
+        storage: String,
+        needed: u64,
+        available: u64,
+    },
+
+    /// A key that the layout requires is absent.
+    #[error("{context}: missing key '{key}'")]
+    MissingKey { context: String, key: String },
+
+    /// A value has the wrong type.
+    #[error("{context}: expected {expected}, found {found}")]
+    Type {
+        context: String,
+        expected: String,
+        found: String,
+    },
+
+    /// A tensor has the wrong shape.
+    #[error("{name}: expected shape {expected:?}, found {found:?}")]
+    Shape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+
+    /// A value is well-typed but not acceptable (e.g. a config field out of range).
+    #[error("{context}: invalid value: {msg}")]
+    Invalid { context: String, msg: String },
+
+    /// Something valid that tlens does not implement.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+
+    /// JSON parsing or writing failed.
+    #[error("JSON: {0}")]
+    Json(#[from] serde_json::Error),
+
+    /// The safetensors crate rejected a file.
+    #[error("safetensors: {0}")]
+    Safetensors(String),
+}
+
+impl Error {
+    /// The innermost error, with any [`Error::File`] wrappers removed.
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::File { source, .. } => source.root(),
+            e => e,
+        }
+    }
+
+    /// Attach a path to an error (once; an error that already names a file keeps its path).
+    pub fn in_file(self, path: impl Into<PathBuf>) -> Error {
+        match self {
+            e @ Error::File { .. } => e,
+            e => Error::File {
+                path: path.into(),
+                source: Box::new(e),
+            },
+        }
+    }
+
+    pub(crate) fn type_err(
+        context: impl Into<String>,
+        expected: impl Into<String>,
+        found: impl Into<String>,
+    ) -> Error {
+        Error::Type {
+            context: context.into(),
+            expected: expected.into(),
+            found: found.into(),
+        }
+    }
+
+    pub(crate) fn missing(context: impl Into<String>, key: impl Into<String>) -> Error {
+        Error::MissingKey {
+            context: context.into(),
+            key: key.into(),
+        }
+    }
+
+    pub(crate) fn invalid(context: impl Into<String>, msg: impl Into<String>) -> Error {
+        Error::Invalid {
+            context: context.into(),
+            msg: msg.into(),
+        }
+    }
+}
+
+/// Extension to attach a file path to any fallible result.
+pub trait WithPath<T> {
+    fn with_path(self, path: impl Into<PathBuf>) -> Result<T>;
+}
+
+impl<T, E: Into<Error>> WithPath<T> for std::result::Result<T, E> {
+    fn with_path(self, path: impl Into<PathBuf>) -> Result<T> {
+        self.map_err(|e| e.into().in_file(path))
+    }
+}

@@ -1,0 +1,103 @@
+//! Reading and writing checkpoint files: torch's zip and legacy formats, and safetensors.
+//!
+//! Data flows one way: bytes → container ([`torch::TorchFile`], [`safetensors::SafetensorsFile`])
+//! → typed run ([`crate::run::RunFile`]). This module knows about containers and pickles only;
+//! what the keys *mean* (TL demo layout, 2022 layout) is decided in [`crate::run`].
+
+pub mod pickle;
+pub mod safetensors;
+pub mod torch;
+
+use crate::error::{Error, Result};
+use std::ops::Deref;
+use std::path::Path;
+
+/// The bytes of a file: memory-mapped, or owned (for in-memory input and empty files).
+pub enum Source {
+    Mmap(memmap2::Mmap),
+    Bytes(Vec<u8>),
+}
+
+impl Source {
+    /// Map a file read-only.
+    pub fn map(path: &Path) -> Result<Source> {
+        let f = std::fs::File::open(path)?;
+        if f.metadata()?.len() == 0 {
+            return Ok(Source::Bytes(Vec::new()));
+        }
+        // SAFETY: the map is read-only; tlens never writes through it. As with any mmap, a
+        // concurrent truncation of the file by another process is outside what we can guard.
+        let m = unsafe { memmap2::Mmap::map(&f)? };
+        Ok(Source::Mmap(m))
+    }
+}
+
+impl Deref for Source {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Source::Mmap(m) => m,
+            Source::Bytes(b) => b,
+        }
+    }
+}
+
+/// File formats tlens reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Format {
+    #[serde(rename = "torch-zip")]
+    TorchZip,
+    #[serde(rename = "torch-legacy")]
+    TorchLegacy,
+    #[serde(rename = "safetensors")]
+    Safetensors,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::TorchZip => "torch-zip",
+            Format::TorchLegacy => "torch-legacy",
+            Format::Safetensors => "safetensors",
+        }
+    }
+
+    /// Detect the format from the first bytes.
+    pub fn detect(bytes: &[u8]) -> Result<Format> {
+        if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06") {
+            return Ok(Format::TorchZip);
+        }
+        if bytes.first() == Some(&0x80) {
+            return Ok(Format::TorchLegacy);
+        }
+        // safetensors: u64 little-endian header length, then a JSON object.
+        if bytes.len() >= 9 && bytes[8] == b'{' {
+            return Ok(Format::Safetensors);
+        }
+        Err(Error::UnknownFormat(format!(
+            "first bytes {:02x?} are not a torch zip, legacy torch pickle or safetensors header",
+            &bytes[..bytes.len().min(9)]
+        )))
+    }
+}
+
+/// Write `bytes` to `path` atomically: write a temporary sibling, fsync, rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::invalid(path.display().to_string(), "not a file path"))?;
+    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let res = (|| -> Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res.map_err(|e| e.in_file(path))
+}

@@ -1,0 +1,476 @@
+//! torch.save files: the zip container (torch ≥ 1.6) and the legacy stream (torch ≤ 1.5 or
+//! `_use_new_zipfile_serialization=False`).
+//!
+//! Opening a file maps it (memmap2), parses the container and the pickle, and records where each
+//! storage's bytes are — but reads no tensor data. Tensors are materialised on demand from
+//! [`TensorRef`]s, borrowing the mapped bytes when alignment and byte order allow (see
+//! [`crate::tensor::view_storage`]); torch aligns zip payloads to 64 bytes, but older writers do
+//! not, so alignment is checked, never assumed.
+
+use super::pickle::{unpickle, Limits, Pickler, Value};
+use super::Source;
+use crate::error::{Error, Result, WithPath};
+use crate::tensor::{tensor_from_storage, view_storage, DType, Element, StorageRef, Tensor, TensorRef};
+use ndarray::{CowArray, IxDyn};
+use std::collections::HashMap;
+use std::io::{Cursor, Write};
+use std::ops::Range;
+use std::path::Path;
+
+/// Which torch container a file uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TorchContainer {
+    /// Zip archive; `prefix` is what precedes `data.pkl` (e.g. `archive/`, `model/`).
+    Zip { prefix: String },
+    /// Consecutive pickles followed by raw storages.
+    Legacy,
+}
+
+/// Metadata records of a zip-format file (all optional).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ZipRecords {
+    pub version: Option<String>,
+    pub format_version: Option<String>,
+    pub storage_alignment: Option<String>,
+    pub serialization_id: Option<String>,
+    pub byteorder: Option<String>,
+}
+
+/// A parsed torch file: the unpickled object tree plus the location of every storage.
+pub struct TorchFile {
+    source: Source,
+    pub container: TorchContainer,
+    /// The unpickled top-level object.
+    pub root: Value,
+    /// Pickle protocol of the main pickle.
+    pub protocol: u8,
+    pub big_endian: bool,
+    pub records: ZipRecords,
+    storages: HashMap<String, Range<usize>>,
+}
+
+const LEGACY_MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
+
+impl TorchFile {
+    /// Open and parse a torch file (zip or legacy) without reading tensor data.
+    pub fn open(path: impl AsRef<Path>) -> Result<TorchFile> {
+        let path = path.as_ref();
+        let source = Source::map(path).with_path(path)?;
+        Self::parse(source, &Limits::default()).with_path(path)
+    }
+
+    /// Parse a torch file held in memory.
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<TorchFile> {
+        Self::parse(Source::Bytes(bytes), &Limits::default())
+    }
+
+    pub fn parse(source: Source, limits: &Limits) -> Result<TorchFile> {
+        if source.starts_with(b"PK\x03\x04") || source.starts_with(b"PK\x05\x06") {
+            parse_zip(source, limits)
+        } else if source.first() == Some(&0x80) {
+            parse_legacy(source, limits)
+        } else {
+            Err(Error::UnknownFormat(
+                "not a torch zip archive or legacy torch pickle".into(),
+            ))
+        }
+    }
+
+    /// "torch-zip" or "torch-legacy".
+    pub fn format_name(&self) -> &'static str {
+        match self.container {
+            TorchContainer::Zip { .. } => "torch-zip",
+            TorchContainer::Legacy => "torch-legacy",
+        }
+    }
+
+    /// The bytes of a root storage.
+    pub fn storage_bytes(&self, key: &str) -> Result<&[u8]> {
+        let r = self
+            .storages
+            .get(key)
+            .ok_or_else(|| Error::MissingRecord(format!("data/{key}")))?;
+        Ok(&self.source[r.clone()])
+    }
+
+    /// Materialise a tensor as an owned typed array.
+    pub fn tensor(&self, r: &TensorRef, name: &str) -> Result<Tensor> {
+        tensor_from_storage(self.storage_bytes(&r.storage.key)?, self.big_endian, r, name)
+    }
+
+    /// View a tensor as `T`, borrowing the mapped file where possible.
+    pub fn view<T: Element>(&self, r: &TensorRef, name: &str) -> Result<CowArray<'_, T, IxDyn>> {
+        view_storage(self.storage_bytes(&r.storage.key)?, self.big_endian, r, name)
+    }
+}
+
+/// The storage a persistent id names: `('storage', storage_type, key, location, numel[, view])`.
+fn storage_from_pid(pid: &Value, pos: usize, legacy: bool) -> Result<StorageRef> {
+    let bad = |msg: String| Error::PickleStack {
+        pos,
+        opcode: "BINPERSID",
+        msg,
+    };
+    let items = pid
+        .as_seq()
+        .ok_or_else(|| bad(format!("persistent id must be a tuple, found {}", pid.type_name())))?;
+    if items.first().and_then(Value::as_str) != Some("storage") {
+        return Err(bad(format!(
+            "unsupported persistent id kind {:?}",
+            items.first().map(Value::type_name)
+        )));
+    }
+    let want = if legacy { 6 } else { 5 };
+    if items.len() != want {
+        return Err(bad(format!(
+            "storage persistent id has {} fields, expected {want}",
+            items.len()
+        )));
+    }
+    let dtype = match &items[1] {
+        Value::StorageType(d) => *d,
+        Value::Global { module, name } => {
+            return Err(Error::Unsupported(format!("storage type {module}.{name}")))
+        }
+        v => return Err(bad(format!("storage type must be a global, found {}", v.type_name()))),
+    };
+    let key = match &items[2] {
+        Value::Str(s) => s.clone(),
+        Value::Int(i) => i.to_string(),
+        v => return Err(bad(format!("storage key must be a string, found {}", v.type_name()))),
+    };
+    let location = items[3].as_str().unwrap_or("cpu").to_string();
+    let numel = items[4]
+        .as_i64()
+        .filter(|&n| n >= 0)
+        .ok_or_else(|| bad("storage size must be a non-negative int".into()))? as u64;
+    let mut s = StorageRef {
+        key,
+        dtype,
+        numel,
+        view_offset: 0,
+        location,
+    };
+    if legacy {
+        if let Some(view) = items[5].as_seq() {
+            // (view_key, offset, view_size)
+            let off = view.get(1).and_then(Value::as_i64).filter(|&n| n >= 0);
+            let size = view.get(2).and_then(Value::as_i64).filter(|&n| n >= 0);
+            match (off, size) {
+                (Some(o), Some(n)) => {
+                    s.view_offset = o as u64;
+                    s.numel = n as u64;
+                }
+                _ => return Err(bad("malformed storage view metadata".into())),
+            }
+        }
+    }
+    Ok(s)
+}
+
+fn parse_zip(source: Source, limits: &Limits) -> Result<TorchFile> {
+    let len = source.len();
+    let mut archive =
+        zip::ZipArchive::new(Cursor::new(&source[..])).map_err(|e| Error::Zip(e.to_string()))?;
+    let mut entries: HashMap<String, Range<usize>> = HashMap::with_capacity(archive.len());
+    let mut pkl: Option<String> = None;
+    for i in 0..archive.len() {
+        let f = archive.by_index_raw(i).map_err(|e| Error::Zip(e.to_string()))?;
+        let name = f.name().map_err(|e| Error::Zip(e.to_string()))?.to_string();
+        if f.compression() != zip::CompressionMethod::Stored {
+            return Err(Error::Zip(format!(
+                "entry '{name}' is compressed ({:?}); torch writes only stored entries",
+                f.compression()
+            )));
+        }
+        let start = f
+            .data_start()
+            .ok_or_else(|| Error::Zip(format!("entry '{name}' has no data offset")))?;
+        let size = f.compressed_size();
+        let end = start
+            .checked_add(size)
+            .filter(|&e| e <= len as u64)
+            .ok_or_else(|| Error::Truncated {
+                what: format!("zip entry '{name}'"),
+                needed: start.saturating_add(size),
+                available: len as u64,
+            })?;
+        if name == "data.pkl" || name.ends_with("/data.pkl") {
+            // The archive prefix is whatever precedes data.pkl; prefer the shallowest.
+            if pkl.as_ref().is_none_or(|p| name.len() < p.len()) {
+                pkl = Some(name.clone());
+            }
+        }
+        entries.insert(name, start as usize..end as usize);
+    }
+    let pkl_name = pkl.ok_or_else(|| Error::MissingRecord("data.pkl".into()))?;
+    let prefix = pkl_name[..pkl_name.len() - "data.pkl".len()].to_string();
+    let record = |n: &str| -> Option<String> {
+        entries
+            .get(&format!("{prefix}{n}"))
+            .map(|r| String::from_utf8_lossy(&source[r.clone()]).trim().to_string())
+    };
+    let records = ZipRecords {
+        version: record("version"),
+        format_version: record(".format_version"),
+        storage_alignment: record(".storage_alignment"),
+        serialization_id: record(".data/serialization_id"),
+        byteorder: record("byteorder"),
+    };
+    let big_endian = match records.byteorder.as_deref() {
+        None | Some("little") => false,
+        Some("big") => true,
+        Some(other) => {
+            return Err(Error::invalid(
+                format!("{prefix}byteorder"),
+                format!("expected 'little' or 'big', found '{other}'"),
+            ))
+        }
+    };
+    let data_prefix = format!("{prefix}data/");
+    let mut storages = HashMap::new();
+    for (name, range) in &entries {
+        if let Some(key) = name.strip_prefix(&data_prefix) {
+            storages.insert(key.to_string(), range.clone());
+        }
+    }
+    let pkl_range = entries[&pkl_name].clone();
+    let mut load = |pid: Value, pos: usize| -> Result<Value> {
+        let s = storage_from_pid(&pid, pos, false)?;
+        check_storage_size(&s, storages.get(&s.key).map(|r| r.len()))?;
+        Ok(Value::Storage(s))
+    };
+    let u = unpickle(&source[pkl_range], &mut load, limits)?;
+    Ok(TorchFile {
+        source,
+        container: TorchContainer::Zip { prefix },
+        root: u.value,
+        protocol: u.protocol,
+        big_endian,
+        records,
+        storages,
+    })
+}
+
+/// A storage named by the pickle must exist and hold at least `numel` elements.
+fn check_storage_size(s: &StorageRef, stored_bytes: Option<usize>) -> Result<()> {
+    let have = stored_bytes.ok_or_else(|| Error::MissingRecord(format!("data/{}", s.key)))? as u64;
+    let need = s
+        .view_offset
+        .checked_add(s.numel)
+        .and_then(|n| n.checked_mul(s.dtype.size() as u64))
+        .ok_or_else(|| Error::invalid(format!("storage '{}'", s.key), "size overflows"))?;
+    if need > have {
+        return Err(Error::Truncated {
+            what: format!("storage '{}' ({})", s.key, s.dtype),
+            needed: need,
+            available: have,
+        });
+    }
+    Ok(())
+}
+
+fn parse_legacy(source: Source, limits: &Limits) -> Result<TorchFile> {
+    let mut pos = 0usize;
+    let mut no_pid = |_: Value, p: usize| -> Result<Value> {
+        Err(Error::PickleStack {
+            pos: p,
+            opcode: "BINPERSID",
+            msg: "persistent id outside the main pickle".into(),
+        })
+    };
+    let next = |pos: &mut usize, load: &mut dyn super::pickle::PersistentLoad| -> Result<Value> {
+        let u = unpickle(&source[*pos..], load, limits).map_err(|e| shift_pos(e, *pos))?;
+        *pos += u.end;
+        Ok(u.value)
+    };
+    let magic = next(&mut pos, &mut no_pid)?;
+    if magic != Value::BigInt(LEGACY_MAGIC.to_vec()) {
+        return Err(Error::UnknownFormat(
+            "pickle without torch's legacy magic number (a plain pickle, not a torch file)".into(),
+        ));
+    }
+    let proto = next(&mut pos, &mut no_pid)?;
+    if proto.as_i64() != Some(1001) {
+        return Err(Error::Unsupported(format!(
+            "legacy torch protocol version {proto:?} (expected 1001)"
+        )));
+    }
+    let sys_info = next(&mut pos, &mut no_pid)?;
+    let big_endian = sys_info.get("little_endian").and_then(Value::as_bool) == Some(false);
+
+    // Main pickle: collect root storages (key → dtype, numel) from the 6-tuple persistent ids.
+    let mut roots: HashMap<String, (DType, u64)> = HashMap::new();
+    let mut load = |pid: Value, p: usize| -> Result<Value> {
+        let s = storage_from_pid(&pid, p, true)?;
+        let root_numel = pid.as_seq().and_then(|t| t[4].as_i64()).unwrap_or(0) as u64;
+        roots.insert(s.key.clone(), (s.dtype, root_numel));
+        Ok(Value::Storage(s))
+    };
+    let u = unpickle(&source[pos..], &mut load, limits).map_err(|e| shift_pos(e, pos))?;
+    pos += u.end;
+    let (root, protocol) = (u.value, u.protocol);
+
+    let keys = next(&mut pos, &mut no_pid)?;
+    let keys = keys
+        .as_seq()
+        .ok_or_else(|| Error::type_err("legacy storage key list", "list", keys.type_name()))?
+        .to_vec();
+    let mut storages = HashMap::new();
+    for k in keys {
+        let key = match &k {
+            Value::Str(s) => s.clone(),
+            Value::Int(i) => i.to_string(),
+            v => return Err(Error::type_err("legacy storage key", "str", v.type_name())),
+        };
+        let &(dtype, _) = roots
+            .get(&key)
+            .ok_or_else(|| Error::invalid("legacy storage list", format!("key '{key}' is not used")))?;
+        let hdr = source.get(pos..pos + 8).ok_or(Error::Truncated {
+            what: format!("size of legacy storage '{key}'"),
+            needed: 8,
+            available: (source.len() - pos) as u64,
+        })?;
+        let hdr: [u8; 8] = hdr.try_into().expect("8 bytes");
+        let numel = if big_endian {
+            i64::from_be_bytes(hdr)
+        } else {
+            i64::from_le_bytes(hdr)
+        };
+        pos += 8;
+        let nbytes = u64::try_from(numel)
+            .ok()
+            .and_then(|n| n.checked_mul(dtype.size() as u64))
+            .ok_or_else(|| Error::invalid(format!("legacy storage '{key}'"), "bad element count"))?;
+        let available = (source.len() - pos) as u64;
+        if nbytes > available {
+            return Err(Error::Truncated {
+                what: format!("legacy storage '{key}'"),
+                needed: nbytes,
+                available,
+            });
+        }
+        storages.insert(key, pos..pos + nbytes as usize);
+        pos += nbytes as usize;
+    }
+    // Every storage the pickle references must be present and large enough.
+    for (key, &(dtype, numel)) in &roots {
+        let s = StorageRef {
+            key: key.clone(),
+            dtype,
+            numel,
+            view_offset: 0,
+            location: String::new(),
+        };
+        check_storage_size(&s, storages.get(key).map(|r| r.len()))?;
+    }
+    Ok(TorchFile {
+        source,
+        container: TorchContainer::Legacy,
+        root,
+        protocol,
+        big_endian,
+        records: ZipRecords::default(),
+        storages,
+    })
+}
+
+/// Pickle positions are relative to the pickle; report them relative to the file.
+fn shift_pos(e: Error, base: usize) -> Error {
+    match e {
+        Error::PickleEof { pos, what } => Error::PickleEof {
+            pos: pos + base,
+            what,
+        },
+        Error::PickleOpcode { pos, opcode } => Error::PickleOpcode {
+            pos: pos + base,
+            opcode,
+        },
+        Error::PickleUnsupported { pos, name } => Error::PickleUnsupported {
+            pos: pos + base,
+            name,
+        },
+        Error::PickleStack { pos, opcode, msg } => Error::PickleStack {
+            pos: pos + base,
+            opcode,
+            msg,
+        },
+        Error::PickleMemo { pos, index } => Error::PickleMemo {
+            pos: pos + base,
+            index,
+        },
+        e => e,
+    }
+}
+
+/// Collects tensors for a torch zip file and writes it the way torch.save does.
+pub struct TorchWriter {
+    storages: Vec<(String, Vec<u8>)>,
+    protocol: u8,
+}
+
+impl TorchWriter {
+    /// `protocol` is the pickle protocol (torch.save's default is 2).
+    pub fn new(protocol: u8) -> TorchWriter {
+        TorchWriter {
+            storages: Vec::new(),
+            protocol,
+        }
+    }
+
+    /// Register a tensor's data as a new storage; returns the value to place in the pickle tree.
+    pub fn add(&mut self, t: &Tensor) -> Value {
+        let key = self.storages.len().to_string();
+        let r = TensorRef::contiguous(key.clone(), t.dtype(), t.shape());
+        self.storages.push((key, t.to_le_bytes()));
+        Value::Tensor(r)
+    }
+
+    /// Serialise `root` and the storages into torch's zip layout (prefix `archive/`).
+    pub fn to_bytes(&self, root: &Value) -> Result<Vec<u8>> {
+        let mut p = Pickler::new(self.protocol);
+        p.value(root)?;
+        let pkl = p.finish();
+        let mut buf = Cursor::new(Vec::new());
+        {
+            let mut z = zip::ZipWriter::new(&mut buf);
+            let opts = zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Stored)
+                .with_alignment(64);
+            let mut put = |name: &str, data: &[u8]| -> Result<()> {
+                let big = data.len() as u64 >= u32::MAX as u64;
+                z.start_file(format!("archive/{name}"), opts.large_file(big))
+                    .map_err(|e| Error::Zip(e.to_string()))?;
+                z.write_all(data)?;
+                Ok(())
+            };
+            put("data.pkl", &pkl)?;
+            put(".format_version", b"1")?;
+            put(".storage_alignment", b"64")?;
+            put("byteorder", b"little")?;
+            for (key, data) in &self.storages {
+                put(&format!("data/{key}"), data)?;
+            }
+            put("version", b"3\n")?;
+            put(".data/serialization_id", serialization_id(&pkl).as_bytes())?;
+            z.finish().map_err(|e| Error::Zip(e.to_string()))?;
+        }
+        Ok(buf.into_inner())
+    }
+
+    /// Write atomically: a temporary file beside `path`, then rename.
+    pub fn write(&self, root: &Value, path: impl AsRef<Path>) -> Result<()> {
+        let bytes = self.to_bytes(root)?;
+        super::write_atomic(path.as_ref(), &bytes)
+    }
+}
+
+/// torch writes a random 20-digit id; tlens derives it from the pickle so output is reproducible.
+fn serialization_id(pkl: &[u8]) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for &b in pkl {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{:020}", h % 10u64.pow(19) * 10)
+}

@@ -1,0 +1,30 @@
+//! tlens: TransformerLens for Nanda-style grokking models, in Rust.
+//!
+//! Data flows one way: file ([`io`]) → typed run ([`run`]) → model ([`model`]) → activations →
+//! analyses → report. This crate's foundation reads real torch checkpoints (`.pth`, zip or
+//! legacy) and safetensors into typed tensors **without executing anything**: the pickle reader
+//! is a restricted VM that interprets a fixed list of torch/numpy globals by name and keeps
+//! everything else as opaque data.
+//!
+//! ```no_run
+//! let run = tlens::RunFile::open("fixtures/demo_p113.pth")?;
+//! let cfg = run.config.as_ref().unwrap();
+//! println!("{} layers, d_model {}", cfg.n_layers, cfg.d_model);
+//! let model = run.model()?;                 // final weights, TL layout
+//! let w_e = model.array::<f32>("embed.W_E", None)?;
+//! let first = run.checkpoint(0)?;           // checkpoints load one at a time
+//! # let _ = (w_e, first);
+//! # Ok::<(), tlens::Error>(())
+//! ```
+
+pub mod cli;
+pub mod error;
+pub mod io;
+pub mod model;
+pub mod run;
+pub mod tensor;
+
+pub use error::{Error, Result};
+pub use model::{HookedTransformerConfig, StateDict};
+pub use run::{ConfigStyle, Layout, RunFile, TrainingRun};
+pub use tensor::{DType, Tensor};

@@ -1,0 +1,529 @@
+//! `HookedTransformerConfig`: every field TransformerLens 2.18 defines (plus the fields 3.9 adds),
+//! with TL's defaults and the derived values of TL's `__post_init__`.
+//!
+//! A config reaches tlens three ways — the pickled TL object (under any TL module path), a plain
+//! dict (the 2022 files, `weights_only` files) or JSON — and all three go through one path:
+//! pickle value → JSON object → serde. Fields tlens does not know are kept in [`extra`] and
+//! written back, never dropped.
+//!
+//! [`extra`]: HookedTransformerConfig::extra
+
+use crate::error::{Error, Result};
+use crate::io::pickle::Value;
+use crate::tensor::DType;
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+
+/// An int-or-float field (TL 3.x widened `rotary_base` to `Union[float, int]`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Num {
+    Int(i64),
+    Float(f64),
+}
+
+impl Num {
+    pub fn as_f64(self) -> f64 {
+        match self {
+            Num::Int(i) => i as f64,
+            Num::Float(f) => f,
+        }
+    }
+}
+
+macro_rules! defaults {
+    ($($name:ident: $t:ty = $v:expr;)*) => {
+        mod default {
+            #[allow(unused_imports)]
+            use super::*;
+            $(pub fn $name() -> $t { $v })*
+        }
+    };
+}
+
+defaults! {
+    model_name: String = "custom".into();
+    minus_one: i64 = -1;
+    minus_one_f: f64 = -1.0;
+    act_fn: Option<String> = Some("relu".into());
+    eps: f64 = 1e-5;
+    yes: bool = true;
+    init_mode: String = "gpt2".into();
+    normalization_type: Option<String> = Some("LN".into());
+    one: i64 = 1;
+    attention_dir: String = "causal".into();
+    positional_embedding_type: String = "standard".into();
+    dtype: String = "float32".into();
+    rotary_base: Num = Num::Int(10000);
+    ntk_low: f64 = 1.0;
+    ntk_high: f64 = 4.0;
+    ntk_factor: f64 = 8.0;
+    ntk_ctx: i64 = 8192;
+}
+
+/// TransformerLens's `HookedTransformerConfig` (field names and defaults as in TL 2.18; fields
+/// new in TL 3.x are `Option`s that are `None` when absent, so 2.x configs round-trip exactly).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HookedTransformerConfig {
+    pub n_layers: i64,
+    pub d_model: i64,
+    pub n_ctx: i64,
+    pub d_head: i64,
+    #[serde(default = "default::model_name")]
+    pub model_name: String,
+    #[serde(default = "default::minus_one")]
+    pub n_heads: i64,
+    #[serde(default)]
+    pub d_mlp: Option<i64>,
+    /// TL 2.18's default is None (and then rejects non-attn-only models); 3.x defaults to "relu".
+    #[serde(default = "default::act_fn")]
+    pub act_fn: Option<String>,
+    #[serde(default = "default::minus_one")]
+    pub d_vocab: i64,
+    #[serde(default = "default::eps")]
+    pub eps: f64,
+    #[serde(default)]
+    pub use_attn_result: bool,
+    #[serde(default = "default::yes")]
+    pub use_attn_scale: bool,
+    #[serde(default = "default::minus_one_f")]
+    pub attn_scale: f64,
+    #[serde(default)]
+    pub use_split_qkv_input: bool,
+    #[serde(default)]
+    pub use_hook_mlp_in: bool,
+    #[serde(default)]
+    pub use_attn_in: bool,
+    #[serde(default)]
+    pub use_qk_norm: bool,
+    #[serde(default)]
+    pub use_local_attn: bool,
+    #[serde(default)]
+    pub ungroup_grouped_query_attention: bool,
+    #[serde(default)]
+    pub original_architecture: Option<String>,
+    #[serde(default)]
+    pub from_checkpoint: bool,
+    #[serde(default)]
+    pub checkpoint_index: Option<i64>,
+    #[serde(default)]
+    pub checkpoint_label_type: Option<String>,
+    #[serde(default)]
+    pub checkpoint_value: Option<i64>,
+    #[serde(default)]
+    pub tokenizer_name: Option<String>,
+    #[serde(default)]
+    pub window_size: Option<i64>,
+    #[serde(default)]
+    pub attn_types: Option<Vec<String>>,
+    #[serde(default = "default::init_mode")]
+    pub init_mode: String,
+    #[serde(default = "default::normalization_type")]
+    pub normalization_type: Option<String>,
+    #[serde(default)]
+    pub device: Option<String>,
+    #[serde(default = "default::one")]
+    pub n_devices: i64,
+    #[serde(default = "default::attention_dir")]
+    pub attention_dir: String,
+    #[serde(default)]
+    pub attn_only: bool,
+    #[serde(default)]
+    pub seed: Option<i64>,
+    #[serde(default = "default::minus_one_f")]
+    pub initializer_range: f64,
+    #[serde(default = "default::yes")]
+    pub init_weights: bool,
+    #[serde(default)]
+    pub scale_attn_by_inverse_layer_idx: bool,
+    #[serde(default = "default::positional_embedding_type")]
+    pub positional_embedding_type: String,
+    #[serde(default)]
+    pub final_rms: bool,
+    #[serde(default = "default::minus_one")]
+    pub d_vocab_out: i64,
+    #[serde(default)]
+    pub parallel_attn_mlp: bool,
+    #[serde(default)]
+    pub rotary_dim: Option<i64>,
+    #[serde(default)]
+    pub n_params: Option<i64>,
+    #[serde(default)]
+    pub use_hook_tokens: bool,
+    #[serde(default)]
+    pub gated_mlp: bool,
+    #[serde(default = "default::yes")]
+    pub default_prepend_bos: bool,
+    /// torch dtype name without the `torch.` prefix.
+    #[serde(default = "default::dtype")]
+    pub dtype: String,
+    #[serde(default)]
+    pub tokenizer_prepends_bos: Option<bool>,
+    #[serde(default)]
+    pub n_key_value_heads: Option<i64>,
+    #[serde(default)]
+    pub post_embedding_ln: bool,
+    #[serde(default = "default::rotary_base")]
+    pub rotary_base: Num,
+    #[serde(default)]
+    pub rotary_base_local: Option<i64>,
+    #[serde(default)]
+    pub trust_remote_code: bool,
+    #[serde(default)]
+    pub rotary_adjacent_pairs: bool,
+    #[serde(default)]
+    pub load_in_4bit: bool,
+    #[serde(default)]
+    pub num_experts: Option<i64>,
+    #[serde(default)]
+    pub experts_per_token: Option<i64>,
+    #[serde(default)]
+    pub relative_attention_max_distance: Option<i64>,
+    #[serde(default)]
+    pub relative_attention_num_buckets: Option<i64>,
+    #[serde(default)]
+    pub decoder_start_token_id: Option<i64>,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub use_normalization_before_and_after: bool,
+    #[serde(default = "default::minus_one_f")]
+    pub attn_scores_soft_cap: f64,
+    #[serde(default = "default::minus_one_f")]
+    pub output_logits_soft_cap: f64,
+    #[serde(rename = "use_NTK_by_parts_rope", default)]
+    pub use_ntk_by_parts_rope: bool,
+    #[serde(rename = "NTK_by_parts_low_freq_factor", default = "default::ntk_low")]
+    pub ntk_by_parts_low_freq_factor: f64,
+    #[serde(rename = "NTK_by_parts_high_freq_factor", default = "default::ntk_high")]
+    pub ntk_by_parts_high_freq_factor: f64,
+    #[serde(rename = "NTK_by_parts_factor", default = "default::ntk_factor")]
+    pub ntk_by_parts_factor: f64,
+    #[serde(rename = "NTK_original_ctx_len", default = "default::ntk_ctx")]
+    pub ntk_original_ctx_len: i64,
+
+    // ---- fields added in TL 3.x (None when the config is from TL 2.x) ----
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uses_rms_norm: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_norm_folding: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_qkv: Option<Option<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_logn_attn: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_seq_length: Option<Option<i64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_dynamic_ntk_rope: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotary_scaling_factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization_method: Option<Option<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_yarn_rope: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub yarn_factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub yarn_attention_factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub yarn_beta_fast: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub yarn_beta_slow: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub yarn_original_max_position_embeddings: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub yarn_truncate: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub yarn_global_attn_only: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_attention_sinks: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_topk_prob: Option<bool>,
+
+    /// Fields tlens does not know, kept in file order and written back unchanged.
+    #[serde(flatten)]
+    pub extra: IndexMap<String, Json>,
+}
+
+/// TL's module paths for the config class, by version.
+pub const TL2_CONFIG_CLASS: (&str, &str) =
+    ("transformer_lens.HookedTransformerConfig", "HookedTransformerConfig");
+pub const TL3_CONFIG_CLASS: (&str, &str) =
+    ("transformer_lens.config.hooked_transformer_config", "HookedTransformerConfig");
+const KNOWN_CONFIG_MODULES: [&str; 3] = [
+    "transformer_lens.HookedTransformerConfig",
+    "transformer_lens.config.HookedTransformerConfig",
+    "transformer_lens.config.hooked_transformer_config",
+];
+
+impl HookedTransformerConfig {
+    /// A config from the required fields, with TL's defaults and `__post_init__` applied.
+    pub fn new(n_layers: i64, d_model: i64, n_ctx: i64, d_head: i64) -> Result<Self> {
+        Self::from_json(serde_json::json!({
+            "n_layers": n_layers, "d_model": d_model, "n_ctx": n_ctx, "d_head": d_head
+        }))
+    }
+
+    /// The grokking demo's config (p = 113), exactly as the TL demo builds it.
+    pub fn grokking_demo(p: i64) -> Self {
+        Self::from_json(serde_json::json!({
+            "n_layers": 1, "n_heads": 4, "d_model": 128, "d_head": 32, "d_mlp": 512,
+            "act_fn": "relu", "normalization_type": null, "d_vocab": p + 1, "d_vocab_out": p,
+            "n_ctx": 3, "init_weights": true, "device": "cpu", "seed": 999
+        }))
+        .expect("the demo config is valid")
+    }
+
+    /// From a JSON object of TL field names (missing fields take TL's defaults).
+    pub fn from_json(v: Json) -> Result<Self> {
+        let mut cfg: Self = serde_json::from_value(v).map_err(|e| {
+            Error::invalid("HookedTransformerConfig", e.to_string())
+        })?;
+        cfg.post_init()?;
+        Ok(cfg)
+    }
+
+    /// From JSON text.
+    pub fn from_json_str(s: &str) -> Result<Self> {
+        Self::from_json(serde_json::from_str(s)?)
+    }
+
+    /// As a JSON object of TL field names.
+    pub fn to_json(&self) -> Json {
+        serde_json::to_value(self).expect("config serialises")
+    }
+
+    /// From a pickled value: the TL config object (any TL module path) or a plain dict.
+    pub fn from_pickle(v: &Value) -> Result<Self> {
+        let fields = match v {
+            Value::Object(o) => {
+                if o.name != "HookedTransformerConfig" || !KNOWN_CONFIG_MODULES.contains(&o.module.as_str()) {
+                    return Err(Error::type_err(
+                        "config",
+                        "transformer_lens HookedTransformerConfig",
+                        o.class(),
+                    ));
+                }
+                o.state
+                    .as_ref()
+                    .ok_or_else(|| Error::invalid("config", "HookedTransformerConfig object has no state"))?
+            }
+            d @ Value::Dict(_) => d,
+            other => return Err(Error::type_err("config", "HookedTransformerConfig or dict", other.type_name())),
+        };
+        let Value::Dict(d) = fields else {
+            return Err(Error::type_err("config state", "dict", fields.type_name()));
+        };
+        let mut map = serde_json::Map::new();
+        for (k, v) in &d.items {
+            let k = k
+                .as_str()
+                .ok_or_else(|| Error::type_err("config field name", "str", k.type_name()))?;
+            map.insert(k.to_string(), pickle_to_json(v, &format!("config.{k}"))?);
+        }
+        Self::from_json(Json::Object(map))
+    }
+
+    /// As a pickle value: the TL object (`class` = module, name) or, with `None`, a plain dict
+    /// (what `torch.load(weights_only=True)` accepts).
+    pub fn to_pickle(&self, class: Option<(&str, &str)>) -> Value {
+        let Json::Object(map) = self.to_json() else {
+            unreachable!("config serialises to an object")
+        };
+        let items = map
+            .into_iter()
+            .map(|(k, v)| {
+                let pv = if k == "dtype" {
+                    match v.as_str().and_then(DType::from_torch_name) {
+                        Some(d) if class.is_some() => Value::Dtype(d),
+                        _ => json_to_pickle(&v),
+                    }
+                } else {
+                    json_to_pickle(&v)
+                };
+                (Value::Str(k), pv)
+            })
+            .collect();
+        let state = Value::Dict(crate::io::pickle::Dict {
+            ordered: false,
+            items,
+            attrs: None,
+        });
+        match class {
+            None => state,
+            Some((module, name)) => Value::Object(Box::new(crate::io::pickle::Object {
+                module: module.into(),
+                name: name.into(),
+                construct: crate::io::pickle::Construct::NewObj,
+                args: Vec::new(),
+                kwargs: Vec::new(),
+                state: Some(state),
+                list_items: Vec::new(),
+                dict_items: Vec::new(),
+            })),
+        }
+    }
+
+    /// TL's `__post_init__`: fill derived fields and reject invalid combinations.
+    pub fn post_init(&mut self) -> Result<()> {
+        let ctx = "HookedTransformerConfig";
+        for (name, v) in [
+            ("n_layers", self.n_layers),
+            ("d_model", self.d_model),
+            ("n_ctx", self.n_ctx),
+            ("d_head", self.d_head),
+        ] {
+            if v <= 0 {
+                return Err(Error::invalid(ctx, format!("{name} must be positive, found {v}")));
+            }
+        }
+        if self.n_heads == -1 {
+            self.n_heads = self.d_model / self.d_head;
+        }
+        if self.n_heads <= 0 {
+            return Err(Error::invalid(ctx, format!("n_heads must be positive, found {}", self.n_heads)));
+        }
+        if self.use_local_attn && (self.window_size.is_none() || self.attn_types.is_none()) {
+            return Err(Error::invalid(ctx, "local attention needs window_size and attn_types"));
+        }
+        if !self.attn_only {
+            if self.d_mlp.is_none() {
+                self.d_mlp = Some(self.d_model * 4);
+            }
+            match self.act_fn.as_deref() {
+                None => return Err(Error::invalid(ctx, "act_fn must be specified for non-attn-only models")),
+                Some(a) if !SUPPORTED_ACTIVATIONS.contains(&a) => {
+                    return Err(Error::invalid(ctx, format!("act_fn={a} must be one of {SUPPORTED_ACTIVATIONS:?}")))
+                }
+                _ => {}
+            }
+        }
+        if self.initializer_range < 0.0 {
+            self.initializer_range = if self.init_mode == "gpt2" {
+                0.8 / (self.d_model as f64).sqrt()
+            } else {
+                1.0
+            };
+        }
+        if self.d_vocab_out == -1 {
+            self.d_vocab_out = self.d_vocab;
+        }
+        if self.positional_embedding_type == "rotary" && self.rotary_dim.is_none() {
+            self.rotary_dim = Some(self.d_head);
+        }
+        if self.num_experts.is_some() != self.experts_per_token.is_some() {
+            return Err(Error::invalid(ctx, "num_experts and experts_per_token must be set together"));
+        }
+        let mut n_params = self.n_layers * self.d_model * self.d_head * self.n_heads * 4;
+        if !self.attn_only {
+            let d_mlp = self.d_mlp.unwrap_or(0);
+            let mut per_layer = self.d_model * d_mlp * (2 + self.gated_mlp as i64);
+            if let Some(e) = self.num_experts.filter(|&e| e != 0) {
+                per_layer = (per_layer + self.d_model) * e;
+            }
+            n_params += self.n_layers * per_layer;
+        }
+        self.n_params = Some(n_params);
+        if self.device.is_none() {
+            self.device = Some("cpu".into());
+        }
+        if self.use_attn_scale && self.attn_scale == -1.0 {
+            self.attn_scale = (self.d_head as f64).sqrt();
+        }
+        if DType::from_torch_name(&self.dtype).is_none() {
+            return Err(Error::invalid(ctx, format!("unknown dtype '{}'", self.dtype)));
+        }
+        Ok(())
+    }
+
+    pub fn n_heads(&self) -> usize {
+        self.n_heads as usize
+    }
+    pub fn d_model(&self) -> usize {
+        self.d_model as usize
+    }
+    pub fn d_head(&self) -> usize {
+        self.d_head as usize
+    }
+    pub fn n_layers(&self) -> usize {
+        self.n_layers as usize
+    }
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx as usize
+    }
+    pub fn d_mlp(&self) -> usize {
+        self.d_mlp.unwrap_or(0) as usize
+    }
+    pub fn d_vocab(&self) -> usize {
+        self.d_vocab.max(0) as usize
+    }
+    pub fn d_vocab_out(&self) -> usize {
+        self.d_vocab_out.max(0) as usize
+    }
+}
+
+/// TL's `SUPPORTED_ACTIVATIONS`.
+pub const SUPPORTED_ACTIVATIONS: [&str; 8] = [
+    "relu", "gelu", "silu", "gelu_new", "solu_ln", "gelu_fast", "gelu_pytorch_tanh", "relu2",
+];
+
+/// Convert a pickled config value to JSON. torch dtypes become their names; numpy scalars their
+/// value; non-finite floats and values with no JSON form (tensors, objects) are an error naming
+/// the field, so nothing is silently dropped.
+pub fn pickle_to_json(v: &Value, path: &str) -> Result<Json> {
+    Ok(match v {
+        Value::None => Json::Null,
+        Value::Bool(b) => Json::Bool(*b),
+        Value::Int(i) => Json::from(*i),
+        Value::Float(f) => serde_json::Number::from_f64(*f)
+            .map(Json::Number)
+            .ok_or_else(|| Error::invalid(path, format!("non-finite float {f}")))?,
+        Value::Str(s) => Json::String(s.clone()),
+        Value::NumpyScalar { value, .. } => pickle_to_json(value, path)?,
+        Value::Dtype(d) => Json::String(d.torch_name().into()),
+        Value::List(items) | Value::Tuple(items) | Value::Set(items) | Value::FrozenSet(items) => Json::Array(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, x)| pickle_to_json(x, &format!("{path}[{i}]")))
+                .collect::<Result<_>>()?,
+        ),
+        Value::Dict(d) => {
+            let mut m = serde_json::Map::new();
+            for (k, x) in &d.items {
+                let k = match k {
+                    Value::Str(s) => s.clone(),
+                    Value::Int(i) => i.to_string(),
+                    other => return Err(Error::type_err(path, "str dict key", other.type_name())),
+                };
+                let sub = format!("{path}.{k}");
+                m.insert(k, pickle_to_json(x, &sub)?);
+            }
+            Json::Object(m)
+        }
+        other => return Err(Error::type_err(path, "plain data", other.type_name())),
+    })
+}
+
+/// Convert JSON to a pickle value (objects become plain dicts).
+pub fn json_to_pickle(v: &Json) -> Value {
+    match v {
+        Json::Null => Value::None,
+        Json::Bool(b) => Value::Bool(*b),
+        Json::Number(n) => match n.as_i64() {
+            Some(i) if !n.is_f64() => Value::Int(i),
+            _ => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Json::String(s) => Value::Str(s.clone()),
+        Json::Array(a) => Value::List(a.iter().map(json_to_pickle).collect()),
+        Json::Object(m) => Value::Dict(crate::io::pickle::Dict {
+            ordered: false,
+            items: m
+                .iter()
+                .map(|(k, x)| (Value::Str(k.clone()), json_to_pickle(x)))
+                .collect(),
+            attrs: None,
+        }),
+    }
+}

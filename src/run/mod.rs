@@ -1,0 +1,630 @@
+//! Typed training runs: what a checkpoint file *means*.
+//!
+//! [`RunFile`] opens any supported file lazily — the container and pickle are parsed, tensors are
+//! not read — and recognises the layout:
+//! - `transformer_lens`: the TL grokking demo's `torch.save({model, config, checkpoints,
+//!   checkpoint_epochs, train_losses, test_losses, train_indices, test_indices})`, a bare TL state
+//!   dict, or a tlens safetensors run;
+//! - `original`: the 2022 `full_run_data.pth` (`model`, `state_dicts`, `epochs`, `train_losses`,
+//!   `test_losses`, `config` dict), converted to TL layout as it is read ([`original`]).
+//!
+//! Checkpoints load one at a time ([`RunFile::checkpoint`]); [`RunFile::load`] materialises the
+//! whole run as a [`TrainingRun`], which can be written back as a TL-demo `.pth` (TL config
+//! object or `weights_only`-safe dict) or as a safetensors run.
+
+pub mod original;
+
+use crate::error::{Error, Result, WithPath};
+use crate::io::pickle::{Dict, Value};
+use crate::io::safetensors::SafetensorsFile;
+use crate::io::torch::{TorchFile, TorchWriter};
+use crate::io::{Format, Source};
+use crate::model::config::{HookedTransformerConfig, TL2_CONFIG_CLASS, TL3_CONFIG_CLASS};
+use crate::model::StateDict;
+use crate::tensor::{Tensor, TensorRef};
+use ndarray::Array1;
+use original::OriginalShapes;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// How the keys and weights of a file are arranged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Layout {
+    TransformerLens,
+    Original,
+}
+
+impl Layout {
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::TransformerLens => "transformer_lens",
+            Layout::Original => "original",
+        }
+    }
+}
+
+enum Container {
+    Torch(TorchFile),
+    Safetensors(SafetensorsFile),
+}
+
+/// Where one state-dict entry's data is.
+#[derive(Clone, Debug)]
+enum Src {
+    Torch(TensorRef),
+    Safetensors(String),
+}
+
+/// A state dict not yet read: names, shapes and dtypes only.
+#[derive(Clone, Debug, Default)]
+pub struct StateDictRef {
+    entries: Vec<(String, Src, Vec<usize>, crate::tensor::DType)>,
+}
+
+impl StateDictRef {
+    /// (name, shape, dtype) of each entry, in order (as stored, before any layout conversion).
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &[usize], crate::tensor::DType)> {
+        self.entries.iter().map(|(n, _, s, d)| (n.as_str(), s.as_slice(), *d))
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.entries
+            .iter()
+            .find(|(n, ..)| n == name)
+            .map(|(_, _, s, _)| s.as_slice())
+    }
+
+    fn n_layers(&self) -> usize {
+        self.entries
+            .iter()
+            .filter_map(|(n, ..)| n.strip_prefix("blocks.")?.split('.').next()?.parse::<usize>().ok())
+            .map(|l| l + 1)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// A run file opened lazily.
+pub struct RunFile {
+    pub path: Option<PathBuf>,
+    container: Container,
+    pub format: Format,
+    pub layout: Layout,
+    /// The TL config (for original-layout files: the equivalent TL config).
+    pub config: Option<HookedTransformerConfig>,
+    /// Module path of the pickled config class, when it was a TL object.
+    pub config_class: Option<(String, String)>,
+    model: Option<StateDictRef>,
+    checkpoints: Vec<StateDictRef>,
+    pub checkpoint_epochs: Vec<i64>,
+    pub train_losses: Vec<f64>,
+    pub test_losses: Vec<f64>,
+    pub train_indices: Option<Vec<i64>>,
+    pub test_indices: Option<Vec<i64>>,
+    original: Option<OriginalShapes>,
+}
+
+/// A fully loaded run (TL layout).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainingRun {
+    pub config: Option<HookedTransformerConfig>,
+    pub model: StateDict,
+    pub checkpoints: Vec<StateDict>,
+    pub checkpoint_epochs: Vec<i64>,
+    pub train_losses: Vec<f64>,
+    pub test_losses: Vec<f64>,
+    pub train_indices: Option<Vec<i64>>,
+    pub test_indices: Option<Vec<i64>>,
+}
+
+/// How to pickle the config when writing a `.pth`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfigStyle {
+    /// The TL 2.x object (`transformer_lens.HookedTransformerConfig`): what the demo writes.
+    Tl2Object,
+    /// The TL ≥ 3.3 object (`transformer_lens.config.hooked_transformer_config`).
+    Tl3Object,
+    /// A plain dict: loadable with `torch.load(weights_only=True)`.
+    Dict,
+}
+
+fn ctx_key(key: &str) -> String {
+    format!("run['{key}']")
+}
+
+impl RunFile {
+    /// Open any supported file (format detected from its first bytes).
+    pub fn open(path: impl AsRef<Path>) -> Result<RunFile> {
+        let path = path.as_ref();
+        let source = Source::map(path).with_path(path)?;
+        let mut r = Self::from_source(source).with_path(path)?;
+        r.path = Some(path.to_path_buf());
+        Ok(r)
+    }
+
+    /// Parse a file held in memory.
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<RunFile> {
+        Self::from_source(Source::Bytes(bytes))
+    }
+
+    fn from_source(source: Source) -> Result<RunFile> {
+        let format = Format::detect(&source)?;
+        match format {
+            Format::Safetensors => {
+                let f = SafetensorsFile::from_source(source)?;
+                Self::from_safetensors(f)
+            }
+            _ => {
+                let f = TorchFile::parse(source, &Default::default())?;
+                let format = if f.format_name() == "torch-zip" {
+                    Format::TorchZip
+                } else {
+                    Format::TorchLegacy
+                };
+                Self::from_torch(f, format)
+            }
+        }
+    }
+
+    fn empty(container: Container, format: Format) -> RunFile {
+        RunFile {
+            path: None,
+            container,
+            format,
+            layout: Layout::TransformerLens,
+            config: None,
+            config_class: None,
+            model: None,
+            checkpoints: Vec::new(),
+            checkpoint_epochs: Vec::new(),
+            train_losses: Vec::new(),
+            test_losses: Vec::new(),
+            train_indices: None,
+            test_indices: None,
+            original: None,
+        }
+    }
+
+    fn from_torch(f: TorchFile, format: Format) -> Result<RunFile> {
+        let root = f.root.clone();
+        let dict = root
+            .as_dict()
+            .ok_or_else(|| Error::type_err("top-level object", "dict", root.type_name()))?;
+        let mut run = RunFile::empty(Container::Torch(f), format);
+        let is_state_dict = !dict.items.is_empty() && dict.items.iter().all(|(_, v)| matches!(v, Value::Tensor(_)));
+        if is_state_dict {
+            run.model = Some(sd_ref(&root, "state dict")?);
+        } else if dict.get("state_dicts").is_some() || dict.get("epochs").is_some() {
+            // 2022 original layout
+            run.layout = Layout::Original;
+            let model = dict.get("model").ok_or_else(|| Error::missing("original run", "model"))?;
+            run.model = Some(sd_ref(model, &ctx_key("model"))?);
+            if let Some(sds) = dict.get("state_dicts") {
+                run.checkpoints = seq(sds, &ctx_key("state_dicts"))?
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| sd_ref(v, &format!("run['state_dicts'][{i}]")))
+                    .collect::<Result<_>>()?;
+            }
+            if let Some(e) = dict.get("epochs") {
+                run.checkpoint_epochs = ints(e, &ctx_key("epochs"))?;
+            }
+            run.train_losses = floats_opt(dict.get("train_losses"), "train_losses")?;
+            run.test_losses = floats_opt(dict.get("test_losses"), "test_losses")?;
+            let cfg_json = match dict.get("config") {
+                Some(c) => Some(crate::model::config::pickle_to_json(c, "run['config']")?),
+                None => None,
+            };
+            let m = run.model.as_ref().expect("set above");
+            let shapes = OriginalShapes::infer(|n| m.shape(n), m.n_layers())?;
+            run.config = Some(shapes.config(cfg_json.as_ref())?);
+            run.original = Some(shapes);
+        } else {
+            // TL demo layout (or a subset of it)
+            if let Some(m) = dict.get("model") {
+                run.model = Some(sd_ref(m, &ctx_key("model"))?);
+            }
+            if let Some(c) = dict.get("config") {
+                run.config = Some(HookedTransformerConfig::from_pickle(c).map_err(|e| match e {
+                    Error::Invalid { msg, .. } => Error::invalid(ctx_key("config"), msg),
+                    e => e,
+                })?);
+                if let Value::Object(o) = c {
+                    run.config_class = Some((o.module.clone(), o.name.clone()));
+                }
+            }
+            if let Some(cs) = dict.get("checkpoints") {
+                run.checkpoints = seq(cs, &ctx_key("checkpoints"))?
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| sd_ref(v, &format!("run['checkpoints'][{i}]")))
+                    .collect::<Result<_>>()?;
+            }
+            if let Some(e) = dict.get("checkpoint_epochs") {
+                run.checkpoint_epochs = ints(e, &ctx_key("checkpoint_epochs"))?;
+            }
+            run.train_losses = floats_opt(dict.get("train_losses"), "train_losses")?;
+            run.test_losses = floats_opt(dict.get("test_losses"), "test_losses")?;
+            run.train_indices = run.index_tensor(dict.get("train_indices"), "train_indices")?;
+            run.test_indices = run.index_tensor(dict.get("test_indices"), "test_indices")?;
+            if run.model.is_none() && run.checkpoints.is_empty() {
+                return Err(Error::missing("run", "model"));
+            }
+            if let Some(m) = &run.model {
+                // A bare or demo state dict in the 2022 layout (2-D W_O) is converted too.
+                if m.shape("blocks.0.attn.W_O").is_some_and(|s| s.len() == 2) {
+                    run.layout = Layout::Original;
+                    let shapes = OriginalShapes::infer(|n| m.shape(n), m.n_layers())?;
+                    if run.config.is_none() {
+                        run.config = Some(shapes.config(None)?);
+                    }
+                    run.original = Some(shapes);
+                }
+            }
+        }
+        if !run.checkpoint_epochs.is_empty() && run.checkpoint_epochs.len() != run.checkpoints.len() {
+            return Err(Error::invalid(
+                "run",
+                format!(
+                    "{} checkpoint epochs for {} checkpoints",
+                    run.checkpoint_epochs.len(),
+                    run.checkpoints.len()
+                ),
+            ));
+        }
+        Ok(run)
+    }
+
+    fn index_tensor(&self, v: Option<&Value>, key: &str) -> Result<Option<Vec<i64>>> {
+        let Some(v) = v else { return Ok(None) };
+        match v {
+            Value::Tensor(r) => {
+                let t = self.load_src(&Src::Torch(r.clone()), key)?;
+                let idx = t
+                    .to_i64_vec()
+                    .ok_or_else(|| Error::type_err(ctx_key(key), "integer tensor", t.dtype().to_string()))?;
+                Ok(Some(idx))
+            }
+            Value::List(_) | Value::Tuple(_) => Ok(Some(ints(v, &ctx_key(key))?)),
+            other => Err(Error::type_err(ctx_key(key), "tensor or list of ints", other.type_name())),
+        }
+    }
+
+    fn from_safetensors(f: SafetensorsFile) -> Result<RunFile> {
+        let meta = f.metadata();
+        let names = f.names();
+        let mut model = StateDictRef::default();
+        let mut ckpts: Vec<StateDictRef> = Vec::new();
+        let mut run_tensors: HashMap<String, String> = HashMap::new();
+        for name in &names {
+            let (dtype, shape) = f.info(name)?;
+            if let Some(rest) = name.strip_prefix("checkpoints.") {
+                let (i, pname) = rest
+                    .split_once('.')
+                    .and_then(|(i, p)| Some((i.parse::<usize>().ok()?, p)))
+                    .ok_or_else(|| Error::invalid(name, "expected checkpoints.<index>.<name>"))?;
+                if i >= names.len() {
+                    return Err(Error::invalid(name, "checkpoint index out of range"));
+                }
+                if ckpts.len() <= i {
+                    ckpts.resize_with(i + 1, Default::default);
+                }
+                ckpts[i].entries.push((pname.to_string(), Src::Safetensors(name.clone()), shape, dtype));
+            } else if RUN_TENSORS.contains(&name.as_str()) {
+                run_tensors.insert(name.clone(), name.clone());
+            } else {
+                model.entries.push((name.clone(), Src::Safetensors(name.clone()), shape, dtype));
+            }
+        }
+        let mut run = RunFile::empty(Container::Safetensors(f), Format::Safetensors);
+        if !model.is_empty() {
+            run.model = Some(model);
+        }
+        run.checkpoints = ckpts;
+        if let Some(c) = meta.get("config") {
+            run.config = Some(HookedTransformerConfig::from_json_str(c)?);
+        }
+        let vec_of = |run: &RunFile, key: &str| -> Result<Option<Tensor>> {
+            match run_tensors.get(key) {
+                Some(n) => Ok(Some(run.load_src(&Src::Safetensors(n.clone()), key)?)),
+                None => Ok(None),
+            }
+        };
+        if let Some(t) = vec_of(&run, "train_losses")? {
+            run.train_losses = t.to_f64_vec();
+        }
+        if let Some(t) = vec_of(&run, "test_losses")? {
+            run.test_losses = t.to_f64_vec();
+        }
+        if let Some(t) = vec_of(&run, "checkpoint_epochs")? {
+            run.checkpoint_epochs = t
+                .to_i64_vec()
+                .ok_or_else(|| Error::type_err("checkpoint_epochs", "integer tensor", t.dtype().to_string()))?;
+        }
+        for key in ["train_indices", "test_indices"] {
+            if let Some(t) = vec_of(&run, key)? {
+                let v = t
+                    .to_i64_vec()
+                    .ok_or_else(|| Error::type_err(key, "integer tensor", t.dtype().to_string()))?;
+                if key == "train_indices" {
+                    run.train_indices = Some(v);
+                } else {
+                    run.test_indices = Some(v);
+                }
+            }
+        }
+        if let Some(m) = &run.model {
+            if m.shape("blocks.0.attn.W_O").is_some_and(|s| s.len() == 2) {
+                run.layout = Layout::Original;
+                let shapes = OriginalShapes::infer(|n| m.shape(n), m.n_layers())?;
+                if run.config.is_none() {
+                    run.config = Some(shapes.config(None)?);
+                }
+                run.original = Some(shapes);
+            }
+        }
+        Ok(run)
+    }
+
+    fn load_src(&self, src: &Src, name: &str) -> Result<Tensor> {
+        match (&self.container, src) {
+            (Container::Torch(f), Src::Torch(r)) => f.tensor(r, name),
+            (Container::Safetensors(f), Src::Safetensors(n)) => f.tensor(n),
+            _ => unreachable!("sources always come from their own container"),
+        }
+    }
+
+    fn load_sd(&self, r: &StateDictRef) -> Result<StateDict> {
+        let mut sd = StateDict::new();
+        for (name, src, ..) in &r.entries {
+            sd.insert(name.clone(), self.load_src(src, name)?);
+        }
+        match &self.original {
+            Some(shapes) => original::to_transformer_lens(&sd, shapes),
+            None => Ok(sd),
+        }
+    }
+
+    fn with_path<T>(&self, r: Result<T>) -> Result<T> {
+        match &self.path {
+            Some(p) => r.with_path(p),
+            None => r,
+        }
+    }
+
+    /// Format name as `inspect` prints it.
+    pub fn format_name(&self) -> &'static str {
+        self.format.name()
+    }
+
+    /// The final model, read now, in TL layout.
+    pub fn model(&self) -> Result<StateDict> {
+        let r = self.model.as_ref().ok_or_else(|| Error::missing("run", "model"));
+        self.with_path(r.and_then(|r| self.load_sd(r)))
+    }
+
+    /// Whether the file holds a final model.
+    pub fn has_model(&self) -> bool {
+        self.model.is_some()
+    }
+
+    /// The stored (unconverted) layout of the final model: name, shape, dtype.
+    pub fn model_entries(&self) -> Option<&StateDictRef> {
+        self.model.as_ref()
+    }
+
+    pub fn n_checkpoints(&self) -> usize {
+        self.checkpoints.len()
+    }
+
+    /// Checkpoint `i`, read now, in TL layout.
+    pub fn checkpoint(&self, i: usize) -> Result<StateDict> {
+        let r = self.checkpoints.get(i).ok_or_else(|| {
+            Error::invalid("checkpoints", format!("index {i} out of range ({} checkpoints)", self.checkpoints.len()))
+        });
+        self.with_path(r.and_then(|r| self.load_sd(r)))
+    }
+
+    /// Index of the checkpoint saved at `epoch`.
+    pub fn checkpoint_index(&self, epoch: i64) -> Result<usize> {
+        self.checkpoint_epochs
+            .iter()
+            .position(|&e| e == epoch)
+            .ok_or_else(|| Error::invalid("checkpoint_epochs", format!("no checkpoint at epoch {epoch}")))
+    }
+
+    /// Read everything.
+    pub fn load(&self) -> Result<TrainingRun> {
+        let model = if self.model.is_some() {
+            self.model()?
+        } else {
+            // A run that only has checkpoints: the last one is the model.
+            self.checkpoint(self.checkpoints.len() - 1)?
+        };
+        let checkpoints = (0..self.checkpoints.len())
+            .map(|i| self.checkpoint(i))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(TrainingRun {
+            config: self.config.clone(),
+            model,
+            checkpoints,
+            checkpoint_epochs: self.checkpoint_epochs.clone(),
+            train_losses: self.train_losses.clone(),
+            test_losses: self.test_losses.clone(),
+            train_indices: self.train_indices.clone(),
+            test_indices: self.test_indices.clone(),
+        })
+    }
+}
+
+/// Names of run-level tensors in a tlens safetensors run.
+const RUN_TENSORS: [&str; 5] = [
+    "train_losses",
+    "test_losses",
+    "checkpoint_epochs",
+    "train_indices",
+    "test_indices",
+];
+
+fn seq<'a>(v: &'a Value, ctx: &str) -> Result<&'a [Value]> {
+    v.as_seq()
+        .ok_or_else(|| Error::type_err(ctx, "list", v.type_name()))
+}
+
+fn ints(v: &Value, ctx: &str) -> Result<Vec<i64>> {
+    seq(v, ctx)?
+        .iter()
+        .enumerate()
+        .map(|(i, x)| x.as_i64().ok_or_else(|| Error::type_err(format!("{ctx}[{i}]"), "int", x.type_name())))
+        .collect()
+}
+
+fn floats_opt(v: Option<&Value>, key: &str) -> Result<Vec<f64>> {
+    let Some(v) = v else { return Ok(Vec::new()) };
+    let ctx = ctx_key(key);
+    seq(v, &ctx)?
+        .iter()
+        .enumerate()
+        .map(|(i, x)| match x {
+            // `loss.item()` gives floats; tolerate 0-d tensors only as an explicit error.
+            Value::Float(_) | Value::Int(_) | Value::NumpyScalar { .. } => {
+                x.as_f64().ok_or_else(|| Error::type_err(format!("{ctx}[{i}]"), "float", x.type_name()))
+            }
+            other => Err(Error::type_err(format!("{ctx}[{i}]"), "float", other.type_name())),
+        })
+        .collect()
+}
+
+fn sd_ref(v: &Value, ctx: &str) -> Result<StateDictRef> {
+    let d = v
+        .as_dict()
+        .ok_or_else(|| Error::type_err(ctx, "state dict", v.type_name()))?;
+    let mut out = StateDictRef::default();
+    for (k, x) in &d.items {
+        let name = k
+            .as_str()
+            .ok_or_else(|| Error::type_err(format!("{ctx} key"), "str", k.type_name()))?;
+        let r = x
+            .as_tensor()
+            .ok_or_else(|| Error::type_err(format!("{ctx}['{name}']"), "tensor", x.type_name()))?;
+        out.entries.push((name.to_string(), Src::Torch(r.clone()), r.shape.clone(), r.dtype()));
+    }
+    Ok(out)
+}
+
+impl TrainingRun {
+    /// A run of a single model (no checkpoints or losses).
+    pub fn from_model(config: Option<HookedTransformerConfig>, model: StateDict) -> TrainingRun {
+        TrainingRun {
+            config,
+            model,
+            checkpoints: Vec::new(),
+            checkpoint_epochs: Vec::new(),
+            train_losses: Vec::new(),
+            test_losses: Vec::new(),
+            train_indices: None,
+            test_indices: None,
+        }
+    }
+
+    /// The pickle tree of the TL demo file, registering tensors with `w`.
+    pub fn to_pickle(&self, w: &mut TorchWriter, style: ConfigStyle) -> Value {
+        let sd = |w: &mut TorchWriter, sd: &StateDict| {
+            Value::Dict(Dict {
+                ordered: true,
+                items: sd.iter().map(|(n, t)| (Value::Str(n.into()), w.add(t))).collect(),
+                attrs: None,
+            })
+        };
+        let mut items = vec![(Value::Str("model".into()), sd(w, &self.model))];
+        if let Some(c) = &self.config {
+            let class = match style {
+                ConfigStyle::Tl2Object => Some(TL2_CONFIG_CLASS),
+                ConfigStyle::Tl3Object => Some(TL3_CONFIG_CLASS),
+                ConfigStyle::Dict => None,
+            };
+            items.push((Value::Str("config".into()), c.to_pickle(class)));
+        }
+        let ckpts = self.checkpoints.iter().map(|c| sd(w, c)).collect();
+        items.push((Value::Str("checkpoints".into()), Value::List(ckpts)));
+        let ints = |v: &[i64]| Value::List(v.iter().map(|&x| Value::Int(x)).collect());
+        let floats = |v: &[f64]| Value::List(v.iter().map(|&x| Value::Float(x)).collect());
+        items.push((Value::Str("checkpoint_epochs".into()), ints(&self.checkpoint_epochs)));
+        items.push((Value::Str("test_losses".into()), floats(&self.test_losses)));
+        items.push((Value::Str("train_losses".into()), floats(&self.train_losses)));
+        for (key, idx) in [("train_indices", &self.train_indices), ("test_indices", &self.test_indices)] {
+            if let Some(idx) = idx {
+                let t = Tensor::I64(Array1::from(idx.clone()).into_dyn());
+                items.push((Value::Str(key.into()), w.add(&t)));
+            }
+        }
+        Value::Dict(Dict {
+            ordered: false,
+            items,
+            attrs: None,
+        })
+    }
+
+    /// Write as a TL-demo `.pth` (atomically).
+    pub fn save_pth(&self, path: impl AsRef<Path>, style: ConfigStyle) -> Result<()> {
+        let path = path.as_ref();
+        let mut w = TorchWriter::new(2);
+        let root = self.to_pickle(&mut w, style);
+        w.write(&root, path).with_path(path)
+    }
+
+    /// The bytes of the TL-demo `.pth`.
+    pub fn to_pth_bytes(&self, style: ConfigStyle, protocol: u8) -> Result<Vec<u8>> {
+        let mut w = TorchWriter::new(protocol);
+        let root = self.to_pickle(&mut w, style);
+        w.to_bytes(&root)
+    }
+
+    fn safetensors_parts(&self) -> (Vec<(String, Tensor)>, HashMap<String, String>) {
+        let mut tensors: Vec<(String, Tensor)> =
+            self.model.iter().map(|(n, t)| (n.to_string(), t.clone())).collect();
+        for (i, c) in self.checkpoints.iter().enumerate() {
+            tensors.extend(c.iter().map(|(n, t)| (format!("checkpoints.{i}.{n}"), t.clone())));
+        }
+        let vec_f64 = |v: &[f64]| Tensor::F64(Array1::from(v.to_vec()).into_dyn());
+        let vec_i64 = |v: &[i64]| Tensor::I64(Array1::from(v.to_vec()).into_dyn());
+        tensors.push(("train_losses".into(), vec_f64(&self.train_losses)));
+        tensors.push(("test_losses".into(), vec_f64(&self.test_losses)));
+        tensors.push(("checkpoint_epochs".into(), vec_i64(&self.checkpoint_epochs)));
+        if let Some(v) = &self.train_indices {
+            tensors.push(("train_indices".into(), vec_i64(v)));
+        }
+        if let Some(v) = &self.test_indices {
+            tensors.push(("test_indices".into(), vec_i64(v)));
+        }
+        let mut meta = HashMap::new();
+        meta.insert("format".into(), "tlens-run".into());
+        if let Some(c) = &self.config {
+            meta.insert("config".into(), c.to_json().to_string());
+        }
+        (tensors, meta)
+    }
+
+    /// The bytes of a tlens safetensors run (layout in [`crate::io::safetensors`]).
+    pub fn to_safetensors_bytes(&self) -> Result<Vec<u8>> {
+        let (tensors, meta) = self.safetensors_parts();
+        let refs: Vec<(String, &Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t)).collect();
+        crate::io::safetensors::to_bytes(&refs, meta)
+    }
+
+    /// Write as a tlens safetensors run (atomically).
+    pub fn save_safetensors(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let bytes = self.to_safetensors_bytes()?;
+        crate::io::write_atomic(path, &bytes)
+    }
+}
