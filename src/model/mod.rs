@@ -4,4 +4,4 @@ pub mod config;
 pub mod state_dict;
 
 pub use config::HookedTransformerConfig;
-pub use state_dict::{is_buffer, StateDict};
+pub use state_dict::{is_buffer, tl_order_key, StateDict};

@@ -21,6 +21,37 @@ pub fn is_buffer(name: &str) -> bool {
     name.ends_with(".attn.mask") || name.ends_with(".attn.IGNORE")
 }
 
+/// Sort key giving TransformerLens's `named_parameters()`/`state_dict()` order (REFERENCE §1),
+/// for files such as safetensors that do not keep insertion order.
+pub fn tl_order_key(name: &str) -> (usize, usize, usize, String) {
+    const ATTN: [&str; 10] = ["W_Q", "W_O", "b_Q", "b_O", "W_K", "W_V", "b_K", "b_V", "mask", "IGNORE"];
+    const MLP: [&str; 4] = ["W_in", "b_in", "W_out", "b_out"];
+    let other = (usize::MAX, 0, 0, name.to_string());
+    if let Some(rest) = name.strip_prefix("blocks.") {
+        let Some((l, rest)) = rest.split_once('.') else { return other };
+        let Ok(l) = l.parse::<usize>() else { return other };
+        let (group, leaf) = rest.split_once('.').unwrap_or(("", rest));
+        let (g, i) = match group {
+            "ln1" => (0, ["w", "b"].iter().position(|x| *x == leaf).unwrap_or(9)),
+            "attn" => (1, ATTN.iter().position(|x| *x == leaf).unwrap_or(99)),
+            "ln2" => (2, ["w", "b"].iter().position(|x| *x == leaf).unwrap_or(9)),
+            "mlp" => (3, MLP.iter().position(|x| *x == leaf).unwrap_or(99)),
+            _ => (4, 0),
+        };
+        return (10 + l, g, i, name.to_string());
+    }
+    let top = |i: usize| (i, 0, 0, name.to_string());
+    match name {
+        "embed.W_E" => top(0),
+        "pos_embed.W_pos" => top(1),
+        "ln_final.w" => (usize::MAX - 3, 0, 0, name.into()),
+        "ln_final.b" => (usize::MAX - 3, 1, 0, name.into()),
+        "unembed.W_U" => (usize::MAX - 2, 0, 0, name.into()),
+        "unembed.b_U" => (usize::MAX - 2, 1, 0, name.into()),
+        _ => other,
+    }
+}
+
 impl StateDict {
     pub fn new() -> StateDict {
         StateDict::default()

@@ -325,6 +325,12 @@ impl RunFile {
                 model.entries.push((name.clone(), Src::Safetensors(name.clone()), shape, dtype));
             }
         }
+        // safetensors sorts tensors by dtype and name: restore TL's order.
+        let by_tl_order = |r: &mut StateDictRef| {
+            r.entries.sort_by_key(|(n, ..)| crate::model::tl_order_key(n));
+        };
+        by_tl_order(&mut model);
+        ckpts.iter_mut().for_each(by_tl_order);
         let mut run = RunFile::empty(Container::Safetensors(f), Format::Safetensors);
         if !model.is_empty() {
             run.model = Some(model);
