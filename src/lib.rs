@@ -19,6 +19,8 @@
 
 pub mod cli;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod io;
 pub mod model;
 pub mod run;

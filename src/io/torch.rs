@@ -104,8 +104,9 @@ impl TorchFile {
     }
 }
 
-/// The storage a persistent id names: `('storage', storage_type, key, location, numel[, view])`.
-fn storage_from_pid(pid: &Value, pos: usize, legacy: bool) -> Result<StorageRef> {
+/// The storage a persistent id names: `('storage', storage_type, key, location, numel[, view])`
+/// (`legacy`: the 6-tuple of the pre-zip format, whose last field is view metadata).
+pub fn storage_from_pid(pid: &Value, pos: usize, legacy: bool) -> Result<StorageRef> {
     let bad = |msg: String| Error::PickleStack {
         pos,
         opcode: "BINPERSID",
@@ -472,5 +473,5 @@ fn serialization_id(pkl: &[u8]) -> String {
         h ^= b as u64;
         h = h.wrapping_mul(0x100000001b3);
     }
-    format!("{:020}", h % 10u64.pow(19) * 10)
+    format!("{:020}", h % 10u64.pow(19))
 }
