@@ -334,10 +334,11 @@ impl HookedTransformerConfig {
         let items = map
             .into_iter()
             .map(|(k, v)| {
+                // torch dtype globals are on weights_only's allow-list, so both styles use one.
                 let pv = if k == "dtype" {
                     match v.as_str().and_then(DType::from_torch_name) {
-                        Some(d) if class.is_some() => Value::Dtype(d),
-                        _ => json_to_pickle(&v),
+                        Some(d) => Value::Dtype(d),
+                        None => json_to_pickle(&v),
                     }
                 } else {
                     json_to_pickle(&v)
