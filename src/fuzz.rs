@@ -122,7 +122,9 @@ fn run_one(target: Target, input: &[u8], limits: &Limits) -> Option<bool> {
             .is_ok(),
         Target::Pickle => {
             let mut load = |pid: Value, pos: usize| {
-                Ok(Value::Storage(crate::io::torch::storage_from_pid(&pid, pos, false)?))
+                Ok(Value::Storage(std::sync::Arc::new(
+                    crate::io::torch::storage_from_pid(pid, pos, false)?,
+                )))
             };
             unpickle(input, &mut load, limits).is_ok()
         }
@@ -163,7 +165,9 @@ pub fn fuzz(target: Target, seeds: &[Vec<u8>], iters: u64, seed: u64) -> Report 
 pub fn pickles_of(files: &[Vec<u8>]) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     for f in files {
-        let Ok(mut z) = zip::ZipArchive::new(std::io::Cursor::new(&f[..])) else { continue };
+        let Ok(mut z) = zip::ZipArchive::new(std::io::Cursor::new(&f[..])) else {
+            continue;
+        };
         for i in 0..z.len() {
             let Ok(e) = z.by_index_raw(i) else { continue };
             if e.name().is_ok_and(|n| n.ends_with("data.pkl")) {

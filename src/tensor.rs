@@ -372,7 +372,12 @@ impl Tensor {
     }
 
     /// Decode a contiguous little-endian buffer.
-    pub fn from_le_bytes(dtype: DType, shape: &[usize], bytes: &[u8], name: &str) -> Result<Tensor> {
+    pub fn from_le_bytes(
+        dtype: DType,
+        shape: &[usize],
+        bytes: &[u8],
+        name: &str,
+    ) -> Result<Tensor> {
         let numel = checked_numel(shape, name)?;
         let needed = numel as u64 * dtype.size() as u64;
         if bytes.len() as u64 != needed {
@@ -447,7 +452,8 @@ pub struct StorageRef {
 /// A tensor as described in a checkpoint: a strided view into a storage.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TensorRef {
-    pub storage: StorageRef,
+    /// Shared: several tensors may view one storage (the demo's train/test indices do).
+    pub storage: std::sync::Arc<StorageRef>,
     /// Element offset into the storage.
     pub offset: u64,
     pub shape: Vec<usize>,
@@ -468,13 +474,13 @@ impl TensorRef {
             acc *= shape[i].max(1);
         }
         TensorRef {
-            storage: StorageRef {
+            storage: std::sync::Arc::new(StorageRef {
                 key,
                 dtype,
                 numel: shape.iter().product::<usize>() as u64,
                 view_offset: 0,
                 location: "cpu".into(),
-            },
+            }),
             offset: 0,
             shape: shape.to_vec(),
             stride,
@@ -634,7 +640,8 @@ pub fn tensor_from_storage(
     name: &str,
 ) -> Result<Tensor> {
     with_dtype!(r.dtype(), T => {
-        let a = view_storage::<T>(storage, big_endian, r, name)?;
-        Ok(T::wrap(a.into_owned().as_standard_layout().into_owned()))
+        let a = view_storage::<T>(storage, big_endian, r, name)?.into_owned();
+        let a = if a.is_standard_layout() { a } else { a.as_standard_layout().into_owned() };
+        Ok(T::wrap(a))
     })
 }

@@ -4,8 +4,8 @@ mod common;
 
 use common::*;
 use serde_json::Value as Json;
-use tlens::io::torch::TorchFile;
 use tlens::io::pickle::Value;
+use tlens::io::torch::TorchFile;
 use tlens::{Layout, RunFile};
 
 /// Check a TL-layout run file against its manifest entry.
@@ -21,25 +21,46 @@ fn check_tl_run(file: &str, entry: &str, format: &str) {
     for (k, want) in d["config"].as_object().unwrap() {
         let got = &cfg[k];
         match (got.as_f64(), want.as_f64()) {
-            (Some(g), Some(w)) => assert!((g - w).abs() <= 1e-15 * w.abs(), "{file}: config.{k} {g} != {w}"),
+            (Some(g), Some(w)) => assert!(
+                (g - w).abs() <= 1e-15 * w.abs(),
+                "{file}: config.{k} {g} != {w}"
+            ),
             _ => assert_eq!(got, want, "{file}: config.{k}"),
         }
     }
     if format != "safetensors" {
         let (module, name) = run.config_class.clone().unwrap();
-        assert_eq!(format!("{module}.{name}"), d["config_class"].as_str().unwrap());
+        assert_eq!(
+            format!("{module}.{name}"),
+            d["config_class"].as_str().unwrap()
+        );
     }
 
     check_state_dict(&format!("{file}:model"), &run.model().unwrap(), &d["model"]);
     let ckpts = d["checkpoints"].as_array().unwrap();
     assert_eq!(run.n_checkpoints(), ckpts.len());
     for (i, c) in ckpts.iter().enumerate() {
-        check_state_dict(&format!("{file}:checkpoint{i}"), &run.checkpoint(i).unwrap(), c);
+        check_state_dict(
+            &format!("{file}:checkpoint{i}"),
+            &run.checkpoint(i).unwrap(),
+            c,
+        );
     }
     assert_eq!(run.checkpoint_epochs, i64s(&d["checkpoint_epochs"]));
-    assert_eq!(run.train_losses, f64s(&d["train_losses"]), "{file}: train losses bit-exact");
-    assert_eq!(run.test_losses, f64s(&d["test_losses"]), "{file}: test losses bit-exact");
-    let (tr, te) = (run.train_indices.as_ref().unwrap(), run.test_indices.as_ref().unwrap());
+    assert_eq!(
+        run.train_losses,
+        f64s(&d["train_losses"]),
+        "{file}: train losses bit-exact"
+    );
+    assert_eq!(
+        run.test_losses,
+        f64s(&d["test_losses"]),
+        "{file}: test losses bit-exact"
+    );
+    let (tr, te) = (
+        run.train_indices.as_ref().unwrap(),
+        run.test_indices.as_ref().unwrap(),
+    );
     assert_eq!(tr.len() as i64, d["n_train_indices"].as_i64().unwrap());
     assert_eq!(te.len() as i64, d["n_test_indices"].as_i64().unwrap());
     if d.get("train_indices").is_some() {
@@ -48,8 +69,14 @@ fn check_tl_run(file: &str, entry: &str, format: &str) {
     } else {
         assert_eq!(tr[..50], i64s(&d["train_indices_head"])[..]);
         assert_eq!(te[..50], i64s(&d["test_indices_head"])[..]);
-        assert_eq!(tr.iter().sum::<i64>(), d["train_indices_sum"].as_i64().unwrap());
-        assert_eq!(te.iter().sum::<i64>(), d["test_indices_sum"].as_i64().unwrap());
+        assert_eq!(
+            tr.iter().sum::<i64>(),
+            d["train_indices_sum"].as_i64().unwrap()
+        );
+        assert_eq!(
+            te.iter().sum::<i64>(),
+            d["test_indices_sum"].as_i64().unwrap()
+        );
     }
 }
 
@@ -68,7 +95,10 @@ fn demo_small_pickle_protocol4() {
     check_tl_run("demo_small_proto4.pth", "demo_small", "torch-zip");
     let f = TorchFile::open(fixture("demo_small_proto4.pth")).unwrap();
     assert_eq!(f.protocol, 4);
-    assert_eq!(TorchFile::open(fixture("demo_small.pth")).unwrap().protocol, 2);
+    assert_eq!(
+        TorchFile::open(fixture("demo_small.pth")).unwrap().protocol,
+        2
+    );
 }
 
 #[test]
@@ -84,8 +114,14 @@ fn demo_small_saved_by_transformer_lens_3() {
     let sd = run.model().unwrap();
     assert_eq!(sd.get("blocks.0.attn.mask").unwrap().shape(), &[0, 0]);
     let m = manifest();
-    assert_eq!(m["demo_small_tl3"]["tl3_info"]["mask"], serde_json::json!([0, 0]));
-    assert!(m["demo_small_tl3"]["tl3_info"]["numpy"].as_str().unwrap().starts_with('2'));
+    assert_eq!(
+        m["demo_small_tl3"]["tl3_info"]["mask"],
+        serde_json::json!([0, 0])
+    );
+    assert!(m["demo_small_tl3"]["tl3_info"]["numpy"]
+        .as_str()
+        .unwrap()
+        .starts_with('2'));
     let cfg = run.config.unwrap();
     assert_eq!(cfg.uses_rms_norm, Some(false), "3.x-only fields are read");
 }
@@ -96,8 +132,14 @@ fn demo_p113_full_size() {
     let run = RunFile::open(fixture("demo_p113.pth")).unwrap();
     let cfg = run.config.unwrap();
     // The TL demo config, derived fields as __post_init__ computes them.
-    assert_eq!((cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head), (1, 4, 128, 32));
-    assert_eq!((cfg.d_mlp, cfg.d_vocab, cfg.d_vocab_out, cfg.n_ctx), (Some(512), 114, 113, 3));
+    assert_eq!(
+        (cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head),
+        (1, 4, 128, 32)
+    );
+    assert_eq!(
+        (cfg.d_mlp, cfg.d_vocab, cfg.d_vocab_out, cfg.n_ctx),
+        (Some(512), 114, 113, 3)
+    );
     assert_eq!(cfg.n_params, Some(196_608));
     assert_eq!(cfg.attn_scale, (32f64).sqrt());
     assert_eq!(cfg.initializer_range, 0.8 / (128f64).sqrt());
@@ -109,8 +151,16 @@ fn demo_p113_full_size() {
 #[test]
 fn train_and_test_indices_share_one_storage() {
     let f = TorchFile::open(fixture("demo_p113.pth")).unwrap();
-    let tr = f.root.get("train_indices").and_then(Value::as_tensor).unwrap();
-    let te = f.root.get("test_indices").and_then(Value::as_tensor).unwrap();
+    let tr = f
+        .root
+        .get("train_indices")
+        .and_then(Value::as_tensor)
+        .unwrap();
+    let te = f
+        .root
+        .get("test_indices")
+        .and_then(Value::as_tensor)
+        .unwrap();
     assert_eq!(tr.storage.key, te.storage.key, "two views of one storage");
     assert_eq!(tr.offset, 0);
     assert_eq!(te.offset, 3830, "REFERENCE §6: test view starts at 3830");
@@ -150,7 +200,12 @@ fn original_2022_layout_is_converted_like_python() {
         .as_object()
         .unwrap()
         .iter()
-        .map(|(n, x)| (n.clone(), serde_json::from_value(x["shape"].clone()).unwrap()))
+        .map(|(n, x)| {
+            (
+                n.clone(),
+                serde_json::from_value(x["shape"].clone()).unwrap(),
+            )
+        })
         .collect();
     assert_eq!(stored, want);
     // Converted weights equal, bit for bit, the conversion done in Python — which was checked
@@ -158,22 +213,38 @@ fn original_2022_layout_is_converted_like_python() {
     // (max logit difference recorded in the manifest).
     assert!(m["original_conversion_max_logit_diff"].as_f64().unwrap() < 1e-4);
     let converted = run.model().unwrap();
-    let python = RunFile::open(fixture("original_small_tl.safetensors")).unwrap().model().unwrap();
+    let python = RunFile::open(fixture("original_small_tl.safetensors"))
+        .unwrap()
+        .model()
+        .unwrap();
     for (name, t) in python.iter() {
         assert_eq!(converted.get(name), Some(t), "{name}");
     }
     check_state_dict_subset(&converted, &m["original_small_tl"]);
     // TL buffers are added for the converted model.
-    assert_eq!(converted.get("blocks.0.attn.mask").unwrap().shape(), &[3, 3]);
+    assert_eq!(
+        converted.get("blocks.0.attn.mask").unwrap().shape(),
+        &[3, 3]
+    );
     // Run data.
     assert_eq!(run.checkpoint_epochs, i64s(&d["checkpoint_epochs"]));
-    assert_eq!(run.n_checkpoints(), d["checkpoints"].as_array().unwrap().len());
+    assert_eq!(
+        run.n_checkpoints(),
+        d["checkpoints"].as_array().unwrap().len()
+    );
     assert_eq!(run.train_losses, f64s(&d["train_losses"]));
     assert_eq!(run.test_losses, f64s(&d["test_losses"]));
     assert_eq!(run.train_losses.len(), 40);
-    assert_eq!(run.test_losses.len(), 4, "the 2022 code logged test loss every 10 epochs");
+    assert_eq!(
+        run.test_losses.len(),
+        4,
+        "the 2022 code logged test loss every 10 epochs"
+    );
     let cfg = run.config.clone().unwrap();
-    assert_eq!((cfg.d_vocab, cfg.d_vocab_out, cfg.n_heads, cfg.d_head), (18, 18, 4, 8));
+    assert_eq!(
+        (cfg.d_vocab, cfg.d_vocab_out, cfg.n_heads, cfg.d_head),
+        (18, 18, 4, 8)
+    );
     assert_eq!(cfg.extra["original_config"]["p"], Json::from(17));
     // Checkpoints are converted too.
     let c0 = run.checkpoint(0).unwrap();

@@ -9,13 +9,18 @@ use tlens::{Error, RunFile};
 
 /// Open and fully read bytes; a panic fails the test, an error is returned.
 fn try_load(bytes: Vec<u8>) -> Result<(), Error> {
-    catch_unwind(AssertUnwindSafe(|| RunFile::from_bytes(bytes).and_then(|r| r.load().map(|_| ()))))
-        .unwrap_or_else(|_| panic!("panicked"))
+    catch_unwind(AssertUnwindSafe(|| {
+        RunFile::from_bytes(bytes).and_then(|r| r.load().map(|_| ()))
+    }))
+    .unwrap_or_else(|_| panic!("panicked"))
 }
 
 fn pickle(bytes: &[u8]) -> Result<Value, Error> {
     let mut no = |_: Value, pos: usize| -> tlens::Result<Value> {
-        Err(Error::PickleUnsupported { pos, name: "persistent id" })
+        Err(Error::PickleUnsupported {
+            pos,
+            name: "persistent id",
+        })
     };
     unpickle(bytes, &mut no, &Limits::default()).map(|u| u.value)
 }
@@ -43,7 +48,10 @@ fn truncation_at_every_zip_record_boundary_is_a_typed_error() {
         assert!(
             matches!(
                 err.root(),
-                Error::Zip(_) | Error::UnknownFormat(_) | Error::Truncated { .. } | Error::MissingRecord(_)
+                Error::Zip(_)
+                    | Error::UnknownFormat(_)
+                    | Error::Truncated { .. }
+                    | Error::MissingRecord(_)
             ),
             "cut at {cut}: {err}"
         );
@@ -61,7 +69,9 @@ fn truncation_at_every_legacy_section_boundary_is_a_typed_error() {
     let mut cuts = vec![0, 1, 2];
     let mut pos = 0;
     let mut storage = |pid: Value, p: usize| {
-        Ok(Value::Storage(tlens::io::torch::storage_from_pid(&pid, p, true)?))
+        Ok(Value::Storage(std::sync::Arc::new(
+            tlens::io::torch::storage_from_pid(pid, p, true)?,
+        )))
     };
     for _ in 0..5 {
         let u = unpickle(&b[pos..], &mut storage, &Limits::default()).unwrap();
@@ -80,17 +90,27 @@ fn truncation_at_every_legacy_section_boundary_is_a_typed_error() {
         assert!(
             matches!(
                 err.root(),
-                Error::PickleEof { .. } | Error::Truncated { .. } | Error::UnknownFormat(_) | Error::MissingRecord(_)
+                Error::PickleEof { .. }
+                    | Error::Truncated { .. }
+                    | Error::UnknownFormat(_)
+                    | Error::MissingRecord(_)
             ),
             "cut at {cut}: {err}"
         );
     }
-    assert!(kinds.len() >= 2, "both pickle and storage truncations are seen");
+    assert!(
+        kinds.len() >= 2,
+        "both pickle and storage truncations are seen"
+    );
 }
 
 #[test]
 fn flipped_bytes_never_panic() {
-    for file in ["demo_small.pth", "demo_small_legacy.pth", "demo_small.safetensors"] {
+    for file in [
+        "demo_small.pth",
+        "demo_small_legacy.pth",
+        "demo_small.safetensors",
+    ] {
         let b = std::fs::read(fixture(file)).unwrap();
         let mut state = 0x9e3779b97f4a7c15u64;
         let mut errors = 0;
@@ -114,11 +134,16 @@ fn flipped_bytes_never_panic() {
 fn storage_smaller_than_its_tensors_is_an_error_not_zero_fill() {
     // Take a real file and shrink one storage entry by rewriting the numel in the pickle: build
     // a pickle whose persistent id claims more elements than the record holds.
-    let run = RunFile::open(fixture("demo_small.pth")).unwrap().load().unwrap();
+    let run = RunFile::open(fixture("demo_small.pth"))
+        .unwrap()
+        .load()
+        .unwrap();
     let mut w = tlens::io::torch::TorchWriter::new(2);
     let t = tlens::Tensor::F32(ndarray::ArrayD::zeros(ndarray::IxDyn(&[4])));
-    let Value::Tensor(mut r) = w.add(&t) else { unreachable!() };
-    r.storage.numel = 1000; // claims 4000 bytes, 16 stored
+    let Value::Tensor(mut r) = w.add(&t) else {
+        unreachable!()
+    };
+    std::sync::Arc::make_mut(&mut r.storage).numel = 1000; // claims 4000 bytes, 16 stored
     r.shape = vec![1000];
     let root = Value::Dict(tlens::io::pickle::Dict {
         ordered: false,
@@ -126,11 +151,23 @@ fn storage_smaller_than_its_tensors_is_an_error_not_zero_fill() {
         attrs: None,
     });
     let err = try_load(w.to_bytes(&root).unwrap()).unwrap_err();
-    assert!(matches!(err.root(), Error::Truncated { needed: 4000, available: 16, .. }), "{err}");
+    assert!(
+        matches!(
+            err.root(),
+            Error::Truncated {
+                needed: 4000,
+                available: 16,
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     // A view reaching past its storage (offset + extent > numel).
     let mut w = tlens::io::torch::TorchWriter::new(2);
-    let Value::Tensor(mut r) = w.add(&t) else { unreachable!() };
+    let Value::Tensor(mut r) = w.add(&t) else {
+        unreachable!()
+    };
     r.offset = 2;
     r.shape = vec![3];
     let root = Value::Dict(tlens::io::pickle::Dict {
@@ -140,7 +177,14 @@ fn storage_smaller_than_its_tensors_is_an_error_not_zero_fill() {
     });
     let err = try_load(w.to_bytes(&root).unwrap()).unwrap_err();
     assert!(
-        matches!(err.root(), Error::StorageBounds { needed: 5, available: 4, .. }),
+        matches!(
+            err.root(),
+            Error::StorageBounds {
+                needed: 5,
+                available: 4,
+                ..
+            }
+        ),
         "{err}"
     );
     drop(run);
@@ -167,7 +211,10 @@ fn exponential_sharing_is_a_limit_error() {
         p.extend([b'(', b'h', k, b'h', k, b'l', b'q', k + 1]);
     }
     p.push(b'.');
-    let limits = Limits { max_values: 100_000, ..Limits::default() };
+    let limits = Limits {
+        max_values: 100_000,
+        ..Limits::default()
+    };
     let mut no = |_: Value, pos: usize| -> tlens::Result<Value> {
         Err(Error::PickleUnsupported { pos, name: "pid" })
     };
@@ -199,26 +246,66 @@ fn huge_length_fields_are_rejected_before_allocating() {
     }
     // A memo index far beyond anything sensible.
     match pickle(b"\x80\x02Nr\xff\xff\xff\xff.") {
-        Err(Error::Limit { what: "pickle memo index", .. }) => {}
+        Err(Error::Limit {
+            what: "pickle memo index",
+            ..
+        }) => {}
         other => panic!("{other:?}"),
     }
 }
 
 #[test]
 fn malformed_opcodes_give_typed_errors() {
-    assert!(matches!(pickle(b"\x80\x02\xff."), Err(Error::PickleOpcode { pos: 2, opcode: 0xff })));
-    assert!(matches!(pickle(b"\x80\x02a."), Err(Error::PickleStack { opcode: "APPEND", .. })));
-    assert!(matches!(pickle(b"\x80\x02h\x05."), Err(Error::PickleMemo { index: 5, .. })));
+    assert!(matches!(
+        pickle(b"\x80\x02\xff."),
+        Err(Error::PickleOpcode {
+            pos: 2,
+            opcode: 0xff
+        })
+    ));
+    assert!(matches!(
+        pickle(b"\x80\x02a."),
+        Err(Error::PickleStack {
+            opcode: "APPEND",
+            ..
+        })
+    ));
+    assert!(matches!(
+        pickle(b"\x80\x02h\x05."),
+        Err(Error::PickleMemo { index: 5, .. })
+    ));
     assert!(matches!(pickle(b"\x80\x02N"), Err(Error::PickleEof { .. })));
-    assert!(matches!(pickle(b"\x80\x02e."), Err(Error::PickleStack { .. })));
-    assert!(matches!(pickle(b"\x80\x09N."), Err(Error::PickleStack { opcode: "PROTO", .. })));
-    assert!(matches!(pickle(b"\x80\x05\x97."), Err(Error::PickleUnsupported { name: "NEXT_BUFFER", .. })));
-    assert!(matches!(pickle(b"\x80\x02\x82\x01."), Err(Error::PickleUnsupported { name: "EXT1", .. })));
+    assert!(matches!(
+        pickle(b"\x80\x02e."),
+        Err(Error::PickleStack { .. })
+    ));
+    assert!(matches!(
+        pickle(b"\x80\x09N."),
+        Err(Error::PickleStack {
+            opcode: "PROTO",
+            ..
+        })
+    ));
+    assert!(matches!(
+        pickle(b"\x80\x05\x97."),
+        Err(Error::PickleUnsupported {
+            name: "NEXT_BUFFER",
+            ..
+        })
+    ));
+    assert!(matches!(
+        pickle(b"\x80\x02\x82\x01."),
+        Err(Error::PickleUnsupported { name: "EXT1", .. })
+    ));
     // REDUCE of a tensor rebuild with a non-storage argument.
     let p = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n(K\x01K\x00)) \x89t R.";
     let p: Vec<u8> = p.iter().copied().filter(|&c| c != b' ').collect();
     match pickle(&p) {
-        Err(Error::PickleStack { opcode: "REDUCE", msg, .. }) => assert!(msg.contains("storage"), "{msg}"),
+        Err(Error::PickleStack {
+            opcode: "REDUCE",
+            msg,
+            ..
+        }) => assert!(msg.contains("storage"), "{msg}"),
         other => panic!("{other:?}"),
     }
 }
@@ -235,7 +322,9 @@ fn nothing_is_imported_or_called() {
         other => panic!("{other:?}"),
     }
     // As a run file it is rejected as not a run (typed error, nothing executed).
-    let err = tlens::io::torch::TorchFile::from_bytes(p.to_vec()).err().unwrap();
+    let err = tlens::io::torch::TorchFile::from_bytes(p.to_vec())
+        .err()
+        .unwrap();
     assert!(matches!(err, Error::UnknownFormat(_)), "{err}");
 }
 
@@ -254,7 +343,10 @@ fn unknown_file_kinds_are_rejected() {
 fn compressed_zip_entries_are_rejected() {
     // torch never writes compressed entries; tlens reads stored entries only and says so.
     // Mark every entry of a valid file as deflated (method 8) in both header kinds.
-    let run = RunFile::open(fixture("demo_small.pth")).unwrap().load().unwrap();
+    let run = RunFile::open(fixture("demo_small.pth"))
+        .unwrap()
+        .load()
+        .unwrap();
     let mut b = run.to_pth_bytes(tlens::ConfigStyle::Tl2Object, 2).unwrap();
     for i in 0..b.len() - 4 {
         if &b[i..i + 4] == b"PK\x01\x02" {
@@ -272,10 +364,14 @@ fn compressed_zip_entries_are_rejected() {
 #[test]
 fn fuzz_smoke_pass_finds_no_panic() {
     use tlens::fuzz::{fuzz, pickles_of, Target};
-    let files: Vec<Vec<u8>> = ["demo_small.pth", "demo_small_legacy.pth", "original_small.pth"]
-        .iter()
-        .map(|n| std::fs::read(fixture(n)).unwrap())
-        .collect();
+    let files: Vec<Vec<u8>> = [
+        "demo_small.pth",
+        "demo_small_legacy.pth",
+        "original_small.pth",
+    ]
+    .iter()
+    .map(|n| std::fs::read(fixture(n)).unwrap())
+    .collect();
     let pickles = pickles_of(&files);
     assert_eq!(pickles.len(), 2, "two zip files");
     let r = fuzz(Target::Pickle, &pickles, 3000, 7);

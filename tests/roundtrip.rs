@@ -22,7 +22,11 @@ const FILES: [&str; 7] = [
 fn pth_roundtrip_is_identity_for_every_fixture_and_style() {
     for file in FILES {
         let run = RunFile::open(fixture(file)).unwrap().load().unwrap();
-        for style in [ConfigStyle::Tl2Object, ConfigStyle::Tl3Object, ConfigStyle::Dict] {
+        for style in [
+            ConfigStyle::Tl2Object,
+            ConfigStyle::Tl3Object,
+            ConfigStyle::Dict,
+        ] {
             for protocol in [2, 4] {
                 let bytes = run.to_pth_bytes(style, protocol).unwrap();
                 let back = RunFile::from_bytes(bytes).unwrap();
@@ -38,7 +42,10 @@ fn pth_roundtrip_is_identity_for_every_fixture_and_style() {
                     };
                     assert_eq!(module, want);
                 } else {
-                    assert!(back.config_class.is_none(), "dict config for weights_only loading");
+                    assert!(
+                        back.config_class.is_none(),
+                        "dict config for weights_only loading"
+                    );
                 }
             }
         }
@@ -58,20 +65,42 @@ fn safetensors_roundtrip_is_identity_for_every_fixture() {
 
 #[test]
 fn legacy_zip_protocol4_and_safetensors_hold_the_same_run() {
-    let zip = RunFile::open(fixture("demo_small.pth")).unwrap().load().unwrap();
-    for other in ["demo_small_legacy.pth", "demo_small_proto4.pth", "demo_small.safetensors"] {
-        assert_eq!(RunFile::open(fixture(other)).unwrap().load().unwrap(), zip, "{other}");
+    let zip = RunFile::open(fixture("demo_small.pth"))
+        .unwrap()
+        .load()
+        .unwrap();
+    for other in [
+        "demo_small_legacy.pth",
+        "demo_small_proto4.pth",
+        "demo_small.safetensors",
+    ] {
+        assert_eq!(
+            RunFile::open(fixture(other)).unwrap().load().unwrap(),
+            zip,
+            "{other}"
+        );
     }
 }
 
 fn reread(bytes: &[u8]) -> Value {
-    let mut load = |pid: Value, pos: usize| Ok(Value::Storage(storage_from_pid(&pid, pos, false)?));
-    unpickle(bytes, &mut load, &Limits::default()).unwrap().value
+    let mut load = |pid: Value, pos: usize| {
+        Ok(Value::Storage(std::sync::Arc::new(storage_from_pid(
+            pid, pos, false,
+        )?)))
+    };
+    unpickle(bytes, &mut load, &Limits::default())
+        .unwrap()
+        .value
 }
 
 #[test]
 fn pickle_value_tree_roundtrips() {
-    for file in ["demo_small.pth", "demo_small_proto4.pth", "demo_small_tl3.pth", "original_small.pth"] {
+    for file in [
+        "demo_small.pth",
+        "demo_small_proto4.pth",
+        "demo_small_tl3.pth",
+        "original_small.pth",
+    ] {
         let f = TorchFile::open(fixture(file)).unwrap();
         for protocol in [2, 3, 4, 5] {
             let mut p = Pickler::new(protocol);
@@ -84,7 +113,10 @@ fn pickle_value_tree_roundtrips() {
 
 #[test]
 fn pickled_values_of_every_kind_roundtrip() {
-    let cfg = RunFile::open(fixture("demo_small.pth")).unwrap().config.unwrap();
+    let cfg = RunFile::open(fixture("demo_small.pth"))
+        .unwrap()
+        .config
+        .unwrap();
     let v = Value::List(vec![
         Value::None,
         Value::Bool(true),
@@ -105,8 +137,14 @@ fn pickled_values_of_every_kind_roundtrip() {
         Value::Set(vec![Value::Int(3)]),
         cfg.to_pickle(Some(tlens::model::config::TL2_CONFIG_CLASS)),
         cfg.to_pickle(None),
-        Value::NumpyScalar { dtype: "f8".into(), value: Box::new(Value::Float(0.1)) },
-        Value::NumpyScalar { dtype: "i8".into(), value: Box::new(Value::Int(-7)) },
+        Value::NumpyScalar {
+            dtype: "f8".into(),
+            value: Box::new(Value::Float(0.1)),
+        },
+        Value::NumpyScalar {
+            dtype: "i8".into(),
+            value: Box::new(Value::Int(-7)),
+        },
         Value::Dtype(tlens::DType::BF16),
     ]);
     for protocol in [2, 4] {
@@ -122,7 +160,10 @@ fn writes_are_atomic_and_replace_existing_files() {
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join("run.pth");
     std::fs::write(&out, b"old contents").unwrap();
-    let run = RunFile::open(fixture("demo_small.pth")).unwrap().load().unwrap();
+    let run = RunFile::open(fixture("demo_small.pth"))
+        .unwrap()
+        .load()
+        .unwrap();
     run.save_pth(&out, ConfigStyle::Tl2Object).unwrap();
     assert_eq!(RunFile::open(&out).unwrap().load().unwrap(), run);
     let st = dir.join("run.safetensors");
@@ -143,7 +184,10 @@ fn writes_are_atomic_and_replace_existing_files() {
 
 #[test]
 fn zip_entries_are_stored_and_64_byte_aligned_like_torch() {
-    let run = RunFile::open(fixture("demo_small.pth")).unwrap().load().unwrap();
+    let run = RunFile::open(fixture("demo_small.pth"))
+        .unwrap()
+        .load()
+        .unwrap();
     let bytes = run.to_pth_bytes(ConfigStyle::Tl2Object, 2).unwrap();
     let mut z = zip::ZipArchive::new(std::io::Cursor::new(&bytes[..])).unwrap();
     let mut names = Vec::new();

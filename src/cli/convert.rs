@@ -9,7 +9,10 @@ pub fn config_style(s: &str) -> Result<ConfigStyle> {
         "tl2" => Ok(ConfigStyle::Tl2Object),
         "tl3" => Ok(ConfigStyle::Tl3Object),
         "dict" => Ok(ConfigStyle::Dict),
-        other => Err(Error::invalid("--config-style", format!("expected tl2, tl3 or dict, found '{other}'"))),
+        other => Err(Error::invalid(
+            "--config-style",
+            format!("expected tl2, tl3 or dict, found '{other}'"),
+        )),
     }
 }
 

@@ -11,7 +11,10 @@ pub fn describe(run: &RunFile) -> Json {
     let entries = run.model_entries();
     if let Some(m) = entries {
         for (name, shape, dtype) in m.entries() {
-            tensors.insert(name.into(), json!({"shape": shape, "dtype": dtype.torch_name()}));
+            tensors.insert(
+                name.into(),
+                json!({"shape": shape, "dtype": dtype.torch_name()}),
+            );
         }
     }
     json!({
@@ -66,10 +69,17 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
         _ => String::new(),
     };
     println!("checkpoints: {}{span}", run.n_checkpoints());
-    println!("train losses: {}  test losses: {}", run.train_losses.len(), run.test_losses.len());
+    println!(
+        "train losses: {}  test losses: {}",
+        run.train_losses.len(),
+        run.test_losses.len()
+    );
     if let (Some(a), Some(b)) = (run.train_losses.last(), run.test_losses.last()) {
         println!("final train loss {a:.6e}  final test loss {b:.6e}");
     }
-    println!("train indices: {}  test indices: {}", d["n_train_indices"], d["n_test_indices"]);
+    println!(
+        "train indices: {}  test indices: {}",
+        d["n_train_indices"], d["n_test_indices"]
+    );
     Ok(())
 }

@@ -12,7 +12,11 @@ use std::path::PathBuf;
 pub const DEMO_FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/demo_p113.pth");
 
 #[derive(Parser, Debug)]
-#[command(name = "tlens", version, about = "TransformerLens for grokking models, in Rust")]
+#[command(
+    name = "tlens",
+    version,
+    about = "TransformerLens for grokking models, in Rust"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

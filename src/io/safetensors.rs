@@ -148,7 +148,10 @@ impl View for &TensorBytes<'_> {
 }
 
 /// Serialise named tensors (and string metadata) as safetensors bytes.
-pub fn to_bytes(tensors: &[(String, &Tensor)], metadata: HashMap<String, String>) -> Result<Vec<u8>> {
+pub fn to_bytes(
+    tensors: &[(String, &Tensor)],
+    metadata: HashMap<String, String>,
+) -> Result<Vec<u8>> {
     let owned: Vec<(String, TensorBytes)> = tensors
         .iter()
         .map(|(n, t)| (n.clone(), TensorBytes(t, t.to_le_bytes())))

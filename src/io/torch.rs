@@ -10,7 +10,9 @@
 use super::pickle::{unpickle, Limits, Pickler, Value};
 use super::Source;
 use crate::error::{Error, Result, WithPath};
-use crate::tensor::{tensor_from_storage, view_storage, DType, Element, StorageRef, Tensor, TensorRef};
+use crate::tensor::{
+    tensor_from_storage, view_storage, DType, Element, StorageRef, Tensor, TensorRef,
+};
 use ndarray::{CowArray, IxDyn};
 use std::collections::HashMap;
 use std::io::{Cursor, Write};
@@ -46,7 +48,57 @@ pub struct TorchFile {
     pub protocol: u8,
     pub big_endian: bool,
     pub records: ZipRecords,
-    storages: HashMap<String, Range<usize>>,
+    storages: HashMap<String, Loc>,
+}
+
+/// Where a storage's bytes are.
+#[derive(Clone, Debug)]
+enum Loc {
+    /// A known byte range (legacy files, and zip entries already resolved).
+    Range(Range<usize>),
+    /// A zip entry whose local header is read only when the storage is (lazy open).
+    ZipEntry { header_start: u64, size: u64 },
+}
+
+impl Loc {
+    fn len(&self) -> usize {
+        match self {
+            Loc::Range(r) => r.len(),
+            Loc::ZipEntry { size, .. } => *size as usize,
+        }
+    }
+}
+
+/// The data range of a stored zip entry, from its local header (30 bytes + name + extra field;
+/// sizes are taken from the central directory, since local headers may hold zeros).
+fn zip_data_range(source: &[u8], name: &str, header_start: u64, size: u64) -> Result<Range<usize>> {
+    let len = source.len() as u64;
+    let h = header_start as usize;
+    let hdr = source
+        .get(h..h.saturating_add(30))
+        .filter(|_| header_start < len)
+        .ok_or_else(|| Error::Truncated {
+            what: format!("local header of zip entry '{name}'"),
+            needed: header_start.saturating_add(30),
+            available: len,
+        })?;
+    if &hdr[..4] != b"PK\x03\x04" {
+        return Err(Error::Zip(format!(
+            "entry '{name}': bad local header signature"
+        )));
+    }
+    let name_len = u16::from_le_bytes([hdr[26], hdr[27]]) as u64;
+    let extra_len = u16::from_le_bytes([hdr[28], hdr[29]]) as u64;
+    let start = header_start + 30 + name_len + extra_len;
+    let end = start
+        .checked_add(size)
+        .filter(|&e| e <= len)
+        .ok_or_else(|| Error::Truncated {
+            what: format!("zip entry '{name}'"),
+            needed: start.saturating_add(size),
+            available: len,
+        })?;
+    Ok(start as usize..end as usize)
 }
 
 const LEGACY_MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
@@ -86,35 +138,54 @@ impl TorchFile {
 
     /// The bytes of a root storage.
     pub fn storage_bytes(&self, key: &str) -> Result<&[u8]> {
-        let r = self
-            .storages
-            .get(key)
-            .ok_or_else(|| Error::MissingRecord(format!("data/{key}")))?;
-        Ok(&self.source[r.clone()])
+        let range = match self.storages.get(key) {
+            Some(Loc::Range(r)) => r.clone(),
+            Some(&Loc::ZipEntry { header_start, size }) => {
+                zip_data_range(&self.source, &format!("data/{key}"), header_start, size)?
+            }
+            None => return Err(Error::MissingRecord(format!("data/{key}"))),
+        };
+        Ok(&self.source[range])
     }
 
     /// Materialise a tensor as an owned typed array.
     pub fn tensor(&self, r: &TensorRef, name: &str) -> Result<Tensor> {
-        tensor_from_storage(self.storage_bytes(&r.storage.key)?, self.big_endian, r, name)
+        tensor_from_storage(
+            self.storage_bytes(&r.storage.key)?,
+            self.big_endian,
+            r,
+            name,
+        )
     }
 
     /// View a tensor as `T`, borrowing the mapped file where possible.
     pub fn view<T: Element>(&self, r: &TensorRef, name: &str) -> Result<CowArray<'_, T, IxDyn>> {
-        view_storage(self.storage_bytes(&r.storage.key)?, self.big_endian, r, name)
+        view_storage(
+            self.storage_bytes(&r.storage.key)?,
+            self.big_endian,
+            r,
+            name,
+        )
     }
 }
 
 /// The storage a persistent id names: `('storage', storage_type, key, location, numel[, view])`
 /// (`legacy`: the 6-tuple of the pre-zip format, whose last field is view metadata).
-pub fn storage_from_pid(pid: &Value, pos: usize, legacy: bool) -> Result<StorageRef> {
+pub fn storage_from_pid(pid: Value, pos: usize, legacy: bool) -> Result<StorageRef> {
     let bad = |msg: String| Error::PickleStack {
         pos,
         opcode: "BINPERSID",
         msg,
     };
-    let items = pid
-        .as_seq()
-        .ok_or_else(|| bad(format!("persistent id must be a tuple, found {}", pid.type_name())))?;
+    let mut items = match pid {
+        Value::Tuple(v) | Value::List(v) => v,
+        other => {
+            return Err(bad(format!(
+                "persistent id must be a tuple, found {}",
+                other.type_name()
+            )))
+        }
+    };
     if items.first().and_then(Value::as_str) != Some("storage") {
         return Err(bad(format!(
             "unsupported persistent id kind {:?}",
@@ -133,18 +204,32 @@ pub fn storage_from_pid(pid: &Value, pos: usize, legacy: bool) -> Result<Storage
         Value::Global { module, name } => {
             return Err(Error::Unsupported(format!("storage type {module}.{name}")))
         }
-        v => return Err(bad(format!("storage type must be a global, found {}", v.type_name()))),
+        v => {
+            return Err(bad(format!(
+                "storage type must be a global, found {}",
+                v.type_name()
+            )))
+        }
     };
-    let key = match &items[2] {
-        Value::Str(s) => s.clone(),
+    let key = match std::mem::replace(&mut items[2], Value::None) {
+        Value::Str(s) => s,
         Value::Int(i) => i.to_string(),
-        v => return Err(bad(format!("storage key must be a string, found {}", v.type_name()))),
+        v => {
+            return Err(bad(format!(
+                "storage key must be a string, found {}",
+                v.type_name()
+            )))
+        }
     };
-    let location = items[3].as_str().unwrap_or("cpu").to_string();
+    let location = match std::mem::replace(&mut items[3], Value::None) {
+        Value::Str(s) => s,
+        _ => "cpu".to_string(),
+    };
     let numel = items[4]
         .as_i64()
         .filter(|&n| n >= 0)
-        .ok_or_else(|| bad("storage size must be a non-negative int".into()))? as u64;
+        .ok_or_else(|| bad("storage size must be a non-negative int".into()))?
+        as u64;
     let mut s = StorageRef {
         key,
         dtype,
@@ -170,53 +255,53 @@ pub fn storage_from_pid(pid: &Value, pos: usize, legacy: bool) -> Result<Storage
 }
 
 fn parse_zip(source: Source, limits: &Limits) -> Result<TorchFile> {
-    let len = source.len();
-    let mut archive =
+    use zip::HasZipMetadata;
+    let archive =
         zip::ZipArchive::new(Cursor::new(&source[..])).map_err(|e| Error::Zip(e.to_string()))?;
-    let mut entries: HashMap<String, Range<usize>> = HashMap::with_capacity(archive.len());
+    // Central directory only: local headers are read when an entry's data is needed.
+    let mut entries: HashMap<String, (u64, u64)> = HashMap::with_capacity(archive.len());
     let mut pkl: Option<String> = None;
     for i in 0..archive.len() {
-        let f = archive.by_index_raw(i).map_err(|e| Error::Zip(e.to_string()))?;
-        let name = f.name().map_err(|e| Error::Zip(e.to_string()))?.to_string();
-        if f.compression() != zip::CompressionMethod::Stored {
+        let e = archive
+            .by_index_data(i)
+            .map_err(|e| Error::Zip(e.to_string()))?;
+        let m = e.get_metadata();
+        let name = e
+            .name()
+            .map_err(|e| Error::Zip(e.to_string()))?
+            .into_owned();
+        if m.compression_method != zip::CompressionMethod::Stored {
             return Err(Error::Zip(format!(
                 "entry '{name}' is compressed ({:?}); torch writes only stored entries",
-                f.compression()
+                m.compression_method
             )));
         }
-        let start = f
-            .data_start()
-            .ok_or_else(|| Error::Zip(format!("entry '{name}' has no data offset")))?;
-        let size = f.compressed_size();
-        let end = start
-            .checked_add(size)
-            .filter(|&e| e <= len as u64)
-            .ok_or_else(|| Error::Truncated {
-                what: format!("zip entry '{name}'"),
-                needed: start.saturating_add(size),
-                available: len as u64,
-            })?;
         if name == "data.pkl" || name.ends_with("/data.pkl") {
             // The archive prefix is whatever precedes data.pkl; prefer the shallowest.
             if pkl.as_ref().is_none_or(|p| name.len() < p.len()) {
                 pkl = Some(name.clone());
             }
         }
-        entries.insert(name, start as usize..end as usize);
+        entries.insert(name, (m.header_start, m.compressed_size));
     }
     let pkl_name = pkl.ok_or_else(|| Error::MissingRecord("data.pkl".into()))?;
     let prefix = pkl_name[..pkl_name.len() - "data.pkl".len()].to_string();
-    let record = |n: &str| -> Option<String> {
-        entries
-            .get(&format!("{prefix}{n}"))
-            .map(|r| String::from_utf8_lossy(&source[r.clone()]).trim().to_string())
+    let record = |n: &str| -> Result<Option<String>> {
+        let name = format!("{prefix}{n}");
+        match entries.get(&name) {
+            Some(&(h, size)) => {
+                let r = zip_data_range(&source, &name, h, size)?;
+                Ok(Some(String::from_utf8_lossy(&source[r]).trim().to_string()))
+            }
+            None => Ok(None),
+        }
     };
     let records = ZipRecords {
-        version: record("version"),
-        format_version: record(".format_version"),
-        storage_alignment: record(".storage_alignment"),
-        serialization_id: record(".data/serialization_id"),
-        byteorder: record("byteorder"),
+        version: record("version")?,
+        format_version: record(".format_version")?,
+        storage_alignment: record(".storage_alignment")?,
+        serialization_id: record(".data/serialization_id")?,
+        byteorder: record("byteorder")?,
     };
     let big_endian = match records.byteorder.as_deref() {
         None | Some("little") => false,
@@ -228,18 +313,20 @@ fn parse_zip(source: Source, limits: &Limits) -> Result<TorchFile> {
             ))
         }
     };
+    let (h, size) = entries[&pkl_name];
+    let pkl_range = zip_data_range(&source, &pkl_name, h, size)?;
     let data_prefix = format!("{prefix}data/");
-    let mut storages = HashMap::new();
-    for (name, range) in &entries {
-        if let Some(key) = name.strip_prefix(&data_prefix) {
-            storages.insert(key.to_string(), range.clone());
-        }
-    }
-    let pkl_range = entries[&pkl_name].clone();
+    let storages: HashMap<String, Loc> = entries
+        .into_iter()
+        .filter_map(|(name, (header_start, size))| {
+            let key = name.strip_prefix(&data_prefix)?.to_string();
+            Some((key, Loc::ZipEntry { header_start, size }))
+        })
+        .collect();
     let mut load = |pid: Value, pos: usize| -> Result<Value> {
-        let s = storage_from_pid(&pid, pos, false)?;
-        check_storage_size(&s, storages.get(&s.key).map(|r| r.len()))?;
-        Ok(Value::Storage(s))
+        let s = storage_from_pid(pid, pos, false)?;
+        check_storage_size(&s, storages.get(&s.key).map(Loc::len))?;
+        Ok(Value::Storage(std::sync::Arc::new(s)))
     };
     let u = unpickle(&source[pkl_range], &mut load, limits)?;
     Ok(TorchFile {
@@ -303,10 +390,14 @@ fn parse_legacy(source: Source, limits: &Limits) -> Result<TorchFile> {
     // Main pickle: collect root storages (key → dtype, numel) from the 6-tuple persistent ids.
     let mut roots: HashMap<String, (DType, u64)> = HashMap::new();
     let mut load = |pid: Value, p: usize| -> Result<Value> {
-        let s = storage_from_pid(&pid, p, true)?;
-        let root_numel = pid.as_seq().and_then(|t| t[4].as_i64()).unwrap_or(0) as u64;
+        let root_numel = pid
+            .as_seq()
+            .and_then(|t| t.get(4))
+            .and_then(Value::as_i64)
+            .unwrap_or(0) as u64;
+        let s = storage_from_pid(pid, p, true)?;
         roots.insert(s.key.clone(), (s.dtype, root_numel));
-        Ok(Value::Storage(s))
+        Ok(Value::Storage(std::sync::Arc::new(s)))
     };
     let u = unpickle(&source[pos..], &mut load, limits).map_err(|e| shift_pos(e, pos))?;
     pos += u.end;
@@ -324,9 +415,9 @@ fn parse_legacy(source: Source, limits: &Limits) -> Result<TorchFile> {
             Value::Int(i) => i.to_string(),
             v => return Err(Error::type_err("legacy storage key", "str", v.type_name())),
         };
-        let &(dtype, _) = roots
-            .get(&key)
-            .ok_or_else(|| Error::invalid("legacy storage list", format!("key '{key}' is not used")))?;
+        let &(dtype, _) = roots.get(&key).ok_or_else(|| {
+            Error::invalid("legacy storage list", format!("key '{key}' is not used"))
+        })?;
         let hdr = source.get(pos..pos + 8).ok_or(Error::Truncated {
             what: format!("size of legacy storage '{key}'"),
             needed: 8,
@@ -342,7 +433,9 @@ fn parse_legacy(source: Source, limits: &Limits) -> Result<TorchFile> {
         let nbytes = u64::try_from(numel)
             .ok()
             .and_then(|n| n.checked_mul(dtype.size() as u64))
-            .ok_or_else(|| Error::invalid(format!("legacy storage '{key}'"), "bad element count"))?;
+            .ok_or_else(|| {
+                Error::invalid(format!("legacy storage '{key}'"), "bad element count")
+            })?;
         let available = (source.len() - pos) as u64;
         if nbytes > available {
             return Err(Error::Truncated {
@@ -351,7 +444,7 @@ fn parse_legacy(source: Source, limits: &Limits) -> Result<TorchFile> {
                 available,
             });
         }
-        storages.insert(key, pos..pos + nbytes as usize);
+        storages.insert(key, Loc::Range(pos..pos + nbytes as usize));
         pos += nbytes as usize;
     }
     // Every storage the pickle references must be present and large enough.
@@ -363,7 +456,7 @@ fn parse_legacy(source: Source, limits: &Limits) -> Result<TorchFile> {
             view_offset: 0,
             location: String::new(),
         };
-        check_storage_size(&s, storages.get(key).map(|r| r.len()))?;
+        check_storage_size(&s, storages.get(key).map(Loc::len))?;
     }
     Ok(TorchFile {
         source,
@@ -424,7 +517,7 @@ impl TorchWriter {
         let key = self.storages.len().to_string();
         let r = TensorRef::contiguous(key.clone(), t.dtype(), t.shape());
         self.storages.push((key, t.to_le_bytes()));
-        Value::Tensor(r)
+        Value::Tensor(Box::new(r))
     }
 
     /// Serialise `root` and the storages into torch's zip layout (prefix `archive/`).

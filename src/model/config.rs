@@ -196,7 +196,10 @@ pub struct HookedTransformerConfig {
     pub use_ntk_by_parts_rope: bool,
     #[serde(rename = "NTK_by_parts_low_freq_factor", default = "default::ntk_low")]
     pub ntk_by_parts_low_freq_factor: f64,
-    #[serde(rename = "NTK_by_parts_high_freq_factor", default = "default::ntk_high")]
+    #[serde(
+        rename = "NTK_by_parts_high_freq_factor",
+        default = "default::ntk_high"
+    )]
     pub ntk_by_parts_high_freq_factor: f64,
     #[serde(rename = "NTK_by_parts_factor", default = "default::ntk_factor")]
     pub ntk_by_parts_factor: f64,
@@ -247,10 +250,14 @@ pub struct HookedTransformerConfig {
 }
 
 /// TL's module paths for the config class, by version.
-pub const TL2_CONFIG_CLASS: (&str, &str) =
-    ("transformer_lens.HookedTransformerConfig", "HookedTransformerConfig");
-pub const TL3_CONFIG_CLASS: (&str, &str) =
-    ("transformer_lens.config.hooked_transformer_config", "HookedTransformerConfig");
+pub const TL2_CONFIG_CLASS: (&str, &str) = (
+    "transformer_lens.HookedTransformerConfig",
+    "HookedTransformerConfig",
+);
+pub const TL3_CONFIG_CLASS: (&str, &str) = (
+    "transformer_lens.config.hooked_transformer_config",
+    "HookedTransformerConfig",
+);
 const KNOWN_CONFIG_MODULES: [&str; 3] = [
     "transformer_lens.HookedTransformerConfig",
     "transformer_lens.config.HookedTransformerConfig",
@@ -277,9 +284,8 @@ impl HookedTransformerConfig {
 
     /// From a JSON object of TL field names (missing fields take TL's defaults).
     pub fn from_json(v: Json) -> Result<Self> {
-        let mut cfg: Self = serde_json::from_value(v).map_err(|e| {
-            Error::invalid("HookedTransformerConfig", e.to_string())
-        })?;
+        let mut cfg: Self = serde_json::from_value(v)
+            .map_err(|e| Error::invalid("HookedTransformerConfig", e.to_string()))?;
         cfg.post_init()?;
         Ok(cfg)
     }
@@ -298,19 +304,27 @@ impl HookedTransformerConfig {
     pub fn from_pickle(v: &Value) -> Result<Self> {
         let fields = match v {
             Value::Object(o) => {
-                if o.name != "HookedTransformerConfig" || !KNOWN_CONFIG_MODULES.contains(&o.module.as_str()) {
+                if o.name != "HookedTransformerConfig"
+                    || !KNOWN_CONFIG_MODULES.contains(&o.module.as_str())
+                {
                     return Err(Error::type_err(
                         "config",
                         "transformer_lens HookedTransformerConfig",
                         o.class(),
                     ));
                 }
-                o.state
-                    .as_ref()
-                    .ok_or_else(|| Error::invalid("config", "HookedTransformerConfig object has no state"))?
+                o.state.as_ref().ok_or_else(|| {
+                    Error::invalid("config", "HookedTransformerConfig object has no state")
+                })?
             }
             d @ Value::Dict(_) => d,
-            other => return Err(Error::type_err("config", "HookedTransformerConfig or dict", other.type_name())),
+            other => {
+                return Err(Error::type_err(
+                    "config",
+                    "HookedTransformerConfig or dict",
+                    other.type_name(),
+                ))
+            }
         };
         let Value::Dict(d) = fields else {
             return Err(Error::type_err("config state", "dict", fields.type_name()));
@@ -376,26 +390,43 @@ impl HookedTransformerConfig {
             ("d_head", self.d_head),
         ] {
             if v <= 0 {
-                return Err(Error::invalid(ctx, format!("{name} must be positive, found {v}")));
+                return Err(Error::invalid(
+                    ctx,
+                    format!("{name} must be positive, found {v}"),
+                ));
             }
         }
         if self.n_heads == -1 {
             self.n_heads = self.d_model / self.d_head;
         }
         if self.n_heads <= 0 {
-            return Err(Error::invalid(ctx, format!("n_heads must be positive, found {}", self.n_heads)));
+            return Err(Error::invalid(
+                ctx,
+                format!("n_heads must be positive, found {}", self.n_heads),
+            ));
         }
         if self.use_local_attn && (self.window_size.is_none() || self.attn_types.is_none()) {
-            return Err(Error::invalid(ctx, "local attention needs window_size and attn_types"));
+            return Err(Error::invalid(
+                ctx,
+                "local attention needs window_size and attn_types",
+            ));
         }
         if !self.attn_only {
             if self.d_mlp.is_none() {
                 self.d_mlp = Some(self.d_model * 4);
             }
             match self.act_fn.as_deref() {
-                None => return Err(Error::invalid(ctx, "act_fn must be specified for non-attn-only models")),
+                None => {
+                    return Err(Error::invalid(
+                        ctx,
+                        "act_fn must be specified for non-attn-only models",
+                    ))
+                }
                 Some(a) if !SUPPORTED_ACTIVATIONS.contains(&a) => {
-                    return Err(Error::invalid(ctx, format!("act_fn={a} must be one of {SUPPORTED_ACTIVATIONS:?}")))
+                    return Err(Error::invalid(
+                        ctx,
+                        format!("act_fn={a} must be one of {SUPPORTED_ACTIVATIONS:?}"),
+                    ))
                 }
                 _ => {}
             }
@@ -414,7 +445,10 @@ impl HookedTransformerConfig {
             self.rotary_dim = Some(self.d_head);
         }
         if self.num_experts.is_some() != self.experts_per_token.is_some() {
-            return Err(Error::invalid(ctx, "num_experts and experts_per_token must be set together"));
+            return Err(Error::invalid(
+                ctx,
+                "num_experts and experts_per_token must be set together",
+            ));
         }
         let mut n_params = self.n_layers * self.d_model * self.d_head * self.n_heads * 4;
         if !self.attn_only {
@@ -433,7 +467,10 @@ impl HookedTransformerConfig {
             self.attn_scale = (self.d_head as f64).sqrt();
         }
         if DType::from_torch_name(&self.dtype).is_none() {
-            return Err(Error::invalid(ctx, format!("unknown dtype '{}'", self.dtype)));
+            return Err(Error::invalid(
+                ctx,
+                format!("unknown dtype '{}'", self.dtype),
+            ));
         }
         Ok(())
     }
@@ -466,7 +503,14 @@ impl HookedTransformerConfig {
 
 /// TL's `SUPPORTED_ACTIVATIONS`.
 pub const SUPPORTED_ACTIVATIONS: [&str; 8] = [
-    "relu", "gelu", "silu", "gelu_new", "solu_ln", "gelu_fast", "gelu_pytorch_tanh", "relu2",
+    "relu",
+    "gelu",
+    "silu",
+    "gelu_new",
+    "solu_ln",
+    "gelu_fast",
+    "gelu_pytorch_tanh",
+    "relu2",
 ];
 
 /// Convert a pickled config value to JSON. torch dtypes become their names; numpy scalars their
@@ -483,13 +527,15 @@ pub fn pickle_to_json(v: &Value, path: &str) -> Result<Json> {
         Value::Str(s) => Json::String(s.clone()),
         Value::NumpyScalar { value, .. } => pickle_to_json(value, path)?,
         Value::Dtype(d) => Json::String(d.torch_name().into()),
-        Value::List(items) | Value::Tuple(items) | Value::Set(items) | Value::FrozenSet(items) => Json::Array(
-            items
-                .iter()
-                .enumerate()
-                .map(|(i, x)| pickle_to_json(x, &format!("{path}[{i}]")))
-                .collect::<Result<_>>()?,
-        ),
+        Value::List(items) | Value::Tuple(items) | Value::Set(items) | Value::FrozenSet(items) => {
+            Json::Array(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| pickle_to_json(x, &format!("{path}[{i}]")))
+                    .collect::<Result<_>>()?,
+            )
+        }
         Value::Dict(d) => {
             let mut m = serde_json::Map::new();
             for (k, x) in &d.items {

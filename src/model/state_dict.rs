@@ -24,12 +24,18 @@ pub fn is_buffer(name: &str) -> bool {
 /// Sort key giving TransformerLens's `named_parameters()`/`state_dict()` order (REFERENCE §1),
 /// for files such as safetensors that do not keep insertion order.
 pub fn tl_order_key(name: &str) -> (usize, usize, usize, String) {
-    const ATTN: [&str; 10] = ["W_Q", "W_O", "b_Q", "b_O", "W_K", "W_V", "b_K", "b_V", "mask", "IGNORE"];
+    const ATTN: [&str; 10] = [
+        "W_Q", "W_O", "b_Q", "b_O", "W_K", "W_V", "b_K", "b_V", "mask", "IGNORE",
+    ];
     const MLP: [&str; 4] = ["W_in", "b_in", "W_out", "b_out"];
     let other = (usize::MAX, 0, 0, name.to_string());
     if let Some(rest) = name.strip_prefix("blocks.") {
-        let Some((l, rest)) = rest.split_once('.') else { return other };
-        let Ok(l) = l.parse::<usize>() else { return other };
+        let Some((l, rest)) = rest.split_once('.') else {
+            return other;
+        };
+        let Ok(l) = l.parse::<usize>() else {
+            return other;
+        };
         let (group, leaf) = rest.split_once('.').unwrap_or(("", rest));
         let (g, i) = match group {
             "ln1" => (0, ["w", "b"].iter().position(|x| *x == leaf).unwrap_or(9)),

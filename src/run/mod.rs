@@ -24,6 +24,7 @@ use crate::model::StateDict;
 use crate::tensor::{Tensor, TensorRef};
 use ndarray::Array1;
 use original::OriginalShapes;
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -65,7 +66,9 @@ pub struct StateDictRef {
 impl StateDictRef {
     /// (name, shape, dtype) of each entry, in order (as stored, before any layout conversion).
     pub fn entries(&self) -> impl Iterator<Item = (&str, &[usize], crate::tensor::DType)> {
-        self.entries.iter().map(|(n, _, s, d)| (n.as_str(), s.as_slice(), *d))
+        self.entries
+            .iter()
+            .map(|(n, _, s, d)| (n.as_str(), s.as_slice(), *d))
     }
 
     pub fn len(&self) -> usize {
@@ -86,7 +89,13 @@ impl StateDictRef {
     fn n_layers(&self) -> usize {
         self.entries
             .iter()
-            .filter_map(|(n, ..)| n.strip_prefix("blocks.")?.split('.').next()?.parse::<usize>().ok())
+            .filter_map(|(n, ..)| {
+                n.strip_prefix("blocks.")?
+                    .split('.')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
             .map(|l| l + 1)
             .max()
             .unwrap_or(0)
@@ -194,26 +203,32 @@ impl RunFile {
         }
     }
 
-    fn from_torch(f: TorchFile, format: Format) -> Result<RunFile> {
-        let root = f.root.clone();
-        let dict = root
-            .as_dict()
-            .ok_or_else(|| Error::type_err("top-level object", "dict", root.type_name()))?;
+    fn from_torch(mut f: TorchFile, format: Format) -> Result<RunFile> {
+        // The run keeps typed references, moved out of the value tree (which is then dropped).
+        let root = std::mem::replace(&mut f.root, Value::None);
+        let Value::Dict(mut dict) = root else {
+            return Err(Error::type_err(
+                "top-level object",
+                "dict",
+                root.type_name(),
+            ));
+        };
         let mut run = RunFile::empty(Container::Torch(f), format);
-        let is_state_dict = !dict.items.is_empty() && dict.items.iter().all(|(_, v)| matches!(v, Value::Tensor(_)));
+        let is_state_dict = !dict.items.is_empty()
+            && dict
+                .items
+                .iter()
+                .all(|(_, v)| matches!(v, Value::Tensor(_)));
         if is_state_dict {
-            run.model = Some(sd_ref(&root, "state dict")?);
+            run.model = Some(sd_ref(Value::Dict(dict), "state dict")?);
         } else if dict.get("state_dicts").is_some() || dict.get("epochs").is_some() {
             // 2022 original layout
             run.layout = Layout::Original;
-            let model = dict.get("model").ok_or_else(|| Error::missing("original run", "model"))?;
+            let model =
+                take(&mut dict, "model").ok_or_else(|| Error::missing("original run", "model"))?;
             run.model = Some(sd_ref(model, &ctx_key("model"))?);
-            if let Some(sds) = dict.get("state_dicts") {
-                run.checkpoints = seq(sds, &ctx_key("state_dicts"))?
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| sd_ref(v, &format!("run['state_dicts'][{i}]")))
-                    .collect::<Result<_>>()?;
+            if let Some(sds) = take(&mut dict, "state_dicts") {
+                run.checkpoints = sd_refs(sds, "state_dicts")?;
             }
             if let Some(e) = dict.get("epochs") {
                 run.checkpoint_epochs = ints(e, &ctx_key("epochs"))?;
@@ -230,24 +245,22 @@ impl RunFile {
             run.original = Some(shapes);
         } else {
             // TL demo layout (or a subset of it)
-            if let Some(m) = dict.get("model") {
+            if let Some(m) = take(&mut dict, "model") {
                 run.model = Some(sd_ref(m, &ctx_key("model"))?);
             }
             if let Some(c) = dict.get("config") {
-                run.config = Some(HookedTransformerConfig::from_pickle(c).map_err(|e| match e {
-                    Error::Invalid { msg, .. } => Error::invalid(ctx_key("config"), msg),
-                    e => e,
-                })?);
+                run.config = Some(HookedTransformerConfig::from_pickle(c).map_err(
+                    |e| match e {
+                        Error::Invalid { msg, .. } => Error::invalid(ctx_key("config"), msg),
+                        e => e,
+                    },
+                )?);
                 if let Value::Object(o) = c {
                     run.config_class = Some((o.module.clone(), o.name.clone()));
                 }
             }
-            if let Some(cs) = dict.get("checkpoints") {
-                run.checkpoints = seq(cs, &ctx_key("checkpoints"))?
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| sd_ref(v, &format!("run['checkpoints'][{i}]")))
-                    .collect::<Result<_>>()?;
+            if let Some(cs) = take(&mut dict, "checkpoints") {
+                run.checkpoints = sd_refs(cs, "checkpoints")?;
             }
             if let Some(e) = dict.get("checkpoint_epochs") {
                 run.checkpoint_epochs = ints(e, &ctx_key("checkpoint_epochs"))?;
@@ -271,7 +284,8 @@ impl RunFile {
                 }
             }
         }
-        if !run.checkpoint_epochs.is_empty() && run.checkpoint_epochs.len() != run.checkpoints.len() {
+        if !run.checkpoint_epochs.is_empty() && run.checkpoint_epochs.len() != run.checkpoints.len()
+        {
             return Err(Error::invalid(
                 "run",
                 format!(
@@ -288,14 +302,18 @@ impl RunFile {
         let Some(v) = v else { return Ok(None) };
         match v {
             Value::Tensor(r) => {
-                let t = self.load_src(&Src::Torch(r.clone()), key)?;
-                let idx = t
-                    .to_i64_vec()
-                    .ok_or_else(|| Error::type_err(ctx_key(key), "integer tensor", t.dtype().to_string()))?;
+                let t = self.load_src(&Src::Torch((**r).clone()), key)?;
+                let idx = t.to_i64_vec().ok_or_else(|| {
+                    Error::type_err(ctx_key(key), "integer tensor", t.dtype().to_string())
+                })?;
                 Ok(Some(idx))
             }
             Value::List(_) | Value::Tuple(_) => Ok(Some(ints(v, &ctx_key(key))?)),
-            other => Err(Error::type_err(ctx_key(key), "tensor or list of ints", other.type_name())),
+            other => Err(Error::type_err(
+                ctx_key(key),
+                "tensor or list of ints",
+                other.type_name(),
+            )),
         }
     }
 
@@ -318,16 +336,24 @@ impl RunFile {
                 if ckpts.len() <= i {
                     ckpts.resize_with(i + 1, Default::default);
                 }
-                ckpts[i].entries.push((pname.to_string(), Src::Safetensors(name.clone()), shape, dtype));
+                ckpts[i].entries.push((
+                    pname.to_string(),
+                    Src::Safetensors(name.clone()),
+                    shape,
+                    dtype,
+                ));
             } else if RUN_TENSORS.contains(&name.as_str()) {
                 run_tensors.insert(name.clone(), name.clone());
             } else {
-                model.entries.push((name.clone(), Src::Safetensors(name.clone()), shape, dtype));
+                model
+                    .entries
+                    .push((name.clone(), Src::Safetensors(name.clone()), shape, dtype));
             }
         }
         // safetensors sorts tensors by dtype and name: restore TL's order.
         let by_tl_order = |r: &mut StateDictRef| {
-            r.entries.sort_by_key(|(n, ..)| crate::model::tl_order_key(n));
+            r.entries
+                .sort_by_key(|(n, ..)| crate::model::tl_order_key(n));
         };
         by_tl_order(&mut model);
         ckpts.iter_mut().for_each(by_tl_order);
@@ -352,9 +378,9 @@ impl RunFile {
             run.test_losses = t.to_f64_vec();
         }
         if let Some(t) = vec_of(&run, "checkpoint_epochs")? {
-            run.checkpoint_epochs = t
-                .to_i64_vec()
-                .ok_or_else(|| Error::type_err("checkpoint_epochs", "integer tensor", t.dtype().to_string()))?;
+            run.checkpoint_epochs = t.to_i64_vec().ok_or_else(|| {
+                Error::type_err("checkpoint_epochs", "integer tensor", t.dtype().to_string())
+            })?;
         }
         for key in ["train_indices", "test_indices"] {
             if let Some(t) = vec_of(&run, key)? {
@@ -414,7 +440,10 @@ impl RunFile {
 
     /// The final model, read now, in TL layout.
     pub fn model(&self) -> Result<StateDict> {
-        let r = self.model.as_ref().ok_or_else(|| Error::missing("run", "model"));
+        let r = self
+            .model
+            .as_ref()
+            .ok_or_else(|| Error::missing("run", "model"));
         self.with_path(r.and_then(|r| self.load_sd(r)))
     }
 
@@ -435,7 +464,13 @@ impl RunFile {
     /// Checkpoint `i`, read now, in TL layout.
     pub fn checkpoint(&self, i: usize) -> Result<StateDict> {
         let r = self.checkpoints.get(i).ok_or_else(|| {
-            Error::invalid("checkpoints", format!("index {i} out of range ({} checkpoints)", self.checkpoints.len()))
+            Error::invalid(
+                "checkpoints",
+                format!(
+                    "index {i} out of range ({} checkpoints)",
+                    self.checkpoints.len()
+                ),
+            )
         });
         self.with_path(r.and_then(|r| self.load_sd(r)))
     }
@@ -445,7 +480,12 @@ impl RunFile {
         self.checkpoint_epochs
             .iter()
             .position(|&e| e == epoch)
-            .ok_or_else(|| Error::invalid("checkpoint_epochs", format!("no checkpoint at epoch {epoch}")))
+            .ok_or_else(|| {
+                Error::invalid(
+                    "checkpoint_epochs",
+                    format!("no checkpoint at epoch {epoch}"),
+                )
+            })
     }
 
     /// Read everything.
@@ -456,7 +496,9 @@ impl RunFile {
             // A run that only has checkpoints: the last one is the model.
             self.checkpoint(self.checkpoints.len() - 1)?
         };
+        // Checkpoints are independent: read them on all cores.
         let checkpoints = (0..self.checkpoints.len())
+            .into_par_iter()
             .map(|i| self.checkpoint(i))
             .collect::<Result<Vec<_>>>()?;
         Ok(TrainingRun {
@@ -490,7 +532,10 @@ fn ints(v: &Value, ctx: &str) -> Result<Vec<i64>> {
     seq(v, ctx)?
         .iter()
         .enumerate()
-        .map(|(i, x)| x.as_i64().ok_or_else(|| Error::type_err(format!("{ctx}[{i}]"), "int", x.type_name())))
+        .map(|(i, x)| {
+            x.as_i64()
+                .ok_or_else(|| Error::type_err(format!("{ctx}[{i}]"), "int", x.type_name()))
+        })
         .collect()
 }
 
@@ -502,29 +547,58 @@ fn floats_opt(v: Option<&Value>, key: &str) -> Result<Vec<f64>> {
         .enumerate()
         .map(|(i, x)| match x {
             // `loss.item()` gives floats; tolerate 0-d tensors only as an explicit error.
-            Value::Float(_) | Value::Int(_) | Value::NumpyScalar { .. } => {
-                x.as_f64().ok_or_else(|| Error::type_err(format!("{ctx}[{i}]"), "float", x.type_name()))
-            }
-            other => Err(Error::type_err(format!("{ctx}[{i}]"), "float", other.type_name())),
+            Value::Float(_) | Value::Int(_) | Value::NumpyScalar { .. } => x
+                .as_f64()
+                .ok_or_else(|| Error::type_err(format!("{ctx}[{i}]"), "float", x.type_name())),
+            other => Err(Error::type_err(
+                format!("{ctx}[{i}]"),
+                "float",
+                other.type_name(),
+            )),
         })
         .collect()
 }
 
-fn sd_ref(v: &Value, ctx: &str) -> Result<StateDictRef> {
-    let d = v
-        .as_dict()
-        .ok_or_else(|| Error::type_err(ctx, "state dict", v.type_name()))?;
+/// Remove and return the value under a string key.
+fn take(d: &mut Dict, key: &str) -> Option<Value> {
+    let i = d.items.iter().position(|(k, _)| k.as_str() == Some(key))?;
+    Some(d.items.remove(i).1)
+}
+
+/// A state dict's tensor references, moved out of its pickled value.
+fn sd_ref(v: Value, ctx: &str) -> Result<StateDictRef> {
+    let Value::Dict(d) = v else {
+        return Err(Error::type_err(ctx, "state dict", v.type_name()));
+    };
     let mut out = StateDictRef::default();
-    for (k, x) in &d.items {
-        let name = k
-            .as_str()
-            .ok_or_else(|| Error::type_err(format!("{ctx} key"), "str", k.type_name()))?;
-        let r = x
-            .as_tensor()
-            .ok_or_else(|| Error::type_err(format!("{ctx}['{name}']"), "tensor", x.type_name()))?;
-        out.entries.push((name.to_string(), Src::Torch(r.clone()), r.shape.clone(), r.dtype()));
+    out.entries.reserve(d.items.len());
+    for (k, x) in d.items {
+        let Value::Str(name) = k else {
+            return Err(Error::type_err(format!("{ctx} key"), "str", k.type_name()));
+        };
+        let Value::Tensor(r) = x else {
+            return Err(Error::type_err(
+                format!("{ctx}['{name}']"),
+                "tensor",
+                x.type_name(),
+            ));
+        };
+        let (shape, dtype) = (r.shape.clone(), r.dtype());
+        out.entries.push((name, Src::Torch(*r), shape, dtype));
     }
     Ok(out)
+}
+
+/// A list of state dicts (checkpoints).
+fn sd_refs(v: Value, key: &str) -> Result<Vec<StateDictRef>> {
+    let (Value::List(items) | Value::Tuple(items)) = v else {
+        return Err(Error::type_err(ctx_key(key), "list", v.type_name()));
+    };
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, x)| sd_ref(x, &format!("run['{key}'][{i}]")))
+        .collect()
 }
 
 impl TrainingRun {
@@ -547,7 +621,10 @@ impl TrainingRun {
         let sd = |w: &mut TorchWriter, sd: &StateDict| {
             Value::Dict(Dict {
                 ordered: true,
-                items: sd.iter().map(|(n, t)| (Value::Str(n.into()), w.add(t))).collect(),
+                items: sd
+                    .iter()
+                    .map(|(n, t)| (Value::Str(n.into()), w.add(t)))
+                    .collect(),
                 attrs: None,
             })
         };
@@ -564,10 +641,19 @@ impl TrainingRun {
         items.push((Value::Str("checkpoints".into()), Value::List(ckpts)));
         let ints = |v: &[i64]| Value::List(v.iter().map(|&x| Value::Int(x)).collect());
         let floats = |v: &[f64]| Value::List(v.iter().map(|&x| Value::Float(x)).collect());
-        items.push((Value::Str("checkpoint_epochs".into()), ints(&self.checkpoint_epochs)));
+        items.push((
+            Value::Str("checkpoint_epochs".into()),
+            ints(&self.checkpoint_epochs),
+        ));
         items.push((Value::Str("test_losses".into()), floats(&self.test_losses)));
-        items.push((Value::Str("train_losses".into()), floats(&self.train_losses)));
-        for (key, idx) in [("train_indices", &self.train_indices), ("test_indices", &self.test_indices)] {
+        items.push((
+            Value::Str("train_losses".into()),
+            floats(&self.train_losses),
+        ));
+        for (key, idx) in [
+            ("train_indices", &self.train_indices),
+            ("test_indices", &self.test_indices),
+        ] {
             if let Some(idx) = idx {
                 let t = Tensor::I64(Array1::from(idx.clone()).into_dyn());
                 items.push((Value::Str(key.into()), w.add(&t)));
@@ -596,10 +682,16 @@ impl TrainingRun {
     }
 
     fn safetensors_parts(&self) -> (Vec<(String, Tensor)>, HashMap<String, String>) {
-        let mut tensors: Vec<(String, Tensor)> =
-            self.model.iter().map(|(n, t)| (n.to_string(), t.clone())).collect();
+        let mut tensors: Vec<(String, Tensor)> = self
+            .model
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.clone()))
+            .collect();
         for (i, c) in self.checkpoints.iter().enumerate() {
-            tensors.extend(c.iter().map(|(n, t)| (format!("checkpoints.{i}.{n}"), t.clone())));
+            tensors.extend(
+                c.iter()
+                    .map(|(n, t)| (format!("checkpoints.{i}.{n}"), t.clone())),
+            );
         }
         let vec_f64 = |v: &[f64]| Tensor::F64(Array1::from(v.to_vec()).into_dyn());
         let vec_i64 = |v: &[i64]| Tensor::I64(Array1::from(v.to_vec()).into_dyn());

@@ -40,11 +40,17 @@ pub struct OriginalShapes {
 
 impl OriginalShapes {
     /// Infer from name → shape pairs of an original-layout state dict.
-    pub fn infer<'a>(shapes: impl Fn(&str) -> Option<&'a [usize]>, n_layers: usize) -> Result<Self> {
+    pub fn infer<'a>(
+        shapes: impl Fn(&str) -> Option<&'a [usize]>,
+        n_layers: usize,
+    ) -> Result<Self> {
         let get = |n: &str, nd: usize| -> Result<&'a [usize]> {
             let s = shapes(n).ok_or_else(|| Error::missing("original-layout state dict", n))?;
             if s.len() != nd {
-                return Err(Error::invalid(n, format!("expected {nd} dims, found shape {s:?}")));
+                return Err(Error::invalid(
+                    n,
+                    format!("expected {nd} dims, found shape {s:?}"),
+                ));
             }
             Ok(s)
         };
@@ -54,7 +60,12 @@ impl OriginalShapes {
         let wu = get("unembed.W_U", 2)?;
         let d_mlp = match shapes("blocks.0.mlp.W_in") {
             Some(s) if s.len() == 2 => Some(s[0]),
-            Some(s) => return Err(Error::invalid("blocks.0.mlp.W_in", format!("expected 2 dims, found {s:?}"))),
+            Some(s) => {
+                return Err(Error::invalid(
+                    "blocks.0.mlp.W_in",
+                    format!("expected 2 dims, found {s:?}"),
+                ))
+            }
             None => None,
         };
         Ok(OriginalShapes {
@@ -105,7 +116,10 @@ pub fn to_transformer_lens(sd: &StateDict, s: &OriginalShapes) -> Result<StateDi
     let mut out = StateDict::new();
     let we = f32_param(sd, "embed.W_E", &[d, v])?;
     out.insert("embed.W_E", owned(we.t().into_dyn()));
-    out.insert("pos_embed.W_pos", Tensor::F32(f32_param(sd, "pos_embed.W_pos", &[s.n_ctx, d])?.clone()));
+    out.insert(
+        "pos_embed.W_pos",
+        Tensor::F32(f32_param(sd, "pos_embed.W_pos", &[s.n_ctx, d])?.clone()),
+    );
     let zeros = |shape: &[usize]| Tensor::F32(ArrayD::zeros(IxDyn(shape)));
     for l in 0..s.n_layers {
         let p = format!("blocks.{l}");
@@ -119,7 +133,10 @@ pub fn to_transformer_lens(sd: &StateDict, s: &OriginalShapes) -> Result<StateDi
             .view()
             .into_shape_with_order(IxDyn(&[d, h, dh]))
             .map_err(|e| Error::invalid(format!("{p}.attn.W_O"), e.to_string()))?;
-        out.insert(format!("{p}.attn.W_O"), owned(wo.permuted_axes(IxDyn(&[1, 2, 0]))));
+        out.insert(
+            format!("{p}.attn.W_O"),
+            owned(wo.permuted_axes(IxDyn(&[1, 2, 0]))),
+        );
         out.insert(format!("{p}.attn.b_Q"), zeros(&[h, dh]));
         out.insert(format!("{p}.attn.b_O"), zeros(&[d]));
         out.insert(format!("{p}.attn.W_K"), qkv("W_K")?);
@@ -131,14 +148,23 @@ pub fn to_transformer_lens(sd: &StateDict, s: &OriginalShapes) -> Result<StateDi
             *m = idx[1] <= idx[0];
         }
         out.insert(format!("{p}.attn.mask"), Tensor::Bool(mask));
-        out.insert(format!("{p}.attn.IGNORE"), Tensor::F32(ArrayD::from_elem(IxDyn(&[]), -1e10)));
+        out.insert(
+            format!("{p}.attn.IGNORE"),
+            Tensor::F32(ArrayD::from_elem(IxDyn(&[]), -1e10)),
+        );
         if let Some(dm) = s.d_mlp {
             let w_in = f32_param(sd, &format!("{p}.mlp.W_in"), &[dm, d])?;
             out.insert(format!("{p}.mlp.W_in"), owned(w_in.t().into_dyn()));
-            out.insert(format!("{p}.mlp.b_in"), Tensor::F32(f32_param(sd, &format!("{p}.mlp.b_in"), &[dm])?.clone()));
+            out.insert(
+                format!("{p}.mlp.b_in"),
+                Tensor::F32(f32_param(sd, &format!("{p}.mlp.b_in"), &[dm])?.clone()),
+            );
             let w_out = f32_param(sd, &format!("{p}.mlp.W_out"), &[d, dm])?;
             out.insert(format!("{p}.mlp.W_out"), owned(w_out.t().into_dyn()));
-            out.insert(format!("{p}.mlp.b_out"), Tensor::F32(f32_param(sd, &format!("{p}.mlp.b_out"), &[d])?.clone()));
+            out.insert(
+                format!("{p}.mlp.b_out"),
+                Tensor::F32(f32_param(sd, &format!("{p}.mlp.b_out"), &[d])?.clone()),
+            );
         }
     }
     let wu = f32_param(sd, "unembed.W_U", &[d, s.d_vocab_out])?;

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use tlens::{StateDict, Tensor};
 
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
 }
 
 pub fn manifest() -> Json {
@@ -28,7 +30,11 @@ pub fn num(v: &Json) -> f64 {
 pub fn check_tensor(name: &str, t: &Tensor, d: &Json) {
     let shape: Vec<usize> = serde_json::from_value(d["shape"].clone()).unwrap();
     assert_eq!(t.shape(), &shape[..], "{name}: shape");
-    assert_eq!(t.dtype().torch_name(), d["dtype"].as_str().unwrap(), "{name}: dtype");
+    assert_eq!(
+        t.dtype().torch_name(),
+        d["dtype"].as_str().unwrap(),
+        "{name}: dtype"
+    );
     let vals = t.to_f64_vec();
     for (i, v) in d["elements"].as_object().unwrap() {
         let i: usize = i.parse().unwrap();
@@ -60,9 +66,17 @@ pub fn check_state_dict(what: &str, sd: &StateDict, d: &Json) {
 }
 
 pub fn f64s(v: &Json) -> Vec<f64> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 pub fn i64s(v: &Json) -> Vec<i64> {
-    v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect()
 }

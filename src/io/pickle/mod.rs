@@ -36,19 +36,28 @@ pub enum Value {
     FrozenSet(Vec<Value>),
     Dict(Dict),
     /// A global that was referenced but not called (`GLOBAL module name`).
-    Global { module: String, name: String },
+    Global {
+        module: String,
+        name: String,
+    },
     /// A torch dtype global such as `torch.float32`.
     Dtype(DType),
     /// A storage class global such as `torch.FloatStorage`.
     StorageType(DType),
-    /// A storage resolved from a persistent id.
-    Storage(StorageRef),
+    /// A storage resolved from a persistent id (boxed: keeps `Value` small).
+    Storage(std::sync::Arc<StorageRef>),
     /// A tensor rebuilt by `_rebuild_tensor_v2` / `_rebuild_parameter` (not yet read).
-    Tensor(TensorRef),
+    Tensor(Box<TensorRef>),
     /// A numpy scalar (`numpy.core.multiarray.scalar(dtype, bytes)`), decoded.
-    NumpyScalar { dtype: String, value: Box<Value> },
+    NumpyScalar {
+        dtype: String,
+        value: Box<Value>,
+    },
     /// A numpy dtype object (`numpy.dtype('f8')` + its BUILD state).
-    NumpyDtype { code: String, byteorder: String },
+    NumpyDtype {
+        code: String,
+        byteorder: String,
+    },
     /// Anything else: a class instance that was *not* constructed.
     Object(Box<Object>),
 }

@@ -32,6 +32,7 @@ pub struct Unpickled {
 
 type Id = usize;
 
+#[derive(Clone)]
 enum Node {
     Leaf(Value),
     List(Vec<Id>),
@@ -43,16 +44,20 @@ enum Node {
         items: Vec<(Id, Id)>,
         attrs: Option<Id>,
     },
-    Object {
-        module: String,
-        name: String,
-        construct: Construct,
-        args: Vec<Id>,
-        kwargs: Vec<(Id, Id)>,
-        state: Option<Id>,
-        list_items: Vec<Id>,
-        dict_items: Vec<(Id, Id)>,
-    },
+    Object(Box<ObjNode>),
+}
+
+/// An opaque object under construction (boxed in [`Node`] to keep nodes small).
+#[derive(Clone)]
+struct ObjNode {
+    module: String,
+    name: String,
+    construct: Construct,
+    args: Vec<Id>,
+    kwargs: Vec<(Id, Id)>,
+    state: Option<Id>,
+    list_items: Vec<Id>,
+    dict_items: Vec<(Id, Id)>,
 }
 
 struct Vm<'a, 'l> {
@@ -69,10 +74,17 @@ struct Vm<'a, 'l> {
     limits: Limits,
     loader: &'l mut dyn PersistentLoad,
     protocol: u8,
+    /// References to each node from the result tree (filled at STOP): a node referenced once
+    /// is moved out of the arena when expanded instead of cloned.
+    refs: Vec<u32>,
 }
 
 /// Unpickle one pickle starting at the beginning of `data`.
-pub fn unpickle(data: &[u8], loader: &mut dyn PersistentLoad, limits: &Limits) -> Result<Unpickled> {
+pub fn unpickle(
+    data: &[u8],
+    loader: &mut dyn PersistentLoad,
+    limits: &Limits,
+) -> Result<Unpickled> {
     let mut vm = Vm {
         data,
         pos: 0,
@@ -87,8 +99,10 @@ pub fn unpickle(data: &[u8], loader: &mut dyn PersistentLoad, limits: &Limits) -
         limits: *limits,
         loader,
         protocol: 0,
+        refs: Vec::new(),
     };
     let top = vm.run()?;
+    vm.count_refs(top);
     let mut budget = limits.max_values;
     let value = vm.expand(top, 0, &mut budget)?;
     Ok(Unpickled {
@@ -106,7 +120,10 @@ impl<'a, 'l> Vm<'a, 'l> {
     // ---- byte reading -------------------------------------------------------------------
 
     fn eof(&self, what: &'static str) -> Error {
-        Error::PickleEof { pos: self.pos, what }
+        Error::PickleEof {
+            pos: self.pos,
+            what,
+        }
     }
 
     fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8]> {
@@ -123,15 +140,21 @@ impl<'a, 'l> Vm<'a, 'l> {
     }
 
     fn u16(&mut self) -> Result<u16> {
-        Ok(u16::from_le_bytes(self.take(2, "argument")?.try_into().unwrap()))
+        Ok(u16::from_le_bytes(
+            self.take(2, "argument")?.try_into().unwrap(),
+        ))
     }
 
     fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4, "argument")?.try_into().unwrap()))
+        Ok(u32::from_le_bytes(
+            self.take(4, "argument")?.try_into().unwrap(),
+        ))
     }
 
     fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8, "argument")?.try_into().unwrap()))
+        Ok(u64::from_le_bytes(
+            self.take(8, "argument")?.try_into().unwrap(),
+        ))
     }
 
     fn line(&mut self) -> Result<&'a [u8]> {
@@ -237,7 +260,10 @@ impl<'a, 'l> Vm<'a, 'l> {
     }
 
     fn pop_mark(&mut self) -> Result<Vec<Id>> {
-        let m = self.marks.pop().ok_or_else(|| self.bad("no MARK on the stack"))?;
+        let m = self
+            .marks
+            .pop()
+            .ok_or_else(|| self.bad("no MARK on the stack"))?;
         Ok(self.stack.split_off(m))
     }
 
@@ -289,14 +315,17 @@ impl<'a, 'l> Vm<'a, 'l> {
             Node::Set(_) => "set".into(),
             Node::FrozenSet(_) => "frozenset".into(),
             Node::Dict { .. } => "dict".into(),
-            Node::Object { module, name, .. } => format!("{module}.{name} object"),
+            Node::Object(o) => format!("{}.{} object", o.module, o.name),
         }
     }
 
     fn tuple_items(&self, id: Id, what: &str) -> Result<Vec<Id>> {
         match &self.nodes[id] {
             Node::Tuple(v) => Ok(v.clone()),
-            _ => Err(self.bad(format!("{what}: expected a tuple, found {}", self.describe(id)))),
+            _ => Err(self.bad(format!(
+                "{what}: expected a tuple, found {}",
+                self.describe(id)
+            ))),
         }
     }
 
@@ -305,7 +334,9 @@ impl<'a, 'l> Vm<'a, 'l> {
     fn run(&mut self) -> Result<Id> {
         loop {
             self.op_pos = self.pos;
-            let code = self.take(1, "opcode").map_err(|_| self.eof("STOP opcode"))?[0];
+            let code = self
+                .take(1, "opcode")
+                .map_err(|_| self.eof("STOP opcode"))?[0];
             match code {
                 0x80 => {
                     self.op = "PROTO";
@@ -403,7 +434,9 @@ impl<'a, 'l> Vm<'a, 'l> {
                     self.op = "LONG";
                     let s = self.line_str()?;
                     let s = s.trim_end_matches('L');
-                    let v = s.parse().map_err(|_| self.bad("LONG literal out of i64 range"))?;
+                    let v = s
+                        .parse()
+                        .map_err(|_| self.bad("LONG literal out of i64 range"))?;
                     self.leaf(Value::Int(v))?;
                 }
                 b'G' => {
@@ -414,7 +447,10 @@ impl<'a, 'l> Vm<'a, 'l> {
                 b'F' => {
                     self.op = "FLOAT";
                     let s = self.line_str()?;
-                    let v = s.trim().parse().map_err(|_| self.bad("bad FLOAT literal"))?;
+                    let v = s
+                        .trim()
+                        .parse()
+                        .map_err(|_| self.bad("bad FLOAT literal"))?;
                     self.leaf(Value::Float(v))?;
                 }
                 b'X' => {
@@ -441,7 +477,8 @@ impl<'a, 'l> Vm<'a, 'l> {
                 b'V' => {
                     self.op = "UNICODE";
                     let l = self.line()?;
-                    let s = raw_unicode_escape(l).ok_or_else(|| self.bad("bad raw-unicode-escape"))?;
+                    let s =
+                        raw_unicode_escape(l).ok_or_else(|| self.bad("bad raw-unicode-escape"))?;
                     self.total_bytes += s.len();
                     self.leaf(Value::Str(s))?;
                 }
@@ -626,7 +663,7 @@ impl<'a, 'l> Vm<'a, 'l> {
                     let module = self.line_str()?;
                     let name = self.line_str()?;
                     let args = self.pop_mark()?;
-                    self.push(Node::Object {
+                    self.push(Node::Object(Box::new(ObjNode {
                         module,
                         name,
                         construct: Construct::Inst,
@@ -635,7 +672,7 @@ impl<'a, 'l> Vm<'a, 'l> {
                         state: None,
                         list_items: Vec::new(),
                         dict_items: Vec::new(),
-                    })?;
+                    })))?;
                 }
                 b'o' => {
                     self.op = "OBJ";
@@ -743,7 +780,7 @@ impl<'a, 'l> Vm<'a, 'l> {
         let desc = self.describe(target);
         match &mut self.nodes[target] {
             Node::List(v) => v.extend(items),
-            Node::Object { list_items, .. } => list_items.extend(items),
+            Node::Object(o) => o.list_items.extend(items),
             _ => return Err(self.bad(format!("append to {desc}"))),
         }
         Ok(())
@@ -753,7 +790,7 @@ impl<'a, 'l> Vm<'a, 'l> {
         let desc = self.describe(target);
         match &mut self.nodes[target] {
             Node::Dict { items, .. } => items.extend(pairs),
-            Node::Object { dict_items, .. } => dict_items.extend(pairs),
+            Node::Object(o) => o.dict_items.extend(pairs),
             _ => return Err(self.bad(format!("set item on {desc}"))),
         }
         Ok(())
@@ -769,9 +806,15 @@ impl<'a, 'l> Vm<'a, 'l> {
         }
     }
 
-    fn new_object(&self, cls: Id, construct: Construct, args: Vec<Id>, kwargs: Vec<(Id, Id)>) -> Node {
+    fn new_object(
+        &self,
+        cls: Id,
+        construct: Construct,
+        args: Vec<Id>,
+        kwargs: Vec<(Id, Id)>,
+    ) -> Node {
         let (module, name) = self.callable_name(cls);
-        Node::Object {
+        Node::Object(Box::new(ObjNode {
             module,
             name,
             construct,
@@ -780,7 +823,7 @@ impl<'a, 'l> Vm<'a, 'l> {
             state: None,
             list_items: Vec::new(),
             dict_items: Vec::new(),
-        }
+        }))
     }
 
     fn build(&mut self, target: Id, state: Id) -> Result<()> {
@@ -801,7 +844,7 @@ impl<'a, 'l> Vm<'a, 'l> {
         let desc = self.describe(target);
         match &mut self.nodes[target] {
             Node::Dict { attrs, .. } => *attrs = Some(state),
-            Node::Object { state: s, .. } => *s = Some(state),
+            Node::Object(o) => o.state = Some(state),
             // A tensor's BUILD carries Python attributes (subclass state): nothing to keep.
             Node::Leaf(Value::Tensor(_)) => {}
             _ => return Err(self.bad(format!("BUILD on {desc}"))),
@@ -811,26 +854,23 @@ impl<'a, 'l> Vm<'a, 'l> {
 
     // ---- interpreted globals ------------------------------------------------------------
 
-    fn reduce(&mut self, callable: Id, args: Vec<Id>) -> Result<Node> {
-        let (module, name) = match self.leaf_of(callable) {
-            Some(Value::Global { module, name }) => (module.clone(), name.clone()),
-            _ => {
-                return Ok(self.new_object(callable, Construct::Reduce, args, Vec::new()));
-            }
-        };
-        self.apply(&module, &name, callable, args)
+    fn reduce(&self, callable: Id, args: Vec<Id>) -> Result<Node> {
+        match self.leaf_of(callable) {
+            Some(Value::Global { module, name }) => self.apply(module, name, callable, args),
+            _ => Ok(self.new_object(callable, Construct::Reduce, args, Vec::new())),
+        }
     }
 
-    fn apply(&mut self, module: &str, name: &str, callable: Id, args: Vec<Id>) -> Result<Node> {
+    fn apply(&self, module: &str, name: &str, callable: Id, args: Vec<Id>) -> Result<Node> {
         match (module, name) {
             ("torch._utils", "_rebuild_tensor_v2") | ("torch._utils", "_rebuild_tensor") => {
                 let t = self.rebuild_tensor(&args, name)?;
-                Ok(Node::Leaf(Value::Tensor(t)))
+                Ok(Node::Leaf(Value::Tensor(Box::new(t))))
             }
             ("torch._utils", "_rebuild_parameter")
             | ("torch._utils", "_rebuild_parameter_with_state") => {
                 let mut t = match args.first().and_then(|&a| self.leaf_of(a)) {
-                    Some(Value::Tensor(t)) => t.clone(),
+                    Some(Value::Tensor(t)) => (**t).clone(),
                     _ => return Err(self.bad(format!("{name}: first argument must be a tensor"))),
                 };
                 t.requires_grad = args
@@ -839,19 +879,24 @@ impl<'a, 'l> Vm<'a, 'l> {
                     .and_then(Value::as_bool)
                     .ok_or_else(|| self.bad(format!("{name}: requires_grad must be a bool")))?;
                 t.is_parameter = true;
-                Ok(Node::Leaf(Value::Tensor(t)))
+                Ok(Node::Leaf(Value::Tensor(Box::new(t))))
             }
-            ("torch._tensor", "_rebuild_from_type_v2") | ("torch._tensor", "_rebuild_from_type") => {
+            ("torch._tensor", "_rebuild_from_type_v2")
+            | ("torch._tensor", "_rebuild_from_type") => {
                 // (func, new_type, args, state): apply func to args; the Python subclass is dropped.
                 if args.len() < 3 {
                     return Err(self.bad(format!("{name}: expected at least 3 arguments")));
                 }
                 let func = args[0];
                 let inner = self.tuple_items(args[2], name)?;
-                let Some(Value::Global { module, name: fname }) = self.leaf_of(func).cloned() else {
+                let Some(Value::Global {
+                    module,
+                    name: fname,
+                }) = self.leaf_of(func)
+                else {
                     return Err(self.bad(format!("{name}: function must be a global")));
                 };
-                self.apply(&module, &fname, func, inner)
+                self.apply(module, fname, func, inner)
             }
             ("collections", "OrderedDict") => {
                 let mut items = Vec::new();
@@ -897,7 +942,9 @@ impl<'a, 'l> Vm<'a, 'l> {
                                 dtype: code,
                                 value: Box::new(v),
                             })),
-                            None => Ok(self.new_object(callable, Construct::Reduce, args, Vec::new())),
+                            None => {
+                                Ok(self.new_object(callable, Construct::Reduce, args, Vec::new()))
+                            }
                         }
                     }
                     _ => Ok(self.new_object(callable, Construct::Reduce, args, Vec::new())),
@@ -914,10 +961,16 @@ impl<'a, 'l> Vm<'a, 'l> {
                 let bytes = match enc.as_str() {
                     "latin1" | "latin-1" | "iso-8859-1" => s
                         .chars()
-                        .map(|c| u8::try_from(c as u32).map_err(|_| self.bad("non-latin-1 character")))
+                        .map(|c| {
+                            u8::try_from(c as u32).map_err(|_| self.bad("non-latin-1 character"))
+                        })
                         .collect::<Result<Vec<u8>>>()?,
                     "utf-8" | "utf8" => s.into_bytes(),
-                    other => return Err(self.bad(format!("_codecs.encode: unsupported encoding {other}"))),
+                    other => {
+                        return Err(
+                            self.bad(format!("_codecs.encode: unsupported encoding {other}"))
+                        )
+                    }
                 };
                 Ok(Node::Leaf(Value::Bytes(bytes)))
             }
@@ -948,10 +1001,17 @@ impl<'a, 'l> Vm<'a, 'l> {
     }
 
     fn dims_arg(&self, args: &[Id], i: usize, what: &str) -> Result<Vec<usize>> {
-        let id = *args.get(i).ok_or_else(|| self.bad(format!("missing {what}")))?;
+        let id = *args
+            .get(i)
+            .ok_or_else(|| self.bad(format!("missing {what}")))?;
         let items = match &self.nodes[id] {
             Node::Tuple(v) | Node::List(v) => v,
-            _ => return Err(self.bad(format!("{what} must be a tuple, found {}", self.describe(id)))),
+            _ => {
+                return Err(self.bad(format!(
+                    "{what} must be a tuple, found {}",
+                    self.describe(id)
+                )))
+            }
         };
         items
             .iter()
@@ -966,8 +1026,13 @@ impl<'a, 'l> Vm<'a, 'l> {
         let storage = match args.first().and_then(|&a| self.leaf_of(a)) {
             Some(Value::Storage(s)) => s.clone(),
             _ => {
-                let found = args.first().map(|&a| self.describe(a)).unwrap_or("nothing".into());
-                return Err(self.bad(format!("{fname}: argument 0 must be a storage, found {found}")));
+                let found = args
+                    .first()
+                    .map(|&a| self.describe(a))
+                    .unwrap_or("nothing".into());
+                return Err(self.bad(format!(
+                    "{fname}: argument 0 must be a storage, found {found}"
+                )));
             }
         };
         let offset = self.int_arg(args, 1, "storage_offset")?;
@@ -1000,7 +1065,103 @@ impl<'a, 'l> Vm<'a, 'l> {
 
     // ---- expansion to owned values ------------------------------------------------------
 
-    fn expand(&self, id: Id, depth: usize, budget: &mut usize) -> Result<Value> {
+    fn children(node: &Node, mut f: impl FnMut(Id)) {
+        match node {
+            Node::Leaf(_) => {}
+            Node::List(v) | Node::Tuple(v) | Node::Set(v) | Node::FrozenSet(v) => {
+                v.iter().for_each(|&c| f(c))
+            }
+            Node::Dict { items, attrs, .. } => {
+                items.iter().for_each(|&(k, v)| {
+                    f(k);
+                    f(v)
+                });
+                attrs.iter().for_each(|&a| f(a));
+            }
+            Node::Object(o) => {
+                o.args
+                    .iter()
+                    .chain(&o.list_items)
+                    .chain(o.state.iter())
+                    .for_each(|&c| f(c));
+                o.kwargs.iter().chain(&o.dict_items).for_each(|&(k, v)| {
+                    f(k);
+                    f(v)
+                });
+            }
+        }
+    }
+
+    /// Count references from the tree reachable from `top` (each reachable node visited once).
+    fn count_refs(&mut self, top: Id) {
+        let mut refs = vec![0u32; self.nodes.len()];
+        refs[top] = 1;
+        let mut todo = vec![top];
+        while let Some(id) = todo.pop() {
+            Self::children(&self.nodes[id], |c| {
+                refs[c] = refs[c].saturating_add(1);
+                if refs[c] == 1 {
+                    todo.push(c);
+                }
+            });
+        }
+        self.refs = refs;
+    }
+
+    fn expand_all(
+        &mut self,
+        ids: &[Id],
+        d: usize,
+        sh: bool,
+        budget: &mut usize,
+    ) -> Result<Vec<Value>> {
+        ids.iter()
+            .map(|&i| self.expand_node(i, d, sh, budget))
+            .collect()
+    }
+
+    fn expand_pairs(
+        &mut self,
+        ids: &[(Id, Id)],
+        d: usize,
+        sh: bool,
+        budget: &mut usize,
+    ) -> Result<Vec<(Value, Value)>> {
+        ids.iter()
+            .map(|&(k, v)| {
+                Ok((
+                    self.expand_node(k, d, sh, budget)?,
+                    self.expand_node(v, d, sh, budget)?,
+                ))
+            })
+            .collect()
+    }
+
+    fn expand_opt(
+        &mut self,
+        id: Option<Id>,
+        d: usize,
+        sh: bool,
+        budget: &mut usize,
+    ) -> Result<Option<Value>> {
+        id.map(|i| self.expand_node(i, d, sh, budget)).transpose()
+    }
+
+    fn expand(&mut self, id: Id, depth: usize, budget: &mut usize) -> Result<Value> {
+        self.expand_node(id, depth, false, budget)
+    }
+
+    /// Turn node `id` into an owned value. A node referenced once from an unshared parent is
+    /// moved out of the arena; a shared node — and everything under it, since it is expanded
+    /// once per reference — is copied, each copy counted against `max_values` (so exponential
+    /// sharing fails). Depth is limited (so cycles fail).
+    fn expand_node(
+        &mut self,
+        id: Id,
+        depth: usize,
+        shared: bool,
+        budget: &mut usize,
+    ) -> Result<Value> {
         if depth > self.limits.max_depth {
             return Err(Error::Limit {
                 what: "nesting depth (or a recursive structure)",
@@ -1016,55 +1177,41 @@ impl<'a, 'l> Vm<'a, 'l> {
             });
         }
         *budget -= 1;
+        let sh = shared || self.refs.get(id).copied().unwrap_or(2) > 1;
+        let node = if sh {
+            self.nodes[id].clone()
+        } else {
+            std::mem::replace(&mut self.nodes[id], Node::Leaf(Value::None))
+        };
         let d = depth + 1;
-        let seq = |v: &[Id], budget: &mut usize| -> Result<Vec<Value>> {
-            v.iter().map(|&i| self.expand(i, d, budget)).collect()
-        };
-        let pairs = |v: &[(Id, Id)], budget: &mut usize| -> Result<Vec<(Value, Value)>> {
-            v.iter()
-                .map(|&(k, x)| Ok((self.expand(k, d, budget)?, self.expand(x, d, budget)?)))
-                .collect()
-        };
-        Ok(match &self.nodes[id] {
-            Node::Leaf(v) => v.clone(),
-            Node::List(v) => Value::List(seq(v, budget)?),
-            Node::Tuple(v) => Value::Tuple(seq(v, budget)?),
-            Node::Set(v) => Value::Set(seq(v, budget)?),
-            Node::FrozenSet(v) => Value::FrozenSet(seq(v, budget)?),
+        Ok(match node {
+            Node::Leaf(v) => v,
+            Node::List(v) => Value::List(self.expand_all(&v, d, sh, budget)?),
+            Node::Tuple(v) => Value::Tuple(self.expand_all(&v, d, sh, budget)?),
+            Node::Set(v) => Value::Set(self.expand_all(&v, d, sh, budget)?),
+            Node::FrozenSet(v) => Value::FrozenSet(self.expand_all(&v, d, sh, budget)?),
             Node::Dict {
                 ordered,
                 items,
                 attrs,
             } => Value::Dict(Dict {
-                ordered: *ordered,
-                items: pairs(items, budget)?,
-                attrs: match attrs {
-                    Some(a) => Some(Box::new(self.expand(*a, d, budget)?)),
-                    None => None,
-                },
+                ordered,
+                items: self.expand_pairs(&items, d, sh, budget)?,
+                attrs: self.expand_opt(attrs, d, sh, budget)?.map(Box::new),
             }),
-            Node::Object {
-                module,
-                name,
-                construct,
-                args,
-                kwargs,
-                state,
-                list_items,
-                dict_items,
-            } => Value::Object(Box::new(Object {
-                module: module.clone(),
-                name: name.clone(),
-                construct: construct.clone(),
-                args: seq(args, budget)?,
-                kwargs: pairs(kwargs, budget)?,
-                state: match state {
-                    Some(s) => Some(self.expand(*s, d, budget)?),
-                    None => None,
-                },
-                list_items: seq(list_items, budget)?,
-                dict_items: pairs(dict_items, budget)?,
-            })),
+            Node::Object(o) => {
+                let o = *o;
+                Value::Object(Box::new(Object {
+                    args: self.expand_all(&o.args, d, sh, budget)?,
+                    kwargs: self.expand_pairs(&o.kwargs, d, sh, budget)?,
+                    state: self.expand_opt(o.state, d, sh, budget)?,
+                    list_items: self.expand_all(&o.list_items, d, sh, budget)?,
+                    dict_items: self.expand_pairs(&o.dict_items, d, sh, budget)?,
+                    module: o.module,
+                    name: o.name,
+                    construct: o.construct,
+                }))
+            }
         })
     }
 }
@@ -1170,6 +1317,14 @@ mod tests {
                 Value::List(vec![Value::Int(1)])
             ])
         );
+    }
+
+    #[test]
+    fn children_of_shared_nodes_are_copied_not_moved() {
+        // a = [[1]]; [a, a]: the inner [1] has one reference but is expanded twice.
+        let p = b"\x80\x02]q\x00(]q\x01]q\x02K\x01aah\x01e.";
+        let a = Value::List(vec![Value::List(vec![Value::Int(1)])]);
+        assert_eq!(run(p).unwrap(), Value::List(vec![a.clone(), a]));
     }
 
     #[test]

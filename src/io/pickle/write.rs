@@ -219,7 +219,11 @@ impl Pickler {
         let stride: Vec<Value> = t.stride.iter().map(|&d| Value::Int(d as i64)).collect();
         self.tuple(&shape)?;
         self.tuple(&stride)?;
-        self.out.push(if t.requires_grad && !t.is_parameter { 0x88 } else { 0x89 });
+        self.out.push(if t.requires_grad && !t.is_parameter {
+            0x88
+        } else {
+            0x89
+        });
         self.empty_ordered_dict();
         self.out.push(b't');
         self.out.push(b'R');
@@ -340,7 +344,11 @@ impl Pickler {
             }
             Value::Tuple(items) => self.tuple(items)?,
             Value::Set(items) | Value::FrozenSet(items) => {
-                let name = if matches!(v, Value::Set(_)) { "set" } else { "frozenset" };
+                let name = if matches!(v, Value::Set(_)) {
+                    "set"
+                } else {
+                    "frozenset"
+                };
                 self.global("builtins", name);
                 self.out.push(b']');
                 self.appends(items)?;
