@@ -67,12 +67,23 @@ impl Format {
         if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06") {
             return Ok(Format::TorchZip);
         }
-        if bytes.first() == Some(&0x80) {
-            return Ok(Format::TorchLegacy);
-        }
-        // safetensors: u64 little-endian header length, then a JSON object.
+        // safetensors: u64 little-endian header length (which may start with any byte, 0x80
+        // included), then a JSON object that fits in the file.
         if bytes.len() >= 9 && bytes[8] == b'{' {
-            return Ok(Format::Safetensors);
+            let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+            if n.checked_add(8)
+                .is_some_and(|end| end <= bytes.len() as u64)
+            {
+                return Ok(Format::Safetensors);
+            }
+        }
+        // Legacy torch: a pickle (PROTO 2+) whose first value is torch's magic number (LONG1, 10 bytes).
+        if bytes.len() >= 4
+            && bytes[0] == 0x80
+            && (2..=5).contains(&bytes[1])
+            && bytes[2..4] == [0x8a, 0x0a]
+        {
+            return Ok(Format::TorchLegacy);
         }
         Err(Error::UnknownFormat(format!(
             "first bytes {:02x?} are not a torch zip, legacy torch pickle or safetensors header",

@@ -8,7 +8,7 @@
 //! not, so alignment is checked, never assumed.
 
 use super::pickle::{unpickle, Limits, Pickler, Value};
-use super::Source;
+use super::{Format, Source};
 use crate::error::{Error, Result, WithPath};
 use crate::tensor::{
     tensor_from_storage, view_storage, DType, Element, StorageRef, Tensor, TensorRef,
@@ -117,22 +117,20 @@ impl TorchFile {
     }
 
     pub fn parse(source: Source, limits: &Limits) -> Result<TorchFile> {
-        if source.starts_with(b"PK\x03\x04") || source.starts_with(b"PK\x05\x06") {
-            parse_zip(source, limits)
-        } else if source.first() == Some(&0x80) {
-            parse_legacy(source, limits)
-        } else {
-            Err(Error::UnknownFormat(
-                "not a torch zip archive or legacy torch pickle".into(),
-            ))
+        match Format::detect(&source)? {
+            Format::TorchZip => parse_zip(source, limits),
+            Format::TorchLegacy => parse_legacy(source, limits),
+            Format::Safetensors => Err(Error::UnknownFormat(
+                "a safetensors file, not a torch file (use SafetensorsFile or RunFile)".into(),
+            )),
         }
     }
 
-    /// "torch-zip" or "torch-legacy".
-    pub fn format_name(&self) -> &'static str {
+    /// [`Format::TorchZip`] or [`Format::TorchLegacy`].
+    pub fn format(&self) -> Format {
         match self.container {
-            TorchContainer::Zip { .. } => "torch-zip",
-            TorchContainer::Legacy => "torch-legacy",
+            TorchContainer::Zip { .. } => Format::TorchZip,
+            TorchContainer::Legacy => Format::TorchLegacy,
         }
     }
 

@@ -46,7 +46,6 @@ defaults! {
     model_name: String = "custom".into();
     minus_one: i64 = -1;
     minus_one_f: f64 = -1.0;
-    act_fn: Option<String> = Some("relu".into());
     eps: f64 = 1e-5;
     yes: bool = true;
     init_mode: String = "gpt2".into();
@@ -76,8 +75,9 @@ pub struct HookedTransformerConfig {
     pub n_heads: i64,
     #[serde(default)]
     pub d_mlp: Option<i64>,
-    /// TL 2.18's default is None (and then rejects non-attn-only models); 3.x defaults to "relu".
-    #[serde(default = "default::act_fn")]
+    /// None by default as in TL 2.18; a non-attn-only model without one gets "relu" (TL 3.x's
+    /// default) where 2.18 would reject the config.
+    #[serde(default)]
     pub act_fn: Option<String>,
     #[serde(default = "default::minus_one")]
     pub d_vocab: i64,
@@ -416,12 +416,7 @@ impl HookedTransformerConfig {
                 self.d_mlp = Some(self.d_model * 4);
             }
             match self.act_fn.as_deref() {
-                None => {
-                    return Err(Error::invalid(
-                        ctx,
-                        "act_fn must be specified for non-attn-only models",
-                    ))
-                }
+                None => self.act_fn = Some("relu".into()),
                 Some(a) if !SUPPORTED_ACTIVATIONS.contains(&a) => {
                     return Err(Error::invalid(
                         ctx,

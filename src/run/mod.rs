@@ -174,11 +174,7 @@ impl RunFile {
             }
             _ => {
                 let f = TorchFile::parse(source, &Default::default())?;
-                let format = if f.format_name() == "torch-zip" {
-                    Format::TorchZip
-                } else {
-                    Format::TorchLegacy
-                };
+                let format = f.format();
                 Self::from_torch(f, format)
             }
         }
