@@ -17,16 +17,19 @@
 //! # Ok::<(), tlens::Error>(())
 //! ```
 
+pub mod backend;
 pub mod cli;
 pub mod error;
+pub mod eval;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod io;
 pub mod model;
 pub mod run;
+pub mod task;
 pub mod tensor;
 
 pub use error::{Error, Result};
-pub use model::{HookedTransformerConfig, StateDict};
+pub use model::{ActivationCache, Hook, HookedTransformer, HookedTransformerConfig, StateDict};
 pub use run::{ConfigStyle, Layout, RunFile, TrainingRun};
 pub use tensor::{DType, Tensor};

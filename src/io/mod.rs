@@ -4,6 +4,7 @@
 //! → typed run ([`crate::run::RunFile`]). This module knows about containers and pickles only;
 //! what the keys *mean* (TL demo layout, 2022 layout) is decided in [`crate::run`].
 
+pub mod npz;
 pub mod pickle;
 pub mod safetensors;
 pub mod torch;

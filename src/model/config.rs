@@ -497,15 +497,16 @@ impl HookedTransformerConfig {
 }
 
 /// TL's `SUPPORTED_ACTIVATIONS`.
-pub const SUPPORTED_ACTIVATIONS: [&str; 8] = [
+pub const SUPPORTED_ACTIVATIONS: [&str; 9] = [
+    "solu",
+    "solu_ln",
+    "gelu_new",
+    "gelu_fast",
+    "silu",
     "relu",
     "gelu",
-    "silu",
-    "gelu_new",
-    "solu_ln",
-    "gelu_fast",
     "gelu_pytorch_tanh",
-    "relu2",
+    "xielu",
 ];
 
 /// Convert a pickled config value to JSON. torch dtypes become their names; numpy scalars their

@@ -1,0 +1,418 @@
+//! The CPU backend: ndarray tensors, matrixmultiply sgemm, rayon across rows.
+//!
+//! Arithmetic follows TL's float32 order where it matters (true division by `attn_scale`,
+//! max-subtracted softmax, addmm-style bias after the product); summation order inside the
+//! products differs from torch's, so results agree to ulp level, not bit level (REFERENCE §2).
+
+use super::{Activation, Backend};
+use crate::error::{Error, Result};
+use ndarray::linalg::general_mat_mul;
+use ndarray::parallel::prelude::*;
+use rayon::prelude::*;
+use ndarray::{s, Array2, Array4, ArrayD, ArrayView2, ArrayViewMut2, Axis, Ix4, IxDyn, Zip};
+
+/// The CPU backend (stateless).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+/// Rows per parallel task in products and row-wise ops.
+const ROWS: usize = 256;
+
+fn shape_err(op: &str, msg: String) -> Error {
+    Error::invalid(format!("cpu backend {op}"), msg)
+}
+
+/// View `x` as a 2-D [N, K] matrix over its last axis (x must be in standard layout).
+fn rows(x: &ArrayD<f32>) -> ArrayView2<'_, f32> {
+    let k = *x.shape().last().unwrap_or(&1);
+    let n = if k == 0 { 0 } else { x.len() / k };
+    x.view().into_shape_with_order((n, k)).expect("standard layout")
+}
+
+fn std_layout(x: &ArrayD<f32>) -> std::borrow::Cow<'_, ArrayD<f32>> {
+    if x.is_standard_layout() {
+        std::borrow::Cow::Borrowed(x)
+    } else {
+        std::borrow::Cow::Owned(x.as_standard_layout().into_owned())
+    }
+}
+
+/// `a @ b` with rows split across threads for large `a`.
+pub fn matmul(a: ArrayView2<f32>, b: ArrayView2<f32>) -> Array2<f32> {
+    let mut out = Array2::<f32>::zeros((a.nrows(), b.ncols()));
+    matmul_into(a, b, out.view_mut());
+    out
+}
+
+fn matmul_into(a: ArrayView2<f32>, b: ArrayView2<f32>, mut out: ArrayViewMut2<f32>) {
+    if a.nrows() <= ROWS {
+        general_mat_mul(1.0, &a, &b, 0.0, &mut out);
+        return;
+    }
+    out.axis_chunks_iter_mut(Axis(0), ROWS)
+        .into_par_iter()
+        .zip(a.axis_chunks_iter(Axis(0), ROWS))
+        .for_each(|(mut o, a)| general_mat_mul(1.0, &a, &b, 0.0, &mut o));
+}
+
+/// Apply `f` to each row (last axis) of `x` in parallel, writing a same-shaped output.
+fn map_rows(x: &ArrayD<f32>, f: impl Fn(&[f32], &mut [f32]) + Sync) -> ArrayD<f32> {
+    let x = std_layout(x);
+    let mut out = ArrayD::<f32>::zeros(x.raw_dim());
+    let k = *x.shape().last().unwrap_or(&1);
+    if k == 0 || x.is_empty() {
+        return out;
+    }
+    let src = x.as_slice().expect("standard layout");
+    out.as_slice_mut()
+        .expect("fresh array")
+        .par_chunks_mut(k * ROWS)
+        .zip(src.par_chunks(k * ROWS))
+        .for_each(|(o, s)| {
+            for (o, s) in o.chunks_mut(k).zip(s.chunks(k)) {
+                f(s, o)
+            }
+        });
+    out
+}
+
+/// erf in f64: its Taylor series for |x| < 2 (converged to ~1e-16), Numerical Recipes' erfc
+/// Chebyshev fit above (fractional error < 1.2e-7 on erfc ≤ 0.005): both far below f32 resolution
+/// of GELU's output.
+fn erf(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let r = t
+        * (-z * z - 1.265_512_23
+            + t * (1.000_023_68
+                + t * (0.374_091_96
+                    + t * (0.096_784_18
+                        + t * (-0.186_288_06
+                            + t * (0.278_868_07
+                                + t * (-1.135_203_98
+                                    + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+            .exp();
+    let mut e = 1.0 - r;
+    if z < 2.0 {
+        // erf(z) = 2/√π Σ (−1)^n z^(2n+1) / (n! (2n+1))
+        let mut sum = 0.0f64;
+        let mut term = z;
+        let mut n = 0.0f64;
+        while term.abs() > 1e-17 * sum.abs().max(1e-300) && n < 60.0 {
+            sum += term / (2.0 * n + 1.0);
+            n += 1.0;
+            term *= -z * z / n;
+        }
+        e = sum * std::f64::consts::FRAC_2_SQRT_PI;
+    }
+    if x < 0.0 {
+        -e
+    } else {
+        e
+    }
+}
+
+fn act_scalar(act: Activation, x: f32) -> f32 {
+    match act {
+        Activation::Relu => x.max(0.0),
+        Activation::Gelu => {
+            let xd = x as f64;
+            (0.5 * xd * (1.0 + erf(xd * std::f64::consts::FRAC_1_SQRT_2))) as f32
+        }
+        Activation::GeluNew | Activation::GeluPytorchTanh => {
+            let c = (2.0f32 / std::f32::consts::PI).sqrt();
+            0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
+        }
+        Activation::GeluFast => 0.5 * x * (1.0 + (x * 0.797_884_56 * (1.0 + 0.044715 * x * x)).tanh()),
+        Activation::Silu => x / (1.0 + (-x).exp()),
+        Activation::Solu => unreachable!("row-wise"),
+    }
+}
+
+fn softmax_row(s: &[f32], o: &mut [f32]) {
+    let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for (o, &x) in o.iter_mut().zip(s) {
+        *o = (x - m).exp();
+        sum += *o;
+    }
+    for o in o.iter_mut() {
+        *o /= sum;
+        if o.is_nan() {
+            *o = 0.0;
+        }
+    }
+}
+
+fn as4<'a>(x: &'a ArrayD<f32>, op: &str) -> Result<ndarray::ArrayView4<'a, f32>> {
+    x.view()
+        .into_dimensionality::<Ix4>()
+        .map_err(|_| shape_err(op, format!("expected 4 dims, found {:?}", x.shape())))
+}
+
+impl Backend for Cpu {
+    type Tensor = ArrayD<f32>;
+
+    fn upload(&self, a: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        Ok(std_layout(a).into_owned())
+    }
+
+    fn download(&self, t: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        Ok(t.clone())
+    }
+
+    fn shape(&self, t: &ArrayD<f32>) -> Vec<usize> {
+        t.shape().to_vec()
+    }
+
+    fn embed(&self, w_e: &ArrayD<f32>, tokens: &Array2<u32>) -> Result<ArrayD<f32>> {
+        let (v, d) = (w_e.shape()[0], w_e.shape()[1]);
+        let (b, p) = tokens.dim();
+        let mut out = Array2::<f32>::zeros((b * p, d));
+        for (mut row, &t) in out.rows_mut().into_iter().zip(tokens.iter()) {
+            if t as usize >= v {
+                return Err(Error::invalid("tokens", format!("token {t} out of range for d_vocab {v}")));
+            }
+            row.assign(&w_e.slice(s![t as usize, ..]));
+        }
+        Ok(out.into_shape_with_order(IxDyn(&[b, p, d])).expect("sizes match"))
+    }
+
+    fn pos_embed(&self, w_pos: &ArrayD<f32>, batch: usize, pos: usize) -> Result<ArrayD<f32>> {
+        let (n_ctx, d) = (w_pos.shape()[0], w_pos.shape()[1]);
+        if pos > n_ctx {
+            return Err(Error::invalid("tokens", format!("{pos} positions but n_ctx is {n_ctx}")));
+        }
+        let rows = w_pos.slice(s![..pos, ..]);
+        let out = rows.broadcast((batch, pos, d)).expect("broadcast over batch").to_owned();
+        Ok(out.into_dyn())
+    }
+
+    fn add(&self, a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        if a.shape() != b.shape() {
+            return Err(shape_err("add", format!("{:?} vs {:?}", a.shape(), b.shape())));
+        }
+        let mut out = std_layout(a).into_owned();
+        Zip::from(&mut out).and(b).par_for_each(|o, &b| *o += b);
+        Ok(out)
+    }
+
+    fn linear(&self, x: &ArrayD<f32>, w: &ArrayD<f32>, b: Option<&ArrayD<f32>>) -> Result<ArrayD<f32>> {
+        let x = std_layout(x);
+        let (k, n) = (w.shape()[0], w.shape()[1]);
+        if x.shape().last() != Some(&k) {
+            return Err(shape_err("linear", format!("input {:?} vs weight {:?}", x.shape(), w.shape())));
+        }
+        let w2 = w.view().into_dimensionality::<ndarray::Ix2>().expect("2-D weight");
+        let mut out = matmul(rows(&x), w2);
+        if let Some(b) = b {
+            let b = b.view().into_dimensionality::<ndarray::Ix1>().expect("1-D bias");
+            out.axis_chunks_iter_mut(Axis(0), ROWS).into_par_iter().for_each(|mut c| c += &b);
+        }
+        let mut shape = x.shape().to_vec();
+        *shape.last_mut().expect("non-empty") = n;
+        Ok(out.into_shape_with_order(IxDyn(&shape)).expect("sizes match"))
+    }
+
+    fn head_linear(&self, x: &ArrayD<f32>, w: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let (h, d, e) = (w.shape()[0], w.shape()[1], w.shape()[2]);
+        let x = std_layout(x);
+        let (bsz, p) = (x.shape()[0], x.shape()[1]);
+        let out = match x.ndim() {
+            3 => {
+                // [BP, D] @ [D, H·E]
+                let wf = w.view().permuted_axes(IxDyn(&[1, 0, 2])).as_standard_layout().into_owned();
+                let wf = wf.into_shape_with_order((d, h * e)).expect("sizes match");
+                let mut out = matmul(rows(&x), wf.view());
+                let bf = b.view().into_shape_with_order(h * e).expect("bias [H, E]");
+                out.axis_chunks_iter_mut(Axis(0), ROWS).into_par_iter().for_each(|mut c| c += &bf);
+                out.into_shape_with_order(IxDyn(&[bsz, p, h, e])).expect("sizes match")
+            }
+            4 => {
+                let mut out = Array4::<f32>::zeros((bsz, p, h, e));
+                let x4 = as4(&x, "head_linear")?;
+                for hi in 0..h {
+                    let xi = x4.slice(s![.., .., hi, ..]).to_owned().into_shape_with_order((bsz * p, d)).expect("sizes");
+                    let wi = w.slice(s![hi, .., ..]);
+                    let mut r = matmul(xi.view(), wi.into_dimensionality().expect("2-D"));
+                    r += &b.slice(s![hi, ..]);
+                    out.slice_mut(s![.., .., hi, ..])
+                        .assign(&r.into_shape_with_order((bsz, p, e)).expect("sizes"));
+                }
+                out.into_dyn()
+            }
+            n => return Err(shape_err("head_linear", format!("input with {n} dims"))),
+        };
+        Ok(out)
+    }
+
+    fn attn_scores(
+        &self,
+        q: &ArrayD<f32>,
+        k: &ArrayD<f32>,
+        scale: f32,
+        causal_ignore: Option<f32>,
+    ) -> Result<ArrayD<f32>> {
+        let (q, k) = (as4(q, "attn_scores")?, as4(k, "attn_scores")?);
+        let (b, pq, h, e) = q.dim();
+        let pk = k.dim().1;
+        let mut out = Array4::<f32>::zeros((b, h, pq, pk));
+        out.axis_iter_mut(Axis(0)).into_par_iter().enumerate().for_each(|(bi, mut ob)| {
+            for hi in 0..h {
+                for i in 0..pq {
+                    for j in 0..pk {
+                        ob[[hi, i, j]] = match causal_ignore {
+                            Some(ig) if j > i => ig,
+                            _ => {
+                                let mut acc = 0.0f32;
+                                for ei in 0..e {
+                                    acc += q[[bi, i, hi, ei]] * k[[bi, j, hi, ei]];
+                                }
+                                acc / scale
+                            }
+                        };
+                    }
+                }
+            }
+        });
+        Ok(out.into_dyn())
+    }
+
+    fn softmax(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        Ok(map_rows(x, softmax_row))
+    }
+
+    fn attn_z(&self, pattern: &ArrayD<f32>, v: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let (pat, v) = (as4(pattern, "attn_z")?, as4(v, "attn_z")?);
+        let (b, h, pq, pk) = pat.dim();
+        let e = v.dim().3;
+        let mut out = Array4::<f32>::zeros((b, pq, h, e));
+        out.axis_iter_mut(Axis(0)).into_par_iter().enumerate().for_each(|(bi, mut ob)| {
+            for i in 0..pq {
+                for hi in 0..h {
+                    for j in 0..pk {
+                        let w = pat[[bi, hi, i, j]];
+                        for ei in 0..e {
+                            ob[[i, hi, ei]] += w * v[[bi, j, hi, ei]];
+                        }
+                    }
+                }
+            }
+        });
+        Ok(out.into_dyn())
+    }
+
+    fn attn_result(&self, z: &ArrayD<f32>, w_o: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let z4 = as4(z, "attn_result")?;
+        let (b, p, h, e) = z4.dim();
+        let d = w_o.shape()[2];
+        let mut out = Array4::<f32>::zeros((b, p, h, d));
+        for hi in 0..h {
+            let zi = z4.slice(s![.., .., hi, ..]).to_owned().into_shape_with_order((b * p, e)).expect("sizes");
+            let wi = w_o.slice(s![hi, .., ..]).into_dimensionality().expect("2-D");
+            let r = matmul(zi.view(), wi);
+            out.slice_mut(s![.., .., hi, ..]).assign(&r.into_shape_with_order((b, p, d)).expect("sizes"));
+        }
+        Ok(out.into_dyn())
+    }
+
+    fn sum_heads(&self, x: &ArrayD<f32>, bias: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let mut out = x.sum_axis(Axis(2));
+        out += bias;
+        Ok(out)
+    }
+
+    fn repeat_heads(&self, x: &ArrayD<f32>, n_heads: usize) -> Result<ArrayD<f32>> {
+        let (b, p, d) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+        let v = x.view().insert_axis(Axis(2));
+        Ok(v.broadcast(IxDyn(&[b, p, n_heads, d])).expect("broadcast heads").to_owned())
+    }
+
+    fn reshape(&self, x: &ArrayD<f32>, shape: &[usize]) -> Result<ArrayD<f32>> {
+        std_layout(x)
+            .into_owned()
+            .into_shape_with_order(IxDyn(shape))
+            .map_err(|e| shape_err("reshape", e.to_string()))
+    }
+
+    fn activation(&self, x: &ArrayD<f32>, act: Activation) -> Result<ArrayD<f32>> {
+        if act == Activation::Solu {
+            return Ok(map_rows(x, |s, o| {
+                softmax_row(s, o);
+                for (o, &x) in o.iter_mut().zip(s) {
+                    *o *= x;
+                }
+            }));
+        }
+        let mut out = std_layout(x).into_owned();
+        out.par_mapv_inplace(|v| act_scalar(act, v));
+        Ok(out)
+    }
+
+    fn normalize(&self, x: &ArrayD<f32>, center: bool, eps: f32) -> Result<(ArrayD<f32>, ArrayD<f32>)> {
+        let xs = std_layout(x);
+        let k = *xs.shape().last().unwrap_or(&1);
+        let mut out = ArrayD::<f32>::zeros(xs.raw_dim());
+        let mut sshape = xs.shape().to_vec();
+        *sshape.last_mut().expect("non-empty") = 1;
+        let mut scale = ArrayD::<f32>::zeros(IxDyn(&sshape));
+        if k > 0 && !xs.is_empty() {
+            let kf = k as f32;
+            out.as_slice_mut()
+                .expect("fresh")
+                .par_chunks_mut(k)
+                .zip(xs.as_slice().expect("standard layout").par_chunks(k))
+                .zip(scale.as_slice_mut().expect("fresh").par_iter_mut())
+                .for_each(|((o, s), sc)| {
+                    let mean = if center { s.iter().sum::<f32>() / kf } else { 0.0 };
+                    let mut ss = 0.0f32;
+                    for (o, &v) in o.iter_mut().zip(s) {
+                        *o = v - mean;
+                        ss += *o * *o;
+                    }
+                    *sc = (ss / kf + eps).sqrt();
+                    for o in o.iter_mut() {
+                        *o /= *sc;
+                    }
+                });
+        }
+        Ok((out, scale))
+    }
+
+    fn normalize_with(&self, x: &ArrayD<f32>, center: bool, scale: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let mut out = std_layout(x).into_owned();
+        if center {
+            let k = *out.shape().last().unwrap_or(&1) as f32;
+            let mean = out.sum_axis(Axis(out.ndim() - 1)).insert_axis(Axis(out.ndim() - 1)) / k;
+            out -= &mean;
+        }
+        out /= scale;
+        Ok(out)
+    }
+
+    fn affine(&self, x: &ArrayD<f32>, w: &ArrayD<f32>, b: Option<&ArrayD<f32>>) -> Result<ArrayD<f32>> {
+        let mut out = std_layout(x).into_owned() * w;
+        if let Some(b) = b {
+            out += b;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn erf_matches_known_values() {
+        for (x, want) in [
+            (0.0, 0.0),
+            (0.5, 0.520_499_877_813_046_5),
+            (1.0, 0.842_700_792_949_714_9),
+            (2.5, 0.999_593_047_982_555),
+            (-1.5, -0.966_105_146_475_310_7),
+        ] {
+            assert!((erf(x) - want).abs() < 2e-7, "erf({x}) = {} vs {want}", erf(x));
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! The numeric backend a model runs on.
+//!
+//! [`crate::model::HookedTransformer`] is written once against this trait; each backend (the
+//! CPU/ndarray one here, CUDA later) implements the small set of operations a TransformerLens
+//! forward pass needs. Operations are named by what they compute in TL's terms and take TL's
+//! shapes, so a backend can fuse or reorder internally while the model code stays readable.
+//! Hooks see activations on the host: a backend whose tensors live elsewhere copies them out
+//! and back only at hook points that are actually used.
+
+pub mod cpu;
+
+use crate::error::Result;
+use ndarray::{Array2, ArrayD};
+
+pub use cpu::Cpu;
+
+/// Element-wise activation functions of TL's `SUPPORTED_ACTIVATIONS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Relu,
+    Gelu,
+    GeluNew,
+    GeluFast,
+    GeluPytorchTanh,
+    Silu,
+    /// `x * softmax(x)` over the last axis (`solu`, and `solu_ln` before its LayerNorm).
+    Solu,
+}
+
+impl Activation {
+    /// TL's name → activation (`xielu` and unknown names are not supported).
+    pub fn from_name(name: &str) -> Option<Activation> {
+        Some(match name {
+            "relu" => Activation::Relu,
+            "gelu" => Activation::Gelu,
+            "gelu_new" => Activation::GeluNew,
+            "gelu_fast" => Activation::GeluFast,
+            "gelu_pytorch_tanh" => Activation::GeluPytorchTanh,
+            "silu" => Activation::Silu,
+            "solu" | "solu_ln" => Activation::Solu,
+            _ => return None,
+        })
+    }
+}
+
+/// Operations of a TransformerLens forward pass. Shapes: B batch, P positions, H heads,
+/// E d_head, D d_model (or any last-axis width for element-wise ops).
+pub trait Backend: Sync {
+    /// A tensor on this backend.
+    type Tensor: Clone + Send + Sync;
+
+    fn upload(&self, a: &ArrayD<f32>) -> Result<Self::Tensor>;
+    fn download(&self, t: &Self::Tensor) -> Result<ArrayD<f32>>;
+    fn shape(&self, t: &Self::Tensor) -> Vec<usize>;
+
+    /// `W_E[tokens]`: tokens [B, P] → [B, P, D].
+    fn embed(&self, w_e: &Self::Tensor, tokens: &Array2<u32>) -> Result<Self::Tensor>;
+    /// `W_pos[0..P]` repeated over the batch → [B, P, D].
+    fn pos_embed(&self, w_pos: &Self::Tensor, batch: usize, pos: usize) -> Result<Self::Tensor>;
+    fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `x @ w + b` over the last axis (addmm): x [..., K], w [K, N], b [N] → [..., N].
+    fn linear(&self, x: &Self::Tensor, w: &Self::Tensor, b: Option<&Self::Tensor>) -> Result<Self::Tensor>;
+    /// Per-head projection `x·W[h] + b[h]`: x [B, P, D] (shared) or [B, P, H, D] (per-head
+    /// inputs), w [H, D, E], b [H, E] → [B, P, H, E].
+    fn head_linear(&self, x: &Self::Tensor, w: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Attention scores `q·k / scale` (a true division), with key positions after the query
+    /// set to `causal_ignore` when given: q [B, Pq, H, E], k [B, Pk, H, E] → [B, H, Pq, Pk].
+    fn attn_scores(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        scale: f32,
+        causal_ignore: Option<f32>,
+    ) -> Result<Self::Tensor>;
+    /// Softmax over the last axis in f32, NaN → 0 (fully masked rows).
+    fn softmax(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `z[b,q,h,:] = Σ_k pattern[b,h,q,k] v[b,k,h,:]`: pattern [B, H, Pq, Pk], v [B, Pk, H, E].
+    fn attn_z(&self, pattern: &Self::Tensor, v: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Per-head outputs `z[..,h,:] @ W_O[h]`: z [B, P, H, E], w_o [H, E, D] → [B, P, H, D].
+    fn attn_result(&self, z: &Self::Tensor, w_o: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Σ over the head axis plus a bias: [B, P, H, D] → [B, P, D].
+    fn sum_heads(&self, x: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Repeat [B, P, D] along a new head axis → [B, P, H, D].
+    fn repeat_heads(&self, x: &Self::Tensor, n_heads: usize) -> Result<Self::Tensor>;
+    fn reshape(&self, x: &Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
+    fn activation(&self, x: &Self::Tensor, act: Activation) -> Result<Self::Tensor>;
+    /// `(x − mean) / sqrt(mean((x − mean)²) + eps)` over the last axis (no centring when
+    /// `center` is false, i.e. RMS): returns (normalized, scale [..., 1]).
+    fn normalize(&self, x: &Self::Tensor, center: bool, eps: f32) -> Result<(Self::Tensor, Self::Tensor)>;
+    /// `(x − mean) / scale` with a given scale [..., 1] (after a hook replaced TL's hook_scale).
+    fn normalize_with(&self, x: &Self::Tensor, center: bool, scale: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `x * w (+ b)` broadcast over the last axis.
+    fn affine(&self, x: &Self::Tensor, w: &Self::Tensor, b: Option<&Self::Tensor>) -> Result<Self::Tensor>;
+}

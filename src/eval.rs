@@ -1,0 +1,190 @@
+//! Evaluating a model on the modular-addition task: last-position logits for every input, and
+//! the demo's train/test/full loss and accuracy.
+//!
+//! Two paths compute the same logits. The general path is the hooked forward pass. The fast
+//! path is for 1-layer models (what evaluation and training call thousands of times): the
+//! residual stream entering attention depends only on (token, position), so `ln1`, Q, K, V and
+//! the per-head OV products `v·W_O` are tabulated once per weight set; only the last position's
+//! attention is then a per-input computation (H × P scores), and ln2/MLP/unembed run as batched
+//! matrix products over the last position alone. Tested against the general path.
+
+use crate::backend::{Activation, Backend, Cpu};
+use crate::error::{Error, Result};
+use crate::model::hooked::NormKind;
+use crate::model::HookedTransformer;
+use crate::task;
+use ndarray::{s, Array2, ArrayD, Axis, IxDyn};
+use rayon::prelude::*;
+
+/// The task's modulus for a model: the `=` token is the last input token (d_vocab − 1).
+pub fn task_p(model_cfg: &crate::HookedTransformerConfig) -> usize {
+    model_cfg.d_vocab().saturating_sub(1)
+}
+
+/// Last-position logits [N, d_vocab_out] through the hooked forward pass.
+pub fn last_logits_general<B: Backend>(model: &HookedTransformer<B>, tokens: &Array2<u32>) -> Result<Array2<f32>> {
+    let logits = model.forward(tokens)?;
+    let p = logits.shape()[1];
+    Ok(logits
+        .index_axis(Axis(1), p - 1)
+        .to_owned()
+        .into_dimensionality()
+        .expect("[N, V]"))
+}
+
+/// Whether [`last_logits_fast`] applies to this model.
+pub fn fast_path_applies<B: Backend>(model: &HookedTransformer<B>) -> bool {
+    let c = &model.cfg;
+    c.n_layers == 1 && !c.use_split_qkv_input && !c.use_attn_in
+}
+
+/// Last-position logits [N, d_vocab_out] — tabulated path for 1-layer models, general otherwise.
+pub fn last_logits(model: &HookedTransformer<Cpu>, tokens: &Array2<u32>) -> Result<Array2<f32>> {
+    if fast_path_applies(model) {
+        last_logits_fast(model, tokens)
+    } else {
+        last_logits_general(model, tokens)
+    }
+}
+
+/// The tabulated evaluation of a 1-layer model (see the module docs).
+pub fn last_logits_fast(model: &HookedTransformer<Cpu>, tokens: &Array2<u32>) -> Result<Array2<f32>> {
+    if !fast_path_applies(model) {
+        return Err(Error::Unsupported("the fast path needs a 1-layer model without split inputs".into()));
+    }
+    let cfg = &model.cfg;
+    let sd = &model.state_dict;
+    let be = Cpu;
+    let (n, p) = tokens.dim();
+    let (v, d, h) = (cfg.d_vocab(), cfg.d_model(), cfg.n_heads());
+    if p == 0 || p > cfg.n_ctx() {
+        return Err(Error::invalid("tokens", format!("{p} positions (n_ctx {})", cfg.n_ctx())));
+    }
+    if let Some(&t) = tokens.iter().find(|&&t| t as usize >= v) {
+        return Err(Error::invalid("tokens", format!("token {t} out of range for d_vocab {v}")));
+    }
+    let f = |name: &str| sd.array::<f32>(name, None);
+    let norm = model.normalization();
+    let eps = cfg.eps as f32;
+    let apply_norm = |x: &ArrayD<f32>, prefix: &str, kind: NormKind| -> Result<ArrayD<f32>> {
+        if kind == NormKind::None {
+            return Ok(x.clone());
+        }
+        let (y, _) = be.normalize(x, matches!(kind, NormKind::LN | NormKind::LNPre), eps)?;
+        match kind {
+            NormKind::LN => be.affine(&y, f(&format!("{prefix}.w"))?, Some(f(&format!("{prefix}.b"))?)),
+            NormKind::RMS => be.affine(&y, f(&format!("{prefix}.w"))?, None),
+            _ => Ok(y),
+        }
+    };
+
+    // Tables over (position, token): residual x, and q, k, ov per head.
+    let w_e = f("embed.W_E")?;
+    let w_pos = f("pos_embed.W_pos")?;
+    let mut x_tab = ArrayD::<f32>::zeros(IxDyn(&[p, v, d]));
+    for pos in 0..p {
+        let mut xs = x_tab.index_axis_mut(Axis(0), pos);
+        xs.assign(w_e);
+        xs += &w_pos.index_axis(Axis(0), pos);
+    }
+    let x_in = apply_norm(&x_tab, "blocks.0.ln1", norm)?;
+    let q_tab = be.head_linear(&x_in, f("blocks.0.attn.W_Q")?, f("blocks.0.attn.b_Q")?)?; // [P,V,H,E]
+    let k_tab = be.head_linear(&x_in, f("blocks.0.attn.W_K")?, f("blocks.0.attn.b_K")?)?;
+    let v_tab = be.head_linear(&x_in, f("blocks.0.attn.W_V")?, f("blocks.0.attn.b_V")?)?;
+    let ov_tab = be.attn_result(&v_tab, f("blocks.0.attn.W_O")?)?; // [P,V,H,D]
+    let b_o = f("blocks.0.attn.b_O")?.view().into_dimensionality::<ndarray::Ix1>().expect("[D]");
+    let scale = model.layer_attn_scale(0);
+    let last = p - 1;
+
+    // Per input: attention of the last position; resid_mid = x_last + attn_out.
+    let mut resid_mid = Array2::<f32>::zeros((n, d));
+    resid_mid
+        .axis_chunks_iter_mut(Axis(0), 256)
+        .into_par_iter()
+        .zip(tokens.axis_chunks_iter(Axis(0), 256))
+        .for_each(|(mut out, toks)| {
+            let mut scores = vec![0f32; p];
+            for (mut row, t) in out.outer_iter_mut().zip(toks.outer_iter()) {
+                let tl = t[last] as usize;
+                row.assign(&x_tab.slice(s![last, tl, ..]));
+                row += &b_o;
+                for hi in 0..h {
+                    let q = q_tab.slice(s![last, tl, hi, ..]);
+                    // The last query attends to every key (j ≤ last), causal or not.
+                    for (j, sc) in scores.iter_mut().enumerate() {
+                        let k = k_tab.slice(s![j, t[j] as usize, hi, ..]);
+                        *sc = q.dot(&k) / scale;
+                    }
+                    let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0;
+                    for sc in scores.iter_mut() {
+                        *sc = (*sc - m).exp();
+                        sum += *sc;
+                    }
+                    for (j, sc) in scores.iter().enumerate() {
+                        let w = sc / sum;
+                        row.scaled_add(w, &ov_tab.slice(s![j, t[j] as usize, hi, ..]));
+                    }
+                }
+            }
+        });
+
+    // ln2 → MLP → resid_post → ln_final → unembed, batched over the last position.
+    let resid_mid = resid_mid.into_dyn();
+    let resid_post = if cfg.attn_only {
+        resid_mid
+    } else {
+        let x = apply_norm(&resid_mid, "blocks.0.ln2", norm)?;
+        let pre = be.linear(&x, f("blocks.0.mlp.W_in")?, Some(f("blocks.0.mlp.b_in")?))?;
+        let act = cfg.act_fn.as_deref().and_then(Activation::from_name).expect("checked at construction");
+        let mut post = be.activation(&pre, act)?;
+        if cfg.act_fn.as_deref() == Some("solu_ln") {
+            let kind = if norm == NormKind::LN { NormKind::LN } else { NormKind::LNPre };
+            post = apply_norm(&post, "blocks.0.mlp.ln", kind)?;
+        }
+        let mlp_out = be.linear(&post, f("blocks.0.mlp.W_out")?, Some(f("blocks.0.mlp.b_out")?))?;
+        be.add(&resid_mid, &mlp_out)?
+    };
+    let resid = apply_norm(&resid_post, "ln_final", norm)?;
+    let logits = be.linear(&resid, f("unembed.W_U")?, Some(f("unembed.b_U")?))?;
+    Ok(logits.into_dimensionality().expect("[N, V]"))
+}
+
+/// Loss and accuracy of a model on the train split, the test split and all inputs.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct Evaluation {
+    pub train_loss: f64,
+    pub test_loss: f64,
+    pub full_loss: f64,
+    pub train_accuracy: f64,
+    pub test_accuracy: f64,
+    pub accuracy: f64,
+}
+
+/// Evaluate on all p² inputs; `train`/`test` index the a-major dataset (as the demo's indices).
+pub fn evaluate(model: &HookedTransformer<Cpu>, train: &[i64], test: &[i64]) -> Result<Evaluation> {
+    let p = task_p(&model.cfg);
+    let (tokens, labels) = task::modular_addition(p);
+    let logits = last_logits(model, &tokens)?;
+    let subset = |idx: &[i64]| -> Result<(Array2<f32>, Vec<u32>)> {
+        let mut rows = Vec::with_capacity(idx.len());
+        for &i in idx {
+            if i < 0 || i as usize >= labels.len() {
+                return Err(Error::invalid("indices", format!("index {i} outside 0..{}", labels.len())));
+            }
+            rows.push(i as usize);
+        }
+        Ok((logits.select(Axis(0), &rows), rows.iter().map(|&i| labels[i]).collect()))
+    };
+    let (tr_l, tr_y) = subset(train)?;
+    let (te_l, te_y) = subset(test)?;
+    let nan_if_empty = |f: &dyn Fn() -> f64, n: usize| if n == 0 { f64::NAN } else { f() };
+    Ok(Evaluation {
+        train_loss: nan_if_empty(&|| task::loss(tr_l.view(), &tr_y), tr_y.len()),
+        test_loss: nan_if_empty(&|| task::loss(te_l.view(), &te_y), te_y.len()),
+        full_loss: task::loss(logits.view(), &labels),
+        train_accuracy: nan_if_empty(&|| task::accuracy(tr_l.view(), &tr_y), tr_y.len()),
+        test_accuracy: nan_if_empty(&|| task::accuracy(te_l.view(), &te_y), te_y.len()),
+        accuracy: task::accuracy(logits.view(), &labels),
+    })
+}

@@ -1,0 +1,144 @@
+//! The modular-addition task of the grokking demo: inputs `[a, b, =]` with `=` = token p, labels
+//! (a + b) mod p, the train/test split torch's generator gives, and the demo's loss.
+//!
+//! The split must be bit-identical to `torch.manual_seed(seed); torch.randperm(p*p)`: torch's
+//! CPU generator is MT19937 (`init_genrand`, standard tempering) and its randperm is the
+//! Fisher–Yates variant `for i in 0..n−1: z = next_u32 % (n−i); swap(r[i], r[i+z])`
+//! (REFERENCE §5).
+
+use ndarray::{Array2, ArrayView2};
+
+/// Mersenne Twister MT19937, as torch's CPU generator.
+#[derive(Clone)]
+pub struct Mt19937 {
+    mt: [u32; 624],
+    idx: usize,
+}
+
+impl Mt19937 {
+    /// `torch.manual_seed(seed)`: init_genrand with the seed's low 32 bits.
+    pub fn new(seed: u64) -> Mt19937 {
+        let mut mt = [0u32; 624];
+        mt[0] = seed as u32;
+        for i in 1..624 {
+            mt[i] = 1_812_433_253u32
+                .wrapping_mul(mt[i - 1] ^ (mt[i - 1] >> 30))
+                .wrapping_add(i as u32);
+        }
+        Mt19937 { mt, idx: 624 }
+    }
+
+    pub fn next_u32(&mut self) -> u32 {
+        if self.idx >= 624 {
+            for i in 0..624 {
+                let y = (self.mt[i] & 0x8000_0000) | (self.mt[(i + 1) % 624] & 0x7fff_ffff);
+                let mut v = self.mt[(i + 397) % 624] ^ (y >> 1);
+                if y & 1 != 0 {
+                    v ^= 0x9908_b0df;
+                }
+                self.mt[i] = v;
+            }
+            self.idx = 0;
+        }
+        let mut y = self.mt[self.idx];
+        self.idx += 1;
+        y ^= y >> 11;
+        y ^= (y << 7) & 0x9d2c_5680;
+        y ^= (y << 15) & 0xefc6_0000;
+        y ^ (y >> 18)
+    }
+}
+
+/// `torch.manual_seed(seed); torch.randperm(n)`.
+pub fn torch_randperm(n: usize, seed: u64) -> Vec<i64> {
+    let mut g = Mt19937::new(seed);
+    let mut r: Vec<i64> = (0..n as i64).collect();
+    for i in 0..n.saturating_sub(1) {
+        let z = (g.next_u32() as u64 % (n - i) as u64) as usize;
+        r.swap(i, i + z);
+    }
+    r
+}
+
+/// All p² inputs `[a, b, p]` (a-major) and their labels (a + b) mod p.
+pub fn modular_addition(p: usize) -> (Array2<u32>, Vec<u32>) {
+    let mut tokens = Array2::<u32>::zeros((p * p, 3));
+    let mut labels = Vec::with_capacity(p * p);
+    for a in 0..p {
+        for b in 0..p {
+            let i = a * p + b;
+            tokens[[i, 0]] = a as u32;
+            tokens[[i, 1]] = b as u32;
+            tokens[[i, 2]] = p as u32;
+            labels.push(((a + b) % p) as u32);
+        }
+    }
+    (tokens, labels)
+}
+
+/// The demo's split: the first `int(p²·frac_train)` of `randperm(p²)` (seed `data_seed`) train,
+/// the rest test.
+pub fn demo_split(p: usize, frac_train: f64, data_seed: u64) -> (Vec<i64>, Vec<i64>) {
+    let n = p * p;
+    let mut perm = torch_randperm(n, data_seed);
+    let cutoff = (n as f64 * frac_train) as usize;
+    let test = perm.split_off(cutoff.min(n));
+    (perm, test)
+}
+
+/// The demo's loss: last-position logits cast to f64, log-softmax, mean negative log-likelihood.
+/// `logits` is [N, V] (already the last position).
+pub fn loss(logits: ArrayView2<f32>, labels: &[u32]) -> f64 {
+    assert_eq!(logits.nrows(), labels.len(), "one label per row");
+    let total: f64 = logits
+        .outer_iter()
+        .zip(labels)
+        .map(|(row, &y)| {
+            let m = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+            let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+            lse - row[y as usize] as f64
+        })
+        .sum();
+    total / labels.len() as f64
+}
+
+/// Fraction of rows whose argmax (first maximum, as torch) is the label.
+pub fn accuracy(logits: ArrayView2<f32>, labels: &[u32]) -> f64 {
+    let correct = logits
+        .outer_iter()
+        .zip(labels)
+        .filter(|(row, &y)| argmax(row.as_slice().unwrap_or(&row.to_vec())) == y as usize)
+        .count();
+    correct as f64 / labels.len() as f64
+}
+
+/// Index of the first maximum.
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mt19937_matches_the_reference_stream() {
+        // The reference MT19937 with init_genrand(5489): first outputs 3499211612, 581869302.
+        let mut g = Mt19937::new(5489);
+        assert_eq!(g.next_u32(), 3_499_211_612);
+        assert_eq!(g.next_u32(), 581_869_302);
+        // 10000th output (a standard check value of the C++ std::mt19937).
+        let mut g = Mt19937::new(5489);
+        let mut last = 0;
+        for _ in 0..10_000 {
+            last = g.next_u32();
+        }
+        assert_eq!(last, 4_123_659_995);
+    }
+}
