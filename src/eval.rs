@@ -91,29 +91,24 @@ pub fn last_logits_fast(model: &HookedTransformer<Cpu>, tokens: &Array2<u32>) ->
     let q_tab = be.head_linear(&x_in, f("blocks.0.attn.W_Q")?, f("blocks.0.attn.b_Q")?)?; // [P,V,H,E]
     let k_tab = be.head_linear(&x_in, f("blocks.0.attn.W_K")?, f("blocks.0.attn.b_K")?)?;
     let v_tab = be.head_linear(&x_in, f("blocks.0.attn.W_V")?, f("blocks.0.attn.b_V")?)?;
-    let ov_tab = be.attn_result(&v_tab, f("blocks.0.attn.W_O")?)?; // [P,V,H,D]
-    let b_o = f("blocks.0.attn.b_O")?.view().into_dimensionality::<ndarray::Ix1>().expect("[D]");
     let scale = model.layer_attn_scale(0);
     let last = p - 1;
+    let e = cfg.d_head();
 
-    // Per input: attention of the last position; resid_mid = x_last + attn_out.
-    let mut resid_mid = Array2::<f32>::zeros((n, d));
-    resid_mid
-        .axis_chunks_iter_mut(Axis(0), 256)
+    // Per input: the last position's pattern over keys and z = Σ_j pattern·v (TL's order).
+    let mut z = Array2::<f32>::zeros((n, h * e));
+    z.axis_chunks_iter_mut(Axis(0), 256)
         .into_par_iter()
         .zip(tokens.axis_chunks_iter(Axis(0), 256))
         .for_each(|(mut out, toks)| {
             let mut scores = vec![0f32; p];
             for (mut row, t) in out.outer_iter_mut().zip(toks.outer_iter()) {
                 let tl = t[last] as usize;
-                row.assign(&x_tab.slice(s![last, tl, ..]));
-                row += &b_o;
                 for hi in 0..h {
                     let q = q_tab.slice(s![last, tl, hi, ..]);
                     // The last query attends to every key (j ≤ last), causal or not.
                     for (j, sc) in scores.iter_mut().enumerate() {
-                        let k = k_tab.slice(s![j, t[j] as usize, hi, ..]);
-                        *sc = q.dot(&k) / scale;
+                        *sc = q.dot(&k_tab.slice(s![j, t[j] as usize, hi, ..])) / scale;
                     }
                     let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let mut sum = 0.0;
@@ -121,16 +116,22 @@ pub fn last_logits_fast(model: &HookedTransformer<Cpu>, tokens: &Array2<u32>) ->
                         *sc = (*sc - m).exp();
                         sum += *sc;
                     }
+                    let mut zh = row.slice_mut(s![hi * e..(hi + 1) * e]);
                     for (j, sc) in scores.iter().enumerate() {
-                        let w = sc / sum;
-                        row.scaled_add(w, &ov_tab.slice(s![j, t[j] as usize, hi, ..]));
+                        zh.scaled_add(sc / sum, &v_tab.slice(s![j, t[j] as usize, hi, ..]));
                     }
                 }
             }
         });
+    // attn_out = z @ W_O (flattened) + b_O, batched; resid_mid = x_last + attn_out.
+    let w_o = f("blocks.0.attn.W_O")?;
+    let w_o_flat = w_o.view().into_shape_with_order(IxDyn(&[h * e, d])).expect("W_O [H, E, D]").to_owned();
+    let attn_out = be.linear(&z.into_dyn(), &w_o_flat, Some(f("blocks.0.attn.b_O")?))?;
+    let x_last: Vec<usize> = tokens.column(last).iter().map(|&t| t as usize).collect();
+    let x_last = x_tab.index_axis(Axis(0), last).select(Axis(0), &x_last).into_dyn();
+    let resid_mid = be.add(&x_last, &attn_out)?;
 
     // ln2 → MLP → resid_post → ln_final → unembed, batched over the last position.
-    let resid_mid = resid_mid.into_dyn();
     let resid_post = if cfg.attn_only {
         resid_mid
     } else {

@@ -165,16 +165,10 @@ pub fn fuzz(target: Target, seeds: &[Vec<u8>], iters: u64, seed: u64) -> Report 
 pub fn pickles_of(files: &[Vec<u8>]) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     for f in files {
-        let Ok(mut z) = zip::ZipArchive::new(std::io::Cursor::new(&f[..])) else {
-            continue;
-        };
-        for i in 0..z.len() {
-            let Ok(e) = z.by_index_raw(i) else { continue };
-            if e.name().is_ok_and(|n| n.ends_with("data.pkl")) {
-                if let Some(s) = e.data_start() {
-                    let (s, n) = (s as usize, e.compressed_size() as usize);
-                    out.push(f[s..s + n].to_vec());
-                }
+        let Ok(cd) = crate::io::zipdir::central_directory(f) else { continue };
+        for e in cd.iter().filter(|e| e.name.ends_with("data.pkl")) {
+            if let Ok(r) = crate::io::zipdir::data_range(f, &e.name, e.header_start, e.compressed_size) {
+                out.push(f[r].to_vec());
             }
         }
     }

@@ -8,6 +8,7 @@ pub mod npz;
 pub mod pickle;
 pub mod safetensors;
 pub mod torch;
+pub mod zipdir;
 
 use crate::error::{Error, Result};
 use std::ops::Deref;

@@ -8,7 +8,7 @@
 //! not, so alignment is checked, never assumed.
 
 use super::pickle::{unpickle, Limits, Pickler, Value};
-use super::{Format, Source};
+use super::{zipdir, Format, Source};
 use crate::error::{Error, Result, WithPath};
 use crate::tensor::{
     tensor_from_storage, view_storage, DType, Element, StorageRef, Tensor, TensorRef,
@@ -69,38 +69,6 @@ impl Loc {
     }
 }
 
-/// The data range of a stored zip entry, from its local header (30 bytes + name + extra field;
-/// sizes are taken from the central directory, since local headers may hold zeros).
-fn zip_data_range(source: &[u8], name: &str, header_start: u64, size: u64) -> Result<Range<usize>> {
-    let len = source.len() as u64;
-    let h = header_start as usize;
-    let hdr = source
-        .get(h..h.saturating_add(30))
-        .filter(|_| header_start < len)
-        .ok_or_else(|| Error::Truncated {
-            what: format!("local header of zip entry '{name}'"),
-            needed: header_start.saturating_add(30),
-            available: len,
-        })?;
-    if &hdr[..4] != b"PK\x03\x04" {
-        return Err(Error::Zip(format!(
-            "entry '{name}': bad local header signature"
-        )));
-    }
-    let name_len = u16::from_le_bytes([hdr[26], hdr[27]]) as u64;
-    let extra_len = u16::from_le_bytes([hdr[28], hdr[29]]) as u64;
-    let start = header_start + 30 + name_len + extra_len;
-    let end = start
-        .checked_add(size)
-        .filter(|&e| e <= len)
-        .ok_or_else(|| Error::Truncated {
-            what: format!("zip entry '{name}'"),
-            needed: start.saturating_add(size),
-            available: len,
-        })?;
-    Ok(start as usize..end as usize)
-}
-
 const LEGACY_MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
 
 impl TorchFile {
@@ -139,7 +107,7 @@ impl TorchFile {
         let range = match self.storages.get(key) {
             Some(Loc::Range(r)) => r.clone(),
             Some(&Loc::ZipEntry { header_start, size }) => {
-                zip_data_range(&self.source, &format!("data/{key}"), header_start, size)?
+                zipdir::data_range(&self.source, &format!("data/{key}"), header_start, size)?
             }
             None => return Err(Error::MissingRecord(format!("data/{key}"))),
         };
@@ -253,25 +221,16 @@ pub fn storage_from_pid(pid: Value, pos: usize, legacy: bool) -> Result<StorageR
 }
 
 fn parse_zip(source: Source, limits: &Limits) -> Result<TorchFile> {
-    use zip::HasZipMetadata;
-    let archive =
-        zip::ZipArchive::new(Cursor::new(&source[..])).map_err(|e| Error::Zip(e.to_string()))?;
     // Central directory only: local headers are read when an entry's data is needed.
-    let mut entries: HashMap<String, (u64, u64)> = HashMap::with_capacity(archive.len());
+    let cd = zipdir::central_directory(&source)?;
+    let mut entries: HashMap<String, (u64, u64)> = HashMap::with_capacity(cd.len());
     let mut pkl: Option<String> = None;
-    for i in 0..archive.len() {
-        let e = archive
-            .by_index_data(i)
-            .map_err(|e| Error::Zip(e.to_string()))?;
-        let m = e.get_metadata();
-        let name = e
-            .name()
-            .map_err(|e| Error::Zip(e.to_string()))?
-            .into_owned();
-        if m.compression_method != zip::CompressionMethod::Stored {
+    for e in cd {
+        let name = e.name;
+        if e.method != 0 {
             return Err(Error::Zip(format!(
-                "entry '{name}' is compressed ({:?}); torch writes only stored entries",
-                m.compression_method
+                "entry '{name}' is compressed (method {}); torch writes only stored entries",
+                e.method
             )));
         }
         if name == "data.pkl" || name.ends_with("/data.pkl") {
@@ -280,7 +239,7 @@ fn parse_zip(source: Source, limits: &Limits) -> Result<TorchFile> {
                 pkl = Some(name.clone());
             }
         }
-        entries.insert(name, (m.header_start, m.compressed_size));
+        entries.insert(name, (e.header_start, e.compressed_size));
     }
     let pkl_name = pkl.ok_or_else(|| Error::MissingRecord("data.pkl".into()))?;
     let prefix = pkl_name[..pkl_name.len() - "data.pkl".len()].to_string();
@@ -288,7 +247,7 @@ fn parse_zip(source: Source, limits: &Limits) -> Result<TorchFile> {
         let name = format!("{prefix}{n}");
         match entries.get(&name) {
             Some(&(h, size)) => {
-                let r = zip_data_range(&source, &name, h, size)?;
+                let r = zipdir::data_range(&source, &name, h, size)?;
                 Ok(Some(String::from_utf8_lossy(&source[r]).trim().to_string()))
             }
             None => Ok(None),
@@ -312,7 +271,7 @@ fn parse_zip(source: Source, limits: &Limits) -> Result<TorchFile> {
         }
     };
     let (h, size) = entries[&pkl_name];
-    let pkl_range = zip_data_range(&source, &pkl_name, h, size)?;
+    let pkl_range = zipdir::data_range(&source, &pkl_name, h, size)?;
     let data_prefix = format!("{prefix}data/");
     let storages: HashMap<String, Loc> = entries
         .into_iter()
