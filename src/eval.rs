@@ -22,7 +22,10 @@ pub fn task_p(model_cfg: &crate::HookedTransformerConfig) -> usize {
 }
 
 /// Last-position logits [N, d_vocab_out] through the hooked forward pass.
-pub fn last_logits_general<B: Backend>(model: &HookedTransformer<B>, tokens: &Array2<u32>) -> Result<Array2<f32>> {
+pub fn last_logits_general<B: Backend>(
+    model: &HookedTransformer<B>,
+    tokens: &Array2<u32>,
+) -> Result<Array2<f32>> {
     let logits = model.forward(tokens)?;
     let p = logits.shape()[1];
     Ok(logits
@@ -48,9 +51,14 @@ pub fn last_logits(model: &HookedTransformer<Cpu>, tokens: &Array2<u32>) -> Resu
 }
 
 /// The tabulated evaluation of a 1-layer model (see the module docs).
-pub fn last_logits_fast(model: &HookedTransformer<Cpu>, tokens: &Array2<u32>) -> Result<Array2<f32>> {
+pub fn last_logits_fast(
+    model: &HookedTransformer<Cpu>,
+    tokens: &Array2<u32>,
+) -> Result<Array2<f32>> {
     if !fast_path_applies(model) {
-        return Err(Error::Unsupported("the fast path needs a 1-layer model without split inputs".into()));
+        return Err(Error::Unsupported(
+            "the fast path needs a 1-layer model without split inputs".into(),
+        ));
     }
     let cfg = &model.cfg;
     let sd = &model.state_dict;
@@ -58,10 +66,16 @@ pub fn last_logits_fast(model: &HookedTransformer<Cpu>, tokens: &Array2<u32>) ->
     let (n, p) = tokens.dim();
     let (v, d, h) = (cfg.d_vocab(), cfg.d_model(), cfg.n_heads());
     if p == 0 || p > cfg.n_ctx() {
-        return Err(Error::invalid("tokens", format!("{p} positions (n_ctx {})", cfg.n_ctx())));
+        return Err(Error::invalid(
+            "tokens",
+            format!("{p} positions (n_ctx {})", cfg.n_ctx()),
+        ));
     }
     if let Some(&t) = tokens.iter().find(|&&t| t as usize >= v) {
-        return Err(Error::invalid("tokens", format!("token {t} out of range for d_vocab {v}")));
+        return Err(Error::invalid(
+            "tokens",
+            format!("token {t} out of range for d_vocab {v}"),
+        ));
     }
     let f = |name: &str| sd.array::<f32>(name, None);
     let norm = model.normalization();
@@ -72,7 +86,11 @@ pub fn last_logits_fast(model: &HookedTransformer<Cpu>, tokens: &Array2<u32>) ->
         }
         let (y, _) = be.normalize(x, matches!(kind, NormKind::LN | NormKind::LNPre), eps)?;
         match kind {
-            NormKind::LN => be.affine(&y, f(&format!("{prefix}.w"))?, Some(f(&format!("{prefix}.b"))?)),
+            NormKind::LN => be.affine(
+                &y,
+                f(&format!("{prefix}.w"))?,
+                Some(f(&format!("{prefix}.b"))?),
+            ),
             NormKind::RMS => be.affine(&y, f(&format!("{prefix}.w"))?, None),
             _ => Ok(y),
         }
@@ -125,10 +143,17 @@ pub fn last_logits_fast(model: &HookedTransformer<Cpu>, tokens: &Array2<u32>) ->
         });
     // attn_out = z @ W_O (flattened) + b_O, batched; resid_mid = x_last + attn_out.
     let w_o = f("blocks.0.attn.W_O")?;
-    let w_o_flat = w_o.view().into_shape_with_order(IxDyn(&[h * e, d])).expect("W_O [H, E, D]").to_owned();
+    let w_o_flat = w_o
+        .view()
+        .into_shape_with_order(IxDyn(&[h * e, d]))
+        .expect("W_O [H, E, D]")
+        .to_owned();
     let attn_out = be.linear(&z.into_dyn(), &w_o_flat, Some(f("blocks.0.attn.b_O")?))?;
     let x_last: Vec<usize> = tokens.column(last).iter().map(|&t| t as usize).collect();
-    let x_last = x_tab.index_axis(Axis(0), last).select(Axis(0), &x_last).into_dyn();
+    let x_last = x_tab
+        .index_axis(Axis(0), last)
+        .select(Axis(0), &x_last)
+        .into_dyn();
     let resid_mid = be.add(&x_last, &attn_out)?;
 
     // ln2 → MLP → resid_post → ln_final → unembed, batched over the last position.
@@ -137,13 +162,25 @@ pub fn last_logits_fast(model: &HookedTransformer<Cpu>, tokens: &Array2<u32>) ->
     } else {
         let x = apply_norm(&resid_mid, "blocks.0.ln2", norm)?;
         let pre = be.linear(&x, f("blocks.0.mlp.W_in")?, Some(f("blocks.0.mlp.b_in")?))?;
-        let act = cfg.act_fn.as_deref().and_then(Activation::from_name).expect("checked at construction");
+        let act = cfg
+            .act_fn
+            .as_deref()
+            .and_then(Activation::from_name)
+            .expect("checked at construction");
         let mut post = be.activation(&pre, act)?;
         if cfg.act_fn.as_deref() == Some("solu_ln") {
-            let kind = if norm == NormKind::LN { NormKind::LN } else { NormKind::LNPre };
+            let kind = if norm == NormKind::LN {
+                NormKind::LN
+            } else {
+                NormKind::LNPre
+            };
             post = apply_norm(&post, "blocks.0.mlp.ln", kind)?;
         }
-        let mlp_out = be.linear(&post, f("blocks.0.mlp.W_out")?, Some(f("blocks.0.mlp.b_out")?))?;
+        let mlp_out = be.linear(
+            &post,
+            f("blocks.0.mlp.W_out")?,
+            Some(f("blocks.0.mlp.b_out")?),
+        )?;
         be.add(&resid_mid, &mlp_out)?
     };
     let resid = apply_norm(&resid_post, "ln_final", norm)?;
@@ -171,11 +208,17 @@ pub fn evaluate(model: &HookedTransformer<Cpu>, train: &[i64], test: &[i64]) -> 
         let mut rows = Vec::with_capacity(idx.len());
         for &i in idx {
             if i < 0 || i as usize >= labels.len() {
-                return Err(Error::invalid("indices", format!("index {i} outside 0..{}", labels.len())));
+                return Err(Error::invalid(
+                    "indices",
+                    format!("index {i} outside 0..{}", labels.len()),
+                ));
             }
             rows.push(i as usize);
         }
-        Ok((logits.select(Axis(0), &rows), rows.iter().map(|&i| labels[i]).collect()))
+        Ok((
+            logits.select(Axis(0), &rows),
+            rows.iter().map(|&i| labels[i]).collect(),
+        ))
     };
     let (tr_l, tr_y) = subset(train)?;
     let (te_l, te_y) = subset(test)?;

@@ -165,9 +165,13 @@ pub fn fuzz(target: Target, seeds: &[Vec<u8>], iters: u64, seed: u64) -> Report 
 pub fn pickles_of(files: &[Vec<u8>]) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     for f in files {
-        let Ok(cd) = crate::io::zipdir::central_directory(f) else { continue };
+        let Ok(cd) = crate::io::zipdir::central_directory(f) else {
+            continue;
+        };
         for e in cd.iter().filter(|e| e.name.ends_with("data.pkl")) {
-            if let Ok(r) = crate::io::zipdir::data_range(f, &e.name, e.header_start, e.compressed_size) {
+            if let Ok(r) =
+                crate::io::zipdir::data_range(f, &e.name, e.header_start, e.compressed_size)
+            {
                 out.push(f[r].to_vec());
             }
         }

@@ -169,3 +169,164 @@ fn demo_runs_on_the_shipped_fixture() {
     assert!(out.contains("demo_p113.pth"), "{out}");
     assert!(out.contains("d_vocab 114 d_vocab_out 113"), "{out}");
 }
+
+#[test]
+fn predict_prints_pytorchs_argmax() {
+    let mut npz =
+        tlens::io::npz::NpzReader::open(fixture("activations/demo_p113_full.npz")).unwrap();
+    let argmax = npz.array::<i64>("argmax").unwrap();
+    let file = fixture("demo_p113.pth");
+    for (a, b) in [(37usize, 58usize), (0, 0), (112, 112), (5, 100)] {
+        let (code, out, err) = tlens(&[
+            "predict",
+            file.to_str().unwrap(),
+            &a.to_string(),
+            &b.to_string(),
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let want = argmax[a * 113 + b];
+        assert!(
+            out.starts_with(&format!("{a} + {b} mod 113 = {want} ")),
+            "{out}"
+        );
+        assert!(out.contains("(p = 0."), "{out}");
+    }
+    let (code, _, err) = tlens(&["predict", file.to_str().unwrap(), "1", "113"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("below p = 113"), "{err}");
+    let (code, _, err) = tlens(&[
+        "predict",
+        file.to_str().unwrap(),
+        "1",
+        "2",
+        "--checkpoint",
+        "150",
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("no checkpoint at epoch 150") && err.contains("[99, 199, 299]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn eval_json_matches_transformer_lens() {
+    let m = manifest();
+    let file = fixture("demo_p113.pth");
+    let keys = [
+        "train_loss",
+        "test_loss",
+        "full_loss",
+        "train_accuracy",
+        "test_accuracy",
+        "accuracy",
+    ];
+    let close = |got: &Json, want: &Json| {
+        for k in keys {
+            let (g, w) = (got[k].as_f64().unwrap(), want[k].as_f64().unwrap());
+            assert!((g - w).abs() <= 1e-6 * w.abs(), "{k}: {g} vs {w}");
+        }
+    };
+    let (code, out, err) = tlens(&["eval", file.to_str().unwrap(), "--json"]);
+    assert_eq!(code, 0, "{err}");
+    close(
+        &serde_json::from_str(&out).unwrap(),
+        &m["forward"]["demo_p113_eval"]["final"],
+    );
+    let (code, out, _) = tlens(&[
+        "eval",
+        file.to_str().unwrap(),
+        "--all-checkpoints",
+        "--json",
+    ]);
+    assert_eq!(code, 0);
+    let list: Vec<Json> = serde_json::from_str(&out).unwrap();
+    assert_eq!(list.len(), 3);
+    for (i, row) in list.iter().enumerate() {
+        assert_eq!(row["epoch"], m["demo_p113"]["checkpoint_epochs"][i]);
+        close(row, &m["forward"]["demo_p113_eval"]["checkpoints"][i]);
+    }
+    let (code, out, _) = tlens(&[
+        "eval",
+        file.to_str().unwrap(),
+        "--checkpoint",
+        "199",
+        "--json",
+    ]);
+    assert_eq!(code, 0);
+    close(
+        &serde_json::from_str(&out).unwrap(),
+        &m["forward"]["demo_p113_eval"]["checkpoints"][1],
+    );
+    let (code, out, _) = tlens(&["eval", file.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(out.contains("train_loss") && out.contains("final"), "{out}");
+}
+
+#[test]
+fn cache_writes_every_hook_as_npz() {
+    let dir = std::env::temp_dir().join(format!("tlens-cache-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("acts.npz");
+    let file = fixture("demo_p113.pth");
+    let (code, _, err) = tlens(&[
+        "cache",
+        file.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--inputs",
+        "37,58; 1,2",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let mut npz = tlens::io::npz::NpzReader::open(&out).unwrap();
+    let names = npz.names();
+    let m = manifest();
+    let hooks: Vec<String> =
+        serde_json::from_value(m["forward"]["demo_p113"]["hook_names"].clone()).unwrap();
+    assert_eq!(names[..hooks.len()], hooks[..], "TL names in firing order");
+    assert_eq!(npz.array::<f32>("logits").unwrap().shape(), &[2, 3, 113]);
+    assert_eq!(
+        npz.array::<f32>("blocks.0.attn.hook_pattern")
+            .unwrap()
+            .shape(),
+        &[2, 4, 3, 3]
+    );
+    let tokens = npz.array::<i64>("tokens").unwrap();
+    assert_eq!(
+        tokens.iter().copied().collect::<Vec<_>>(),
+        vec![37, 58, 113, 1, 2, 113]
+    );
+    // A names filter keeps only matching hooks (shorthand or substring).
+    let (code, _, _) = tlens(&[
+        "cache",
+        file.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--inputs",
+        "3,4",
+        "--names",
+        "pattern,hook_post",
+    ]);
+    assert_eq!(code, 0);
+    let names = tlens::io::npz::NpzReader::open(&out).unwrap().names();
+    assert_eq!(
+        names,
+        [
+            "blocks.0.attn.hook_pattern",
+            "blocks.0.mlp.hook_post",
+            "logits",
+            "tokens"
+        ]
+    );
+    let (code, _, err) = tlens(&[
+        "cache",
+        file.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--inputs",
+        "3",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("expected 'a,b'"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

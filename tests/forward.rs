@@ -54,16 +54,25 @@ fn check_case(name: &str, model_file: &str) {
     let mut npz = NpzReader::open(fixture(&format!("activations/{name}.npz"))).unwrap();
     let tokens = tokens_of(&mut npz, "tokens");
     let (logits, cache) = model.run_with_cache(&tokens, None).unwrap();
-    let want_names: Vec<String> = serde_json::from_value(m["forward"][name]["hook_names"].clone()).unwrap();
+    let want_names: Vec<String> =
+        serde_json::from_value(m["forward"][name]["hook_names"].clone()).unwrap();
     let got_names: Vec<&str> = cache.names().collect();
     assert_eq!(got_names, want_names, "{name}: hook names in firing order");
     assert_eq!(model.hook_names(), want_names, "{name}: hook_names()");
     for hook in &want_names {
         let want = npz.array::<f32>(hook).unwrap();
-        let d = max_rel_diff(cache.get(hook.as_str()).unwrap(), &want, &format!("{name} {hook}"));
+        let d = max_rel_diff(
+            cache.get(hook.as_str()).unwrap(),
+            &want,
+            &format!("{name} {hook}"),
+        );
         assert!(d <= 1e-5, "{name} {hook}: max diff {d:e}");
     }
-    let d = max_rel_diff(&logits, &npz.array::<f32>("logits").unwrap(), &format!("{name} logits"));
+    let d = max_rel_diff(
+        &logits,
+        &npz.array::<f32>("logits").unwrap(),
+        &format!("{name} logits"),
+    );
     assert!(d <= 1e-5, "{name} logits: max diff {d:e}");
 }
 
@@ -87,7 +96,11 @@ fn cache_lookups_use_tl_shorthand() {
     let (_, cache) = model.run_with_cache(&tokens, None).unwrap();
     let pattern = npz.array::<f32>("blocks.0.attn.hook_pattern").unwrap();
     assert_eq!(cache[("pattern", 0)].shape(), pattern.shape());
-    assert_eq!(cache[("pattern", 0)].shape(), &[3, 4, 8, 8], "[batch, head, query, key]");
+    assert_eq!(
+        cache[("pattern", 0)].shape(),
+        &[3, 4, 8, 8],
+        "[batch, head, query, key]"
+    );
     assert_eq!(&cache[("attn", 0)], &cache["blocks.0.attn.hook_pattern"]);
     assert_eq!(&cache[("post", 0, "mlp")], &cache["blocks.0.mlp.hook_post"]);
     assert_eq!(&cache[("resid_mid", -1)], &cache["blocks.1.hook_resid_mid"]);
@@ -127,7 +140,8 @@ fn hooks_ablate_and_patch_like_transformer_lens() {
     let src = cache2["blocks.1.hook_resid_mid"].clone();
     let mut hooks = [Hook::new("blocks.1.hook_resid_mid", move |x, _| {
         let mut x = x.clone();
-        x.index_axis_mut(Axis(1), 2).assign(&src.index_axis(Axis(1), 2));
+        x.index_axis_mut(Axis(1), 2)
+            .assign(&src.index_axis(Axis(1), 2));
         Some(x)
     })];
     let patched = model.run_with_hooks(&tokens, &mut hooks).unwrap();
@@ -138,15 +152,23 @@ fn hooks_ablate_and_patch_like_transformer_lens() {
     assert_eq!(model.forward(&tokens).unwrap(), clean);
     // A hook that reads without replacing changes nothing; one with a wrong shape is an error.
     let mut seen = 0;
-    let mut hooks = [Hook::filtered(|n| n.ends_with("hook_pattern"), |_, _| {
-        seen += 1;
-        None
-    })];
+    let mut hooks = [Hook::filtered(
+        |n| n.ends_with("hook_pattern"),
+        |_, _| {
+            seen += 1;
+            None
+        },
+    )];
     assert_eq!(model.run_with_hooks(&tokens, &mut hooks).unwrap(), clean);
     drop(hooks);
     assert_eq!(seen, 2);
-    let mut hooks = [Hook::new("hook_embed", |_, _| Some(ArrayD::zeros(ndarray::IxDyn(&[1]))))];
-    assert!(matches!(model.run_with_hooks(&tokens, &mut hooks), Err(tlens::Error::Shape { .. })));
+    let mut hooks = [Hook::new("hook_embed", |_, _| {
+        Some(ArrayD::zeros(ndarray::IxDyn(&[1])))
+    })];
+    assert!(matches!(
+        model.run_with_hooks(&tokens, &mut hooks),
+        Err(tlens::Error::Shape { .. })
+    ));
 }
 
 #[test]
@@ -159,10 +181,18 @@ fn replacing_ln_scale_changes_the_division_as_in_tl() {
     let (_, cache) = model.run_with_cache(&tokens, None).unwrap();
     let scale = cache["blocks.0.ln2.hook_scale"].clone();
     let mut hooks = [Hook::new("blocks.0.ln2.hook_scale", |s, _| Some(s * 2.0))];
-    let (_, hooked) = model.run_with_hooks_and_cache(&tokens, &mut hooks, None).unwrap();
+    let (_, hooked) = model
+        .run_with_hooks_and_cache(&tokens, &mut hooks, None)
+        .unwrap();
     let normalized = &cache["blocks.0.ln2.hook_normalized"];
-    let w = model.state_dict.array::<f32>("blocks.0.ln2.w", None).unwrap();
-    let b = model.state_dict.array::<f32>("blocks.0.ln2.b", None).unwrap();
+    let w = model
+        .state_dict
+        .array::<f32>("blocks.0.ln2.w", None)
+        .unwrap();
+    let b = model
+        .state_dict
+        .array::<f32>("blocks.0.ln2.b", None)
+        .unwrap();
     // (x̂·w + b) with x̂ halved: ((n − b)/w)/2·w + b
     let want = (((normalized - b) / w) / 2.0) * w + b;
     assert!(max_rel_diff(&hooked["blocks.0.ln2.hook_normalized"], &want, "scale hook") <= 1e-5);
@@ -176,7 +206,12 @@ fn full_dataset_logits_and_losses_match_transformer_lens() {
     let model = HookedTransformer::new(run.config.clone().unwrap(), run.model().unwrap()).unwrap();
     let (tokens, _) = tlens::task::modular_addition(113);
     let mut npz = NpzReader::open(fixture("activations/demo_p113_full.npz")).unwrap();
-    let rows: Vec<usize> = npz.array::<i64>("sample_rows").unwrap().iter().map(|&r| r as usize).collect();
+    let rows: Vec<usize> = npz
+        .array::<i64>("sample_rows")
+        .unwrap()
+        .iter()
+        .map(|&r| r as usize)
+        .collect();
     let sample = npz.array::<f32>("sample_logits").unwrap();
     let row_max = npz.array::<f32>("row_max").unwrap();
     let argmax = npz.array::<i64>("argmax").unwrap();
@@ -189,41 +224,82 @@ fn full_dataset_logits_and_losses_match_transformer_lens() {
         let got = logits.select(Axis(0), &rows);
         for (r, (g, w)) in got.outer_iter().zip(sample.outer_iter()).enumerate() {
             let scale = w.iter().fold(1f32, |m, &x| m.max(x.abs()));
-            let d = g.iter().zip(w.iter()).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(d <= 1e-5 * scale, "{path} sampled row {r}: {d:e} (row scale {scale})");
+            let d = g
+                .iter()
+                .zip(w.iter())
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                d <= 1e-5 * scale,
+                "{path} sampled row {r}: {d:e} (row scale {scale})"
+            );
         }
         for (i, row) in logits.outer_iter().enumerate() {
             let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            assert!((mx - row_max[i]).abs() <= 1e-5 * row_max[i].abs().max(1.0), "{path} row {i} max");
+            assert!(
+                (mx - row_max[i]).abs() <= 1e-5 * row_max[i].abs().max(1.0),
+                "{path} row {i} max"
+            );
             // The prediction is PyTorch's argmax on every input (no near-ties here).
-            assert_eq!(tlens::task::argmax(row.as_slice().unwrap()) as i64, argmax[i], "{path} row {i}");
+            assert_eq!(
+                tlens::task::argmax(row.as_slice().unwrap()) as i64,
+                argmax[i],
+                "{path} row {i}"
+            );
         }
     }
     // Losses and accuracies of the final model and every checkpoint, vs TL's float64 values.
     let check = |ev: tlens::eval::Evaluation, want: &serde_json::Value, what: &str| {
         let got = serde_json::to_value(ev).unwrap();
-        for k in ["train_loss", "test_loss", "full_loss", "train_accuracy", "test_accuracy", "accuracy"] {
+        for k in [
+            "train_loss",
+            "test_loss",
+            "full_loss",
+            "train_accuracy",
+            "test_accuracy",
+            "accuracy",
+        ] {
             let (g, w) = (got[k].as_f64().unwrap(), want[k].as_f64().unwrap());
             assert!((g - w).abs() <= 1e-6 * w.abs(), "{what} {k}: {g} vs {w}");
         }
     };
-    let (tr, te) = (run.train_indices.as_ref().unwrap(), run.test_indices.as_ref().unwrap());
-    check(evaluate(&model, tr, te).unwrap(), &m["forward"]["demo_p113_eval"]["final"], "final");
+    let (tr, te) = (
+        run.train_indices.as_ref().unwrap(),
+        run.test_indices.as_ref().unwrap(),
+    );
+    check(
+        evaluate(&model, tr, te).unwrap(),
+        &m["forward"]["demo_p113_eval"]["final"],
+        "final",
+    );
     for i in 0..run.n_checkpoints() {
-        let ck = HookedTransformer::new(run.config.clone().unwrap(), run.checkpoint(i).unwrap()).unwrap();
-        check(evaluate(&ck, tr, te).unwrap(), &m["forward"]["demo_p113_eval"]["checkpoints"][i], "checkpoint");
+        let ck = HookedTransformer::new(run.config.clone().unwrap(), run.checkpoint(i).unwrap())
+            .unwrap();
+        check(
+            evaluate(&ck, tr, te).unwrap(),
+            &m["forward"]["demo_p113_eval"]["checkpoints"][i],
+            "checkpoint",
+        );
     }
 }
 
 #[test]
 fn fast_path_equals_general_path_on_every_1_layer_fixture() {
-    for case in ["rmspre_silu_attn_in", "ln_gelu_fast_solu_noscale", "lnpre_solu_ln", "ln_gelu_tanh"] {
+    for case in [
+        "rmspre_silu_attn_in",
+        "ln_gelu_fast_solu_noscale",
+        "lnpre_solu_ln",
+        "ln_gelu_tanh",
+    ] {
         let model = load_model(&format!("models/{case}.pth"));
         let v = model.cfg.d_vocab() as u32;
         let n_ctx = model.cfg.n_ctx();
-        let tokens = Array2::from_shape_fn((200, n_ctx), |(i, j)| ((i * 7 + j * 3 + i / 5) as u32) % v);
+        let tokens =
+            Array2::from_shape_fn((200, n_ctx), |(i, j)| ((i * 7 + j * 3 + i / 5) as u32) % v);
         if !tlens::eval::fast_path_applies(&model) {
-            assert!(model.cfg.use_attn_in, "{case}: only split-input models fall back");
+            assert!(
+                model.cfg.use_attn_in,
+                "{case}: only split-input models fall back"
+            );
             continue;
         }
         let a = last_logits_fast(&model, &tokens).unwrap().into_dyn();
@@ -236,7 +312,11 @@ fn fast_path_equals_general_path_on_every_1_layer_fixture() {
 fn randperm_matches_torch() {
     let mut npz = NpzReader::open(fixture("activations/randperm.npz")).unwrap();
     for name in npz.names() {
-        let parts: Vec<u64> = name.split('_').skip(1).map(|x| x.parse().unwrap()).collect();
+        let parts: Vec<u64> = name
+            .split('_')
+            .skip(1)
+            .map(|x| x.parse().unwrap())
+            .collect();
         let (seed, n) = (parts[0], parts[1] as usize);
         let want: Vec<i64> = npz.array::<i64>(&name).unwrap().iter().copied().collect();
         assert_eq!(tlens::task::torch_randperm(n, seed), want, "{name}");
@@ -269,13 +349,19 @@ fn unsupported_configs_are_rejected_at_construction() {
     }
     // A wrong shape names the tensor.
     let mut bad = sd.clone();
-    bad.insert("blocks.0.attn.W_Q", tlens::Tensor::F32(ArrayD::zeros(ndarray::IxDyn(&[4, 128, 31]))));
+    bad.insert(
+        "blocks.0.attn.W_Q",
+        tlens::Tensor::F32(ArrayD::zeros(ndarray::IxDyn(&[4, 128, 31]))),
+    );
     match HookedTransformer::new(run.config.clone().unwrap(), bad) {
         Err(tlens::Error::Shape { name, .. }) => assert_eq!(name, "blocks.0.attn.W_Q"),
         other => panic!("{:?}", other.err()),
     }
     let mut extra = sd;
-    extra.insert("blocks.0.attn.W_X", tlens::Tensor::F32(ArrayD::zeros(ndarray::IxDyn(&[1]))));
+    extra.insert(
+        "blocks.0.attn.W_X",
+        tlens::Tensor::F32(ArrayD::zeros(ndarray::IxDyn(&[1]))),
+    );
     assert!(matches!(
         HookedTransformer::new(run.config.clone().unwrap(), extra),
         Err(tlens::Error::Invalid { .. })

@@ -8,8 +8,8 @@ use super::{Activation, Backend};
 use crate::error::{Error, Result};
 use ndarray::linalg::general_mat_mul;
 use ndarray::parallel::prelude::*;
-use rayon::prelude::*;
 use ndarray::{s, Array2, Array4, ArrayD, ArrayView2, ArrayViewMut2, Axis, Ix4, IxDyn, Zip};
+use rayon::prelude::*;
 
 /// The CPU backend (stateless).
 #[derive(Clone, Copy, Debug, Default)]
@@ -25,8 +25,10 @@ fn shape_err(op: &str, msg: String) -> Error {
 /// View `x` as a 2-D [N, K] matrix over its last axis (x must be in standard layout).
 fn rows(x: &ArrayD<f32>) -> ArrayView2<'_, f32> {
     let k = *x.shape().last().unwrap_or(&1);
-    let n = if k == 0 { 0 } else { x.len() / k };
-    x.view().into_shape_with_order((n, k)).expect("standard layout")
+    let n = x.len().checked_div(k).unwrap_or(0);
+    x.view()
+        .into_shape_with_order((n, k))
+        .expect("standard layout")
 }
 
 fn std_layout(x: &ArrayD<f32>) -> std::borrow::Cow<'_, ArrayD<f32>> {
@@ -90,7 +92,8 @@ fn erf(x: f64) -> f64 {
                         + t * (-0.186_288_06
                             + t * (0.278_868_07
                                 + t * (-1.135_203_98
-                                    + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+                                    + t * (1.488_515_87
+                                        + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
             .exp();
     let mut e = 1.0 - r;
     if z < 2.0 {
@@ -123,7 +126,9 @@ fn act_scalar(act: Activation, x: f32) -> f32 {
             let c = (2.0f32 / std::f32::consts::PI).sqrt();
             0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
         }
-        Activation::GeluFast => 0.5 * x * (1.0 + (x * 0.797_884_56 * (1.0 + 0.044715 * x * x)).tanh()),
+        Activation::GeluFast => {
+            0.5 * x * (1.0 + (x * 0.797_884_6 * (1.0 + 0.044715 * x * x)).tanh())
+        }
         Activation::Silu => x / (1.0 + (-x).exp()),
         Activation::Solu => unreachable!("row-wise"),
     }
@@ -171,68 +176,116 @@ impl Backend for Cpu {
         let mut out = Array2::<f32>::zeros((b * p, d));
         for (mut row, &t) in out.rows_mut().into_iter().zip(tokens.iter()) {
             if t as usize >= v {
-                return Err(Error::invalid("tokens", format!("token {t} out of range for d_vocab {v}")));
+                return Err(Error::invalid(
+                    "tokens",
+                    format!("token {t} out of range for d_vocab {v}"),
+                ));
             }
             row.assign(&w_e.slice(s![t as usize, ..]));
         }
-        Ok(out.into_shape_with_order(IxDyn(&[b, p, d])).expect("sizes match"))
+        Ok(out
+            .into_shape_with_order(IxDyn(&[b, p, d]))
+            .expect("sizes match"))
     }
 
     fn pos_embed(&self, w_pos: &ArrayD<f32>, batch: usize, pos: usize) -> Result<ArrayD<f32>> {
         let (n_ctx, d) = (w_pos.shape()[0], w_pos.shape()[1]);
         if pos > n_ctx {
-            return Err(Error::invalid("tokens", format!("{pos} positions but n_ctx is {n_ctx}")));
+            return Err(Error::invalid(
+                "tokens",
+                format!("{pos} positions but n_ctx is {n_ctx}"),
+            ));
         }
         let rows = w_pos.slice(s![..pos, ..]);
-        let out = rows.broadcast((batch, pos, d)).expect("broadcast over batch").to_owned();
+        let out = rows
+            .broadcast((batch, pos, d))
+            .expect("broadcast over batch")
+            .to_owned();
         Ok(out.into_dyn())
     }
 
     fn add(&self, a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         if a.shape() != b.shape() {
-            return Err(shape_err("add", format!("{:?} vs {:?}", a.shape(), b.shape())));
+            return Err(shape_err(
+                "add",
+                format!("{:?} vs {:?}", a.shape(), b.shape()),
+            ));
         }
         let mut out = std_layout(a).into_owned();
         Zip::from(&mut out).and(b).par_for_each(|o, &b| *o += b);
         Ok(out)
     }
 
-    fn linear(&self, x: &ArrayD<f32>, w: &ArrayD<f32>, b: Option<&ArrayD<f32>>) -> Result<ArrayD<f32>> {
+    fn linear(
+        &self,
+        x: &ArrayD<f32>,
+        w: &ArrayD<f32>,
+        b: Option<&ArrayD<f32>>,
+    ) -> Result<ArrayD<f32>> {
         let x = std_layout(x);
         let (k, n) = (w.shape()[0], w.shape()[1]);
         if x.shape().last() != Some(&k) {
-            return Err(shape_err("linear", format!("input {:?} vs weight {:?}", x.shape(), w.shape())));
+            return Err(shape_err(
+                "linear",
+                format!("input {:?} vs weight {:?}", x.shape(), w.shape()),
+            ));
         }
-        let w2 = w.view().into_dimensionality::<ndarray::Ix2>().expect("2-D weight");
+        let w2 = w
+            .view()
+            .into_dimensionality::<ndarray::Ix2>()
+            .expect("2-D weight");
         let mut out = matmul(rows(&x), w2);
         if let Some(b) = b {
-            let b = b.view().into_dimensionality::<ndarray::Ix1>().expect("1-D bias");
-            out.axis_chunks_iter_mut(Axis(0), ROWS).into_par_iter().for_each(|mut c| c += &b);
+            let b = b
+                .view()
+                .into_dimensionality::<ndarray::Ix1>()
+                .expect("1-D bias");
+            out.axis_chunks_iter_mut(Axis(0), ROWS)
+                .into_par_iter()
+                .for_each(|mut c| c += &b);
         }
         let mut shape = x.shape().to_vec();
         *shape.last_mut().expect("non-empty") = n;
-        Ok(out.into_shape_with_order(IxDyn(&shape)).expect("sizes match"))
+        Ok(out
+            .into_shape_with_order(IxDyn(&shape))
+            .expect("sizes match"))
     }
 
-    fn head_linear(&self, x: &ArrayD<f32>, w: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+    fn head_linear(
+        &self,
+        x: &ArrayD<f32>,
+        w: &ArrayD<f32>,
+        b: &ArrayD<f32>,
+    ) -> Result<ArrayD<f32>> {
         let (h, d, e) = (w.shape()[0], w.shape()[1], w.shape()[2]);
         let x = std_layout(x);
         let (bsz, p) = (x.shape()[0], x.shape()[1]);
         let out = match x.ndim() {
             3 => {
                 // [BP, D] @ [D, H·E]
-                let wf = w.view().permuted_axes(IxDyn(&[1, 0, 2])).as_standard_layout().into_owned();
+                let wf = w
+                    .view()
+                    .permuted_axes(IxDyn(&[1, 0, 2]))
+                    .as_standard_layout()
+                    .into_owned();
                 let wf = wf.into_shape_with_order((d, h * e)).expect("sizes match");
                 let mut out = matmul(rows(&x), wf.view());
                 let bf = b.view().into_shape_with_order(h * e).expect("bias [H, E]");
-                out.axis_chunks_iter_mut(Axis(0), ROWS).into_par_iter().for_each(|mut c| c += &bf);
-                out.into_shape_with_order(IxDyn(&[bsz, p, h, e])).expect("sizes match")
+                out.axis_chunks_iter_mut(Axis(0), ROWS)
+                    .into_par_iter()
+                    .for_each(|mut c| c += &bf);
+                out.into_shape_with_order(IxDyn(&[bsz, p, h, e]))
+                    .expect("sizes match")
             }
             4 => {
                 let mut out = Array4::<f32>::zeros((bsz, p, h, e));
                 let x4 = as4(&x, "head_linear")?;
                 for hi in 0..h {
-                    let xi = x4.slice(s![.., .., hi, ..]).to_owned().into_shape_with_order((bsz * p, d)).expect("sizes");
+                    let xi = x4
+                        .slice(s![.., .., hi, ..])
+                        .to_owned()
+                        .into_shape_with_order((bsz * p, d))
+                        .expect("sizes");
                     let wi = w.slice(s![hi, .., ..]);
                     let mut r = matmul(xi.view(), wi.into_dimensionality().expect("2-D"));
                     r += &b.slice(s![hi, ..]);
@@ -257,24 +310,27 @@ impl Backend for Cpu {
         let (b, pq, h, e) = q.dim();
         let pk = k.dim().1;
         let mut out = Array4::<f32>::zeros((b, h, pq, pk));
-        out.axis_iter_mut(Axis(0)).into_par_iter().enumerate().for_each(|(bi, mut ob)| {
-            for hi in 0..h {
-                for i in 0..pq {
-                    for j in 0..pk {
-                        ob[[hi, i, j]] = match causal_ignore {
-                            Some(ig) if j > i => ig,
-                            _ => {
-                                let mut acc = 0.0f32;
-                                for ei in 0..e {
-                                    acc += q[[bi, i, hi, ei]] * k[[bi, j, hi, ei]];
+        out.axis_iter_mut(Axis(0))
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(bi, mut ob)| {
+                for hi in 0..h {
+                    for i in 0..pq {
+                        for j in 0..pk {
+                            ob[[hi, i, j]] = match causal_ignore {
+                                Some(ig) if j > i => ig,
+                                _ => {
+                                    let mut acc = 0.0f32;
+                                    for ei in 0..e {
+                                        acc += q[[bi, i, hi, ei]] * k[[bi, j, hi, ei]];
+                                    }
+                                    acc / scale
                                 }
-                                acc / scale
-                            }
-                        };
+                            };
+                        }
                     }
                 }
-            }
-        });
+            });
         Ok(out.into_dyn())
     }
 
@@ -287,18 +343,21 @@ impl Backend for Cpu {
         let (b, h, pq, pk) = pat.dim();
         let e = v.dim().3;
         let mut out = Array4::<f32>::zeros((b, pq, h, e));
-        out.axis_iter_mut(Axis(0)).into_par_iter().enumerate().for_each(|(bi, mut ob)| {
-            for i in 0..pq {
-                for hi in 0..h {
-                    for j in 0..pk {
-                        let w = pat[[bi, hi, i, j]];
-                        for ei in 0..e {
-                            ob[[i, hi, ei]] += w * v[[bi, j, hi, ei]];
+        out.axis_iter_mut(Axis(0))
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(bi, mut ob)| {
+                for i in 0..pq {
+                    for hi in 0..h {
+                        for j in 0..pk {
+                            let w = pat[[bi, hi, i, j]];
+                            for ei in 0..e {
+                                ob[[i, hi, ei]] += w * v[[bi, j, hi, ei]];
+                            }
                         }
                     }
                 }
-            }
-        });
+            });
         Ok(out.into_dyn())
     }
 
@@ -308,10 +367,18 @@ impl Backend for Cpu {
         let d = w_o.shape()[2];
         let mut out = Array4::<f32>::zeros((b, p, h, d));
         for hi in 0..h {
-            let zi = z4.slice(s![.., .., hi, ..]).to_owned().into_shape_with_order((b * p, e)).expect("sizes");
-            let wi = w_o.slice(s![hi, .., ..]).into_dimensionality().expect("2-D");
+            let zi = z4
+                .slice(s![.., .., hi, ..])
+                .to_owned()
+                .into_shape_with_order((b * p, e))
+                .expect("sizes");
+            let wi = w_o
+                .slice(s![hi, .., ..])
+                .into_dimensionality()
+                .expect("2-D");
             let r = matmul(zi.view(), wi);
-            out.slice_mut(s![.., .., hi, ..]).assign(&r.into_shape_with_order((b, p, d)).expect("sizes"));
+            out.slice_mut(s![.., .., hi, ..])
+                .assign(&r.into_shape_with_order((b, p, d)).expect("sizes"));
         }
         Ok(out.into_dyn())
     }
@@ -325,7 +392,9 @@ impl Backend for Cpu {
     fn repeat_heads(&self, x: &ArrayD<f32>, n_heads: usize) -> Result<ArrayD<f32>> {
         let (b, p, d) = (x.shape()[0], x.shape()[1], x.shape()[2]);
         let v = x.view().insert_axis(Axis(2));
-        Ok(v.broadcast(IxDyn(&[b, p, n_heads, d])).expect("broadcast heads").to_owned())
+        Ok(v.broadcast(IxDyn(&[b, p, n_heads, d]))
+            .expect("broadcast heads")
+            .to_owned())
     }
 
     fn reshape(&self, x: &ArrayD<f32>, shape: &[usize]) -> Result<ArrayD<f32>> {
@@ -349,7 +418,12 @@ impl Backend for Cpu {
         Ok(out)
     }
 
-    fn normalize(&self, x: &ArrayD<f32>, center: bool, eps: f32) -> Result<(ArrayD<f32>, ArrayD<f32>)> {
+    fn normalize(
+        &self,
+        x: &ArrayD<f32>,
+        center: bool,
+        eps: f32,
+    ) -> Result<(ArrayD<f32>, ArrayD<f32>)> {
         let xs = std_layout(x);
         let k = *xs.shape().last().unwrap_or(&1);
         let mut out = ArrayD::<f32>::zeros(xs.raw_dim());
@@ -364,7 +438,11 @@ impl Backend for Cpu {
                 .zip(xs.as_slice().expect("standard layout").par_chunks(k))
                 .zip(scale.as_slice_mut().expect("fresh").par_iter_mut())
                 .for_each(|((o, s), sc)| {
-                    let mean = if center { s.iter().sum::<f32>() / kf } else { 0.0 };
+                    let mean = if center {
+                        s.iter().sum::<f32>() / kf
+                    } else {
+                        0.0
+                    };
                     let mut ss = 0.0f32;
                     for (o, &v) in o.iter_mut().zip(s) {
                         *o = v - mean;
@@ -379,18 +457,31 @@ impl Backend for Cpu {
         Ok((out, scale))
     }
 
-    fn normalize_with(&self, x: &ArrayD<f32>, center: bool, scale: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+    fn normalize_with(
+        &self,
+        x: &ArrayD<f32>,
+        center: bool,
+        scale: &ArrayD<f32>,
+    ) -> Result<ArrayD<f32>> {
         let mut out = std_layout(x).into_owned();
         if center {
             let k = *out.shape().last().unwrap_or(&1) as f32;
-            let mean = out.sum_axis(Axis(out.ndim() - 1)).insert_axis(Axis(out.ndim() - 1)) / k;
+            let mean = out
+                .sum_axis(Axis(out.ndim() - 1))
+                .insert_axis(Axis(out.ndim() - 1))
+                / k;
             out -= &mean;
         }
         out /= scale;
         Ok(out)
     }
 
-    fn affine(&self, x: &ArrayD<f32>, w: &ArrayD<f32>, b: Option<&ArrayD<f32>>) -> Result<ArrayD<f32>> {
+    fn affine(
+        &self,
+        x: &ArrayD<f32>,
+        w: &ArrayD<f32>,
+        b: Option<&ArrayD<f32>>,
+    ) -> Result<ArrayD<f32>> {
         let mut out = std_layout(x).into_owned() * w;
         if let Some(b) = b {
             out += b;
@@ -412,7 +503,11 @@ mod tests {
             (2.5, 0.999_593_047_982_555),
             (-1.5, -0.966_105_146_475_310_7),
         ] {
-            assert!((erf(x) - want).abs() < 2e-7, "erf({x}) = {} vs {want}", erf(x));
+            assert!(
+                (erf(x) - want).abs() < 2e-7,
+                "erf({x}) = {} vs {want}",
+                erf(x)
+            );
         }
     }
 }

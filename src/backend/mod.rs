@@ -59,10 +59,20 @@ pub trait Backend: Sync {
     fn pos_embed(&self, w_pos: &Self::Tensor, batch: usize, pos: usize) -> Result<Self::Tensor>;
     fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
     /// `x @ w + b` over the last axis (addmm): x [..., K], w [K, N], b [N] → [..., N].
-    fn linear(&self, x: &Self::Tensor, w: &Self::Tensor, b: Option<&Self::Tensor>) -> Result<Self::Tensor>;
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+    ) -> Result<Self::Tensor>;
     /// Per-head projection `x·W[h] + b[h]`: x [B, P, D] (shared) or [B, P, H, D] (per-head
     /// inputs), w [H, D, E], b [H, E] → [B, P, H, E].
-    fn head_linear(&self, x: &Self::Tensor, w: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+    fn head_linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: &Self::Tensor,
+    ) -> Result<Self::Tensor>;
     /// Attention scores `q·k / scale` (a true division), with key positions after the query
     /// set to `causal_ignore` when given: q [B, Pq, H, E], k [B, Pk, H, E] → [B, H, Pq, Pk].
     fn attn_scores(
@@ -86,9 +96,24 @@ pub trait Backend: Sync {
     fn activation(&self, x: &Self::Tensor, act: Activation) -> Result<Self::Tensor>;
     /// `(x − mean) / sqrt(mean((x − mean)²) + eps)` over the last axis (no centring when
     /// `center` is false, i.e. RMS): returns (normalized, scale [..., 1]).
-    fn normalize(&self, x: &Self::Tensor, center: bool, eps: f32) -> Result<(Self::Tensor, Self::Tensor)>;
+    fn normalize(
+        &self,
+        x: &Self::Tensor,
+        center: bool,
+        eps: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
     /// `(x − mean) / scale` with a given scale [..., 1] (after a hook replaced TL's hook_scale).
-    fn normalize_with(&self, x: &Self::Tensor, center: bool, scale: &Self::Tensor) -> Result<Self::Tensor>;
+    fn normalize_with(
+        &self,
+        x: &Self::Tensor,
+        center: bool,
+        scale: &Self::Tensor,
+    ) -> Result<Self::Tensor>;
     /// `x * w (+ b)` broadcast over the last axis.
-    fn affine(&self, x: &Self::Tensor, w: &Self::Tensor, b: Option<&Self::Tensor>) -> Result<Self::Tensor>;
+    fn affine(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+    ) -> Result<Self::Tensor>;
 }

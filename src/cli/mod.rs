@@ -3,6 +3,7 @@
 
 mod convert;
 mod inspect;
+pub mod model;
 
 use crate::error::Result;
 use clap::{Parser, Subcommand};
@@ -40,6 +41,41 @@ pub enum Command {
         #[arg(long, default_value = "tl2")]
         config_style: String,
     },
+    /// Predict (a + b) mod p with a run's model: `tlens predict RUN.pth 37 58`.
+    Predict {
+        file: PathBuf,
+        a: u32,
+        b: u32,
+        /// Use the checkpoint saved at this epoch instead of the final model.
+        #[arg(long)]
+        checkpoint: Option<i64>,
+    },
+    /// Train/test/full loss and accuracy of the final model, one checkpoint, or all checkpoints.
+    Eval {
+        file: PathBuf,
+        /// Evaluate the checkpoint saved at this epoch.
+        #[arg(long, conflicts_with = "all_checkpoints")]
+        checkpoint: Option<i64>,
+        /// Evaluate every checkpoint (JSON: a list with `epoch` per entry).
+        #[arg(long)]
+        all_checkpoints: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run with cache and save every hook's activation (TL names), logits and tokens as .npz.
+    Cache {
+        file: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        checkpoint: Option<i64>,
+        /// `all` (every a, b) or `a,b;a,b;…`.
+        #[arg(long, default_value = "all")]
+        inputs: String,
+        /// Comma-separated hook names, TL shorthand or substrings (default: every hook).
+        #[arg(long)]
+        names: Option<String>,
+    },
     /// The main job on the shipped demo run (for now: inspect it).
     Demo,
 }
@@ -52,6 +88,25 @@ pub fn run(cli: Cli) -> Result<()> {
             output,
             config_style,
         } => convert::run(&input, &output, &config_style),
+        Command::Predict {
+            file,
+            a,
+            b,
+            checkpoint,
+        } => model::predict(&file, a, b, checkpoint),
+        Command::Eval {
+            file,
+            checkpoint,
+            all_checkpoints,
+            json,
+        } => model::eval(&file, checkpoint, all_checkpoints, json),
+        Command::Cache {
+            file,
+            out,
+            checkpoint,
+            inputs,
+            names,
+        } => model::cache(&file, &out, checkpoint, &inputs, names.as_deref()),
         Command::Demo => {
             println!("tlens demo: inspecting the shipped run {DEMO_FIXTURE}\n");
             inspect::run(std::path::Path::new(DEMO_FIXTURE), false)

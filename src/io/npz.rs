@@ -39,13 +39,18 @@ impl NpzWriter {
             .start_file(format!("{name}.npy"), opts)
             .map_err(|e| Error::Zip(e.to_string()))?;
         let mut buf = Vec::new();
-        a.write_npy(&mut buf).map_err(|e| Error::invalid(name, e.to_string()))?;
+        a.write_npy(&mut buf)
+            .map_err(|e| Error::invalid(name, e.to_string()))?;
         self.zip.write_all(&buf)?;
         Ok(())
     }
 
     pub fn finish(self) -> Result<Vec<u8>> {
-        Ok(self.zip.finish().map_err(|e| Error::Zip(e.to_string()))?.into_inner())
+        Ok(self
+            .zip
+            .finish()
+            .map_err(|e| Error::Zip(e.to_string()))?
+            .into_inner())
     }
 
     /// Write atomically.
@@ -68,7 +73,8 @@ impl NpzReader {
     }
 
     pub fn from_bytes(bytes: Vec<u8>) -> Result<NpzReader> {
-        let zip = zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| Error::Zip(e.to_string()))?;
+        let zip =
+            zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| Error::Zip(e.to_string()))?;
         Ok(NpzReader { zip })
     }
 
@@ -89,6 +95,7 @@ impl NpzReader {
             .map_err(|_| Error::missing("npz", name))?;
         let mut buf = Vec::new();
         f.read_to_end(&mut buf)?;
-        ArrayD::<T>::read_npy(&buf[..]).map_err(|e| Error::invalid(format!("npz['{name}']"), e.to_string()))
+        ArrayD::<T>::read_npy(&buf[..])
+            .map_err(|e| Error::invalid(format!("npz['{name}']"), e.to_string()))
     }
 }

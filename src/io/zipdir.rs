@@ -33,11 +33,14 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 }
 
 fn get<'a>(b: &'a [u8], at: u64, len: u64, what: &str) -> Result<&'a [u8]> {
-    let end = at.checked_add(len).filter(|&e| e <= b.len() as u64).ok_or_else(|| Error::Truncated {
-        what: what.to_string(),
-        needed: at.saturating_add(len),
-        available: b.len() as u64,
-    })?;
+    let end = at
+        .checked_add(len)
+        .filter(|&e| e <= b.len() as u64)
+        .ok_or_else(|| Error::Truncated {
+            what: what.to_string(),
+            needed: at.saturating_add(len),
+            available: b.len() as u64,
+        })?;
     Ok(&b[at as usize..end as usize])
 }
 
@@ -45,7 +48,9 @@ fn get<'a>(b: &'a [u8], at: u64, len: u64, what: &str) -> Result<&'a [u8]> {
 /// (the last one that fits, if none does).
 fn find_eocd(b: &[u8]) -> Result<usize> {
     if b.len() < 22 {
-        return Err(Error::Zip("file too short for an end of central directory record".into()));
+        return Err(Error::Zip(
+            "file too short for an end of central directory record".into(),
+        ));
     }
     let lowest = b.len().saturating_sub(22 + 65_535);
     let mut fallback = None;
@@ -74,7 +79,9 @@ pub fn central_directory(b: &[u8]) -> Result<Vec<Entry>> {
         let rec_at = u64_at(b, eocd - 20 + 8);
         let rec = get(b, rec_at, 56, "zip64 end of central directory record")?;
         if &rec[..4] != b"PK\x06\x06" {
-            return Err(Error::Zip("zip64 locator does not point at a zip64 end record".into()));
+            return Err(Error::Zip(
+                "zip64 locator does not point at a zip64 end record".into(),
+            ));
         }
         n_entries = u64_at(rec, 32);
         cd_size = u64_at(rec, 40);
@@ -93,18 +100,28 @@ pub fn central_directory(b: &[u8]) -> Result<Vec<Entry>> {
     for i in 0..n_entries {
         let h = get(cd, pos as u64, 46, "central directory header")?;
         if &h[..4] != b"PK\x01\x02" {
-            return Err(Error::Zip(format!("central directory entry {i}: bad signature")));
+            return Err(Error::Zip(format!(
+                "central directory entry {i}: bad signature"
+            )));
         }
         let method = u16_at(h, 10);
         let mut compressed = u32_at(h, 20) as u64;
         let mut uncompressed = u32_at(h, 24) as u64;
-        let (name_len, extra_len, comment_len) =
-            (u16_at(h, 28) as u64, u16_at(h, 30) as u64, u16_at(h, 32) as u64);
+        let (name_len, extra_len, comment_len) = (
+            u16_at(h, 28) as u64,
+            u16_at(h, 30) as u64,
+            u16_at(h, 32) as u64,
+        );
         let mut header_start = u32_at(h, 42) as u64;
         let name = get(cd, pos as u64 + 46, name_len, "central directory file name")?;
         let name = String::from_utf8(name.to_vec())
             .map_err(|_| Error::Zip(format!("central directory entry {i}: name is not UTF-8")))?;
-        let extra = get(cd, pos as u64 + 46 + name_len, extra_len, "central directory extra field")?;
+        let extra = get(
+            cd,
+            pos as u64 + 46 + name_len,
+            extra_len,
+            "central directory extra field",
+        )?;
         // zip64 extended information (id 1): the saturated fields, in this order.
         let mut x = 0usize;
         while x + 4 <= extra.len() {
@@ -117,8 +134,9 @@ pub fn central_directory(b: &[u8]) -> Result<Vec<Entry>> {
                 let mut next = |v: &mut u64| -> Result<()> {
                     if *v == 0xffff_ffff {
                         *v = u64_at(
-                            body.get(k..k + 8)
-                                .ok_or_else(|| Error::Zip(format!("entry '{name}': short zip64 field")))?,
+                            body.get(k..k + 8).ok_or_else(|| {
+                                Error::Zip(format!("entry '{name}': short zip64 field"))
+                            })?,
                             0,
                         );
                         k += 8;
@@ -146,9 +164,16 @@ pub fn central_directory(b: &[u8]) -> Result<Vec<Entry>> {
 /// The data range of a stored entry, from its local header (30 bytes + name + extra field);
 /// the size comes from the central directory, since local headers may hold zeros.
 pub fn data_range(b: &[u8], name: &str, header_start: u64, size: u64) -> Result<Range<usize>> {
-    let hdr = get(b, header_start, 30, &format!("local header of zip entry '{name}'"))?;
+    let hdr = get(
+        b,
+        header_start,
+        30,
+        &format!("local header of zip entry '{name}'"),
+    )?;
     if &hdr[..4] != b"PK\x03\x04" {
-        return Err(Error::Zip(format!("entry '{name}': bad local header signature")));
+        return Err(Error::Zip(format!(
+            "entry '{name}': bad local header signature"
+        )));
     }
     let start = header_start + 30 + u16_at(hdr, 26) as u64 + u16_at(hdr, 28) as u64;
     get(b, start, size, &format!("zip entry '{name}'"))?;

@@ -93,11 +93,41 @@ pub struct HookedTransformer<B: Backend = Cpu> {
     pub state_dict: StateDict,
 }
 
+/// Uploads parameters by name with shape checks, remembering which names were used.
+struct Loader<'a, B: Backend> {
+    sd: &'a StateDict,
+    backend: &'a B,
+    used: Vec<String>,
+}
+
+impl<B: Backend> Loader<'_, B> {
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<B::Tensor> {
+        self.used.push(name.to_string());
+        self.backend
+            .upload(self.sd.array::<f32>(name, Some(shape))?)
+    }
+
+    fn norm(&mut self, prefix: &str, width: usize, kind: NormKind) -> Result<Norm<B::Tensor>> {
+        let (w, b) = match kind {
+            NormKind::LN => (
+                Some(self.get(&format!("{prefix}.w"), &[width])?),
+                Some(self.get(&format!("{prefix}.b"), &[width])?),
+            ),
+            NormKind::RMS => (Some(self.get(&format!("{prefix}.w"), &[width])?), None),
+            _ => (None, None),
+        };
+        Ok(Norm { kind, w, b })
+    }
+}
+
 /// Reject config features this forward pass does not implement (rather than compute wrong numbers).
 pub fn check_supported(cfg: &HookedTransformerConfig) -> Result<()> {
     let mut bad = Vec::new();
     if cfg.positional_embedding_type != "standard" {
-        bad.push(format!("positional_embedding_type={}", cfg.positional_embedding_type));
+        bad.push(format!(
+            "positional_embedding_type={}",
+            cfg.positional_embedding_type
+        ));
     }
     if cfg.attention_dir != "causal" && cfg.attention_dir != "bidirectional" {
         bad.push(format!("attention_dir={}", cfg.attention_dir));
@@ -109,12 +139,23 @@ pub fn check_supported(cfg: &HookedTransformerConfig) -> Result<()> {
         ("post_embedding_ln", cfg.post_embedding_ln),
         ("use_qk_norm", cfg.use_qk_norm),
         ("final_rms", cfg.final_rms),
-        ("use_normalization_before_and_after", cfg.use_normalization_before_and_after),
+        (
+            "use_normalization_before_and_after",
+            cfg.use_normalization_before_and_after,
+        ),
         ("load_in_4bit", cfg.load_in_4bit),
         ("use_NTK_by_parts_rope", cfg.use_ntk_by_parts_rope),
-        ("use_hook_tokens (tokens are not float activations)", cfg.use_hook_tokens),
+        (
+            "use_hook_tokens (tokens are not float activations)",
+            cfg.use_hook_tokens,
+        ),
     ];
-    bad.extend(flags.iter().filter(|(_, on)| *on).map(|(n, _)| n.to_string()));
+    bad.extend(
+        flags
+            .iter()
+            .filter(|(_, on)| *on)
+            .map(|(n, _)| n.to_string()),
+    );
     if cfg.num_experts.is_some() {
         bad.push("num_experts (mixture of experts)".into());
     }
@@ -139,7 +180,10 @@ pub fn check_supported(cfg: &HookedTransformerConfig) -> Result<()> {
     if bad.is_empty() {
         Ok(())
     } else {
-        Err(Error::Unsupported(format!("HookedTransformer config: {}", bad.join(", "))))
+        Err(Error::Unsupported(format!(
+            "HookedTransformer config: {}",
+            bad.join(", ")
+        )))
     }
 }
 
@@ -162,17 +206,17 @@ impl<B: Backend> HookedTransformer<B> {
             cfg.act_fn.as_deref().and_then(Activation::from_name)
         };
         // Parameters are read in TL's named_parameters() order, shape-checked by name.
-        let mut used = Vec::new();
-        let mut get = |name: String, shape: &[usize]| -> Result<B::Tensor> {
-            used.push(name.clone());
-            backend.upload(sd.array::<f32>(&name, Some(shape))?)
+        let mut ld = Loader {
+            sd: &sd,
+            backend: &backend,
+            used: Vec::new(),
         };
-        let w_e = get("embed.W_E".into(), &[v, d])?;
-        let w_pos = get("pos_embed.W_pos".into(), &[n_ctx, d])?;
+        let w_e = ld.get("embed.W_E", &[v, d])?;
+        let w_pos = ld.get("pos_embed.W_pos", &[n_ctx, d])?;
         let mut blocks = Vec::with_capacity(cfg.n_layers());
         for l in 0..cfg.n_layers() {
             let p = format!("blocks.{l}");
-            let ln1 = Self::norm_of(&mut get, &format!("{p}.ln1"), d, norm)?;
+            let ln1 = ld.norm(&format!("{p}.ln1"), d, norm)?;
             let w_o_host = sd.array::<f32>(&format!("{p}.attn.W_O"), Some(&[h, e, d]))?;
             let w_o_flat = backend.upload(
                 &w_o_host
@@ -189,32 +233,44 @@ impl<B: Backend> HookedTransformer<B> {
                     .ok_or_else(|| Error::invalid(format!("{p}.attn.IGNORE"), "empty"))?,
                 None => f32::NEG_INFINITY,
             };
-            let attn = |get: &mut dyn FnMut(String, &[usize]) -> Result<B::Tensor>, n: &str, s: &[usize]| {
-                get(format!("{p}.attn.{n}"), s)
-            };
-            let w_q = attn(&mut get, "W_Q", &[h, d, e])?;
-            let w_o = attn(&mut get, "W_O", &[h, e, d])?;
-            let b_q = attn(&mut get, "b_Q", &[h, e])?;
-            let b_o = attn(&mut get, "b_O", &[d])?;
-            let w_k = attn(&mut get, "W_K", &[h, d, e])?;
-            let w_v = attn(&mut get, "W_V", &[h, d, e])?;
-            let b_k = attn(&mut get, "b_K", &[h, e])?;
-            let b_v = attn(&mut get, "b_V", &[h, e])?;
+            let a = format!("{p}.attn");
+            let w_q = ld.get(&format!("{a}.W_Q"), &[h, d, e])?;
+            let w_o = ld.get(&format!("{a}.W_O"), &[h, e, d])?;
+            let b_q = ld.get(&format!("{a}.b_Q"), &[h, e])?;
+            let b_o = ld.get(&format!("{a}.b_O"), &[d])?;
+            let w_k = ld.get(&format!("{a}.W_K"), &[h, d, e])?;
+            let w_v = ld.get(&format!("{a}.W_V"), &[h, d, e])?;
+            let b_k = ld.get(&format!("{a}.b_K"), &[h, e])?;
+            let b_v = ld.get(&format!("{a}.b_V"), &[h, e])?;
             let (ln2, mlp) = if cfg.attn_only {
                 (None, None)
             } else {
-                let ln2 = Self::norm_of(&mut get, &format!("{p}.ln2"), d, norm)?;
-                let w_in = get(format!("{p}.mlp.W_in"), &[d, m])?;
-                let b_in = get(format!("{p}.mlp.b_in"), &[m])?;
-                let w_out = get(format!("{p}.mlp.W_out"), &[m, d])?;
-                let b_out = get(format!("{p}.mlp.b_out"), &[d])?;
+                let ln2 = ld.norm(&format!("{p}.ln2"), d, norm)?;
+                let w_in = ld.get(&format!("{p}.mlp.W_in"), &[d, m])?;
+                let b_in = ld.get(&format!("{p}.mlp.b_in"), &[m])?;
+                let w_out = ld.get(&format!("{p}.mlp.W_out"), &[m, d])?;
+                let b_out = ld.get(&format!("{p}.mlp.b_out"), &[d])?;
                 let ln = if cfg.act_fn.as_deref() == Some("solu_ln") {
-                    let kind = if norm == NormKind::LN { NormKind::LN } else { NormKind::LNPre };
-                    Some(Self::norm_of(&mut get, &format!("{p}.mlp.ln"), m, kind)?)
+                    // TL: LayerNorm(d_mlp) when normalization_type is LN, else LayerNormPre.
+                    let kind = if norm == NormKind::LN {
+                        NormKind::LN
+                    } else {
+                        NormKind::LNPre
+                    };
+                    Some(ld.norm(&format!("{p}.mlp.ln"), m, kind)?)
                 } else {
                     None
                 };
-                (Some(ln2), Some(Mlp { w_in, b_in, w_out, b_out, ln }))
+                (
+                    Some(ln2),
+                    Some(Mlp {
+                        w_in,
+                        b_in,
+                        w_out,
+                        b_out,
+                        ln,
+                    }),
+                )
             };
             blocks.push(Block {
                 ln1,
@@ -232,22 +288,28 @@ impl<B: Backend> HookedTransformer<B> {
                 mlp,
             });
         }
-        let ln_final = Self::norm_of(&mut get, "ln_final", d, norm)?;
-        let w_u = get("unembed.W_U".into(), &[d, v_out])?;
-        let b_u = get("unembed.b_U".into(), &[v_out])?;
-        drop(get);
+        let ln_final = ld.norm("ln_final", d, norm)?;
+        let w_u = ld.get("unembed.W_U", &[d, v_out])?;
+        let b_u = ld.get("unembed.b_U", &[v_out])?;
         // Anything else in the state dict (but TL's buffers) is unexpected, as in a strict
         // load_state_dict.
         if let Some(extra) = sd
             .names()
-            .find(|n| !used.iter().any(|u| u == n) && !super::is_buffer(n))
+            .find(|n| !ld.used.iter().any(|u| u == n) && !super::is_buffer(n))
         {
-            return Err(Error::invalid("state dict", format!("unexpected tensor '{extra}' for this config")));
+            return Err(Error::invalid(
+                "state dict",
+                format!("unexpected tensor '{extra}' for this config"),
+            ));
         }
         Ok(HookedTransformer {
             unembed_hooks: cfg.uses_rms_norm.is_some(),
             eps: cfg.eps as f32,
-            attn_scale: if cfg.use_attn_scale { cfg.attn_scale } else { 1.0 },
+            attn_scale: if cfg.use_attn_scale {
+                cfg.attn_scale
+            } else {
+                1.0
+            },
             norm,
             act,
             backend,
@@ -262,20 +324,6 @@ impl<B: Backend> HookedTransformer<B> {
         })
     }
 
-    fn norm_of(
-        get: &mut dyn FnMut(String, &[usize]) -> Result<B::Tensor>,
-        prefix: &str,
-        width: usize,
-        kind: NormKind,
-    ) -> Result<Norm<B::Tensor>> {
-        let (w, b) = match kind {
-            NormKind::LN => (Some(get(format!("{prefix}.w"), &[width])?), Some(get(format!("{prefix}.b"), &[width])?)),
-            NormKind::RMS => (Some(get(format!("{prefix}.w"), &[width])?), None),
-            _ => (None, None),
-        };
-        Ok(Norm { kind, w, b })
-    }
-
     pub fn backend(&self) -> &B {
         &self.backend
     }
@@ -288,7 +336,11 @@ impl<B: Backend> HookedTransformer<B> {
     /// The divisor of layer `l`'s attention scores, as torch uses it (f32).
     /// TL multiplies the scale by layer_id + 1 (in f64) for `scale_attn_by_inverse_layer_idx`.
     pub fn layer_attn_scale(&self, l: usize) -> f32 {
-        let factor = if self.cfg.scale_attn_by_inverse_layer_idx { l as f64 + 1.0 } else { 1.0 };
+        let factor = if self.cfg.scale_attn_by_inverse_layer_idx {
+            l as f64 + 1.0
+        } else {
+            1.0
+        };
         (self.attn_scale * factor) as f32
     }
 
@@ -315,7 +367,11 @@ impl<B: Backend> HookedTransformer<B> {
     }
 
     /// Logits with `hooks` applied for this call only.
-    pub fn run_with_hooks(&self, tokens: &Array2<u32>, hooks: &mut [Hook<'_>]) -> Result<ArrayD<f32>> {
+    pub fn run_with_hooks(
+        &self,
+        tokens: &Array2<u32>,
+        hooks: &mut [Hook<'_>],
+    ) -> Result<ArrayD<f32>> {
         let mut ctx = HookCtx {
             hooks,
             cache: None,
@@ -350,7 +406,8 @@ impl<B: Backend> HookedTransformer<B> {
             names: Some(Vec::new()),
         };
         let tokens = Array2::<u32>::zeros((1, 1));
-        self.forward_ctx(&tokens, &mut ctx).expect("a one-token forward pass");
+        self.forward_ctx(&tokens, &mut ctx)
+            .expect("a one-token forward pass");
         let mut names = ctx.names.take().expect("set above");
         let mut seen = std::collections::HashSet::new();
         names.retain(|n| seen.insert(n.clone()));
@@ -362,7 +419,12 @@ impl<B: Backend> HookedTransformer<B> {
         Ok(self.point_replaced(ctx, name, x)?.0)
     }
 
-    fn point_replaced(&self, ctx: &mut HookCtx, name: &str, x: B::Tensor) -> Result<(B::Tensor, bool)> {
+    fn point_replaced(
+        &self,
+        ctx: &mut HookCtx,
+        name: &str,
+        x: B::Tensor,
+    ) -> Result<(B::Tensor, bool)> {
         if !ctx.wants(name) {
             return Ok((x, false));
         }
@@ -376,7 +438,13 @@ impl<B: Backend> HookedTransformer<B> {
     }
 
     /// TL's LayerNorm / LayerNormPre / RMSNorm / RMSNormPre with their hooks.
-    fn norm(&self, ctx: &mut HookCtx, prefix: &str, n: &Norm<B::Tensor>, x: &B::Tensor) -> Result<B::Tensor> {
+    fn norm(
+        &self,
+        ctx: &mut HookCtx,
+        prefix: &str,
+        n: &Norm<B::Tensor>,
+        x: &B::Tensor,
+    ) -> Result<B::Tensor> {
         if n.kind == NormKind::None {
             return Ok(x.clone());
         }
@@ -384,7 +452,11 @@ impl<B: Backend> HookedTransformer<B> {
         let (normed, scale) = be.normalize(x, n.kind.center(), self.eps)?;
         let (scale, replaced) = self.point_replaced(ctx, &format!("{prefix}.hook_scale"), scale)?;
         // A hook that replaced the scale changes the division, as in TL.
-        let normed = if replaced { be.normalize_with(x, n.kind.center(), &scale)? } else { normed };
+        let normed = if replaced {
+            be.normalize_with(x, n.kind.center(), &scale)?
+        } else {
+            normed
+        };
         let hn = format!("{prefix}.hook_normalized");
         match n.kind {
             NormKind::LN => {
@@ -421,7 +493,13 @@ impl<B: Backend> HookedTransformer<B> {
         }
     }
 
-    fn block(&self, ctx: &mut HookCtx, l: usize, blk: &Block<B::Tensor>, resid: B::Tensor) -> Result<B::Tensor> {
+    fn block(
+        &self,
+        ctx: &mut HookCtx,
+        l: usize,
+        blk: &Block<B::Tensor>,
+        resid: B::Tensor,
+    ) -> Result<B::Tensor> {
         let be = &self.backend;
         let cfg = &self.cfg;
         let p = format!("blocks.{l}");
@@ -430,7 +508,11 @@ impl<B: Backend> HookedTransformer<B> {
         let (q_in, k_in, v_in) = if cfg.use_split_qkv_input {
             if cfg.use_attn_in {
                 // TL fires hook_attn_in, then the split inputs take precedence.
-                self.point(ctx, &format!("{p}.hook_attn_in"), be.repeat_heads(&resid_pre, h)?)?;
+                self.point(
+                    ctx,
+                    &format!("{p}.hook_attn_in"),
+                    be.repeat_heads(&resid_pre, h)?,
+                )?;
             }
             let rep = be.repeat_heads(&resid_pre, h)?;
             let q = self.point(ctx, &format!("{p}.hook_q_input"), rep.clone())?;
@@ -438,7 +520,11 @@ impl<B: Backend> HookedTransformer<B> {
             let v = self.point(ctx, &format!("{p}.hook_v_input"), rep)?;
             (q, k, v)
         } else if cfg.use_attn_in {
-            let a = self.point(ctx, &format!("{p}.hook_attn_in"), be.repeat_heads(&resid_pre, h)?)?;
+            let a = self.point(
+                ctx,
+                &format!("{p}.hook_attn_in"),
+                be.repeat_heads(&resid_pre, h)?,
+            )?;
             (a.clone(), a.clone(), a)
         } else {
             (resid_pre.clone(), resid_pre.clone(), resid_pre.clone())
@@ -448,16 +534,36 @@ impl<B: Backend> HookedTransformer<B> {
         let k_in = self.norm(ctx, &ln1, &blk.ln1, &k_in)?;
         let v_in = self.norm(ctx, &ln1, &blk.ln1, &v_in)?;
         let a = format!("{p}.attn");
-        let q = self.point(ctx, &format!("{a}.hook_q"), be.head_linear(&q_in, &blk.w_q, &blk.b_q)?)?;
-        let k = self.point(ctx, &format!("{a}.hook_k"), be.head_linear(&k_in, &blk.w_k, &blk.b_k)?)?;
-        let v = self.point(ctx, &format!("{a}.hook_v"), be.head_linear(&v_in, &blk.w_v, &blk.b_v)?)?;
+        let q = self.point(
+            ctx,
+            &format!("{a}.hook_q"),
+            be.head_linear(&q_in, &blk.w_q, &blk.b_q)?,
+        )?;
+        let k = self.point(
+            ctx,
+            &format!("{a}.hook_k"),
+            be.head_linear(&k_in, &blk.w_k, &blk.b_k)?,
+        )?;
+        let v = self.point(
+            ctx,
+            &format!("{a}.hook_v"),
+            be.head_linear(&v_in, &blk.w_v, &blk.b_v)?,
+        )?;
         let scale = self.layer_attn_scale(l);
         let causal = (cfg.attention_dir == "causal").then_some(blk.ignore);
-        let scores = self.point(ctx, &format!("{a}.hook_attn_scores"), be.attn_scores(&q, &k, scale, causal)?)?;
+        let scores = self.point(
+            ctx,
+            &format!("{a}.hook_attn_scores"),
+            be.attn_scores(&q, &k, scale, causal)?,
+        )?;
         let pattern = self.point(ctx, &format!("{a}.hook_pattern"), be.softmax(&scores)?)?;
         let z = self.point(ctx, &format!("{a}.hook_z"), be.attn_z(&pattern, &v)?)?;
         let attn_out = if cfg.use_attn_result {
-            let r = self.point(ctx, &format!("{a}.hook_result"), be.attn_result(&z, &blk.w_o)?)?;
+            let r = self.point(
+                ctx,
+                &format!("{a}.hook_result"),
+                be.attn_result(&z, &blk.w_o)?,
+            )?;
             be.sum_heads(&r, &blk.b_o)?
         } else {
             let zs = be.shape(&z);
@@ -466,26 +572,53 @@ impl<B: Backend> HookedTransformer<B> {
         };
         let attn_out = self.point(ctx, &format!("{p}.hook_attn_out"), attn_out)?;
         let (Some(ln2), Some(mlp)) = (&blk.ln2, &blk.mlp) else {
-            return self.point(ctx, &format!("{p}.hook_resid_post"), be.add(&resid_pre, &attn_out)?);
+            return self.point(
+                ctx,
+                &format!("{p}.hook_resid_post"),
+                be.add(&resid_pre, &attn_out)?,
+            );
         };
-        let resid_mid = self.point(ctx, &format!("{p}.hook_resid_mid"), be.add(&resid_pre, &attn_out)?)?;
+        let resid_mid = self.point(
+            ctx,
+            &format!("{p}.hook_resid_mid"),
+            be.add(&resid_pre, &attn_out)?,
+        )?;
         let mlp_in = if cfg.use_hook_mlp_in {
             self.point(ctx, &format!("{p}.hook_mlp_in"), resid_mid.clone())?
         } else {
             resid_mid.clone()
         };
         let x = self.norm(ctx, &format!("{p}.ln2"), ln2, &mlp_in)?;
-        let act = self.act.expect("checked: non-attn-only models have an activation");
-        let pre = self.point(ctx, &format!("{p}.mlp.hook_pre"), be.linear(&x, &mlp.w_in, Some(&mlp.b_in))?)?;
+        let act = self
+            .act
+            .expect("checked: non-attn-only models have an activation");
+        let pre = self.point(
+            ctx,
+            &format!("{p}.mlp.hook_pre"),
+            be.linear(&x, &mlp.w_in, Some(&mlp.b_in))?,
+        )?;
         let post = match &mlp.ln {
             Some(ln) => {
-                let mid = self.point(ctx, &format!("{p}.mlp.hook_mid"), be.activation(&pre, act)?)?;
+                let mid =
+                    self.point(ctx, &format!("{p}.mlp.hook_mid"), be.activation(&pre, act)?)?;
                 let y = self.norm(ctx, &format!("{p}.mlp.ln"), ln, &mid)?;
                 self.point(ctx, &format!("{p}.mlp.hook_post"), y)?
             }
-            None => self.point(ctx, &format!("{p}.mlp.hook_post"), be.activation(&pre, act)?)?,
+            None => self.point(
+                ctx,
+                &format!("{p}.mlp.hook_post"),
+                be.activation(&pre, act)?,
+            )?,
         };
-        let mlp_out = self.point(ctx, &format!("{p}.hook_mlp_out"), be.linear(&post, &mlp.w_out, Some(&mlp.b_out))?)?;
-        self.point(ctx, &format!("{p}.hook_resid_post"), be.add(&resid_mid, &mlp_out)?)
+        let mlp_out = self.point(
+            ctx,
+            &format!("{p}.hook_mlp_out"),
+            be.linear(&post, &mlp.w_out, Some(&mlp.b_out))?,
+        )?;
+        self.point(
+            ctx,
+            &format!("{p}.hook_resid_post"),
+            be.add(&resid_mid, &mlp_out)?,
+        )
     }
 }

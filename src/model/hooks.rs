@@ -39,7 +39,10 @@ pub struct Hook<'a> {
 
 impl<'a> Hook<'a> {
     /// A hook on one hook point (exact name or `get_act_name` shorthand without a layer).
-    pub fn new(name: &str, f: impl FnMut(&ArrayD<f32>, &str) -> Option<ArrayD<f32>> + 'a) -> Hook<'a> {
+    pub fn new(
+        name: &str,
+        f: impl FnMut(&ArrayD<f32>, &str) -> Option<ArrayD<f32>> + 'a,
+    ) -> Hook<'a> {
         Hook {
             filter: NameFilter::Name(get_act_name(name, None, None)),
             f: Box::new(f),
@@ -60,7 +63,8 @@ impl<'a> Hook<'a> {
 
 /// TL's `utils.get_act_name(name, layer, layer_type)` (REFERENCE §3).
 pub fn get_act_name(name: &str, layer: Option<i64>, layer_type: Option<&str>) -> String {
-    if (name.contains('.') || name.starts_with("hook_")) && layer.is_none() && layer_type.is_none() {
+    if (name.contains('.') || name.starts_with("hook_")) && layer.is_none() && layer_type.is_none()
+    {
         return name.to_string();
     }
     let (mut name, mut layer, mut layer_type) = (
@@ -70,7 +74,10 @@ pub fn get_act_name(name: &str, layer: Option<i64>, layer_type: Option<&str>) ->
     );
     // re.match(r"([a-z]+)(\d+)([a-z]?.*)", name)
     let letters = name.bytes().take_while(u8::is_ascii_lowercase).count();
-    let digits = name[letters..].bytes().take_while(u8::is_ascii_digit).count();
+    let digits = name[letters..]
+        .bytes()
+        .take_while(u8::is_ascii_digit)
+        .count();
     if letters > 0 && digits > 0 {
         let rest = name[letters + digits..].to_string();
         layer = Some(name[letters..letters + digits].to_string());
@@ -93,8 +100,18 @@ pub fn get_act_name(name: &str, layer: Option<i64>, layer_type: Option<&str>) ->
     if let Some(l) = &layer {
         full += &format!("blocks.{l}.");
     }
-    let lt: Option<String> = if ["k", "v", "q", "z", "rot_k", "rot_q", "result", "pattern", "attn_scores"]
-        .contains(&name.as_str())
+    let lt: Option<String> = if [
+        "k",
+        "v",
+        "q",
+        "z",
+        "rot_k",
+        "rot_q",
+        "result",
+        "pattern",
+        "attn_scores",
+    ]
+    .contains(&name.as_str())
     {
         Some("attn".into())
     } else if ["pre", "post", "mid", "pre_linear"].contains(&name.as_str()) {
@@ -216,10 +233,13 @@ impl<K: CacheKey> std::ops::Index<K> for ActivationCache {
     }
 }
 
+/// A names filter for the cache: which hook points to record.
+pub type NamesFilter<'h> = &'h (dyn Fn(&str) -> bool + Sync);
+
 /// What a forward pass does at its hook points.
 pub(crate) struct HookCtx<'h, 'a> {
     pub hooks: &'h mut [Hook<'a>],
-    pub cache: Option<(Option<&'h (dyn Fn(&str) -> bool + Sync)>, ActivationCache)>,
+    pub cache: Option<(Option<NamesFilter<'h>>, ActivationCache)>,
     /// When set, every hook point's name is recorded in firing order.
     pub names: Option<Vec<String>>,
 }
@@ -287,13 +307,28 @@ mod tests {
             ("pre5", None, None, "blocks.5.mlp.hook_pre"),
             ("scale4ln1", None, None, "blocks.4.ln1.hook_scale"),
             ("scale", None, None, "ln_final.hook_scale"),
-            ("normalized", Some(1), Some("ln2"), "blocks.1.ln2.hook_normalized"),
+            (
+                "normalized",
+                Some(1),
+                Some("ln2"),
+                "blocks.1.ln2.hook_normalized",
+            ),
             ("attn_out", Some(0), Some("b"), "blocks.0.hook_attn_out"),
         ];
         for (name, layer, lt, want) in cases {
-            assert_eq!(get_act_name(name, layer, lt), want, "{name} {layer:?} {lt:?}");
+            assert_eq!(
+                get_act_name(name, layer, lt),
+                want,
+                "{name} {layer:?} {lt:?}"
+            );
         }
-        assert_eq!(get_act_name("result", Some(3), Some("a")), "blocks.3.attn.hook_result");
-        assert_eq!(get_act_name("mlp_out", Some(0), None), "blocks.0.hook_mlp_out");
+        assert_eq!(
+            get_act_name("result", Some(3), Some("a")),
+            "blocks.3.attn.hook_result"
+        );
+        assert_eq!(
+            get_act_name("mlp_out", Some(0), None),
+            "blocks.0.hook_mlp_out"
+        );
     }
 }

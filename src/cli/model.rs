@@ -1,0 +1,207 @@
+//! `tlens predict`, `tlens eval`, `tlens cache`: run a run's final model or a checkpoint.
+
+use crate::error::{Error, Result};
+use crate::eval::{evaluate, last_logits, task_p};
+use crate::io::npz::NpzWriter;
+use crate::model::get_act_name;
+use crate::run::RunFile;
+use crate::task;
+use crate::HookedTransformer;
+use ndarray::Array2;
+use serde_json::json;
+use std::path::Path;
+
+/// The model of a run at `checkpoint` (an epoch listed in `checkpoint_epochs`), or its final model.
+pub fn load_model(run: &RunFile, checkpoint: Option<i64>) -> Result<HookedTransformer> {
+    let cfg = run
+        .config
+        .clone()
+        .ok_or_else(|| Error::missing("run", "config (needed to build a model)"))?;
+    let sd = match checkpoint {
+        Some(epoch) => run.checkpoint(run.checkpoint_index(epoch).map_err(|_| {
+            Error::invalid(
+                "--checkpoint",
+                format!(
+                    "no checkpoint at epoch {epoch}; saved epochs: {:?}",
+                    run.checkpoint_epochs
+                ),
+            )
+        })?)?,
+        None => run.model()?,
+    };
+    HookedTransformer::new(cfg, sd)
+}
+
+/// Train/test indices from the file, or the demo split (seed 598, 30%) when the file has none.
+fn split(run: &RunFile, p: usize) -> (Vec<i64>, Vec<i64>) {
+    match (&run.train_indices, &run.test_indices) {
+        (Some(tr), Some(te)) => (tr.clone(), te.clone()),
+        _ => task::demo_split(p, 0.3, 598),
+    }
+}
+
+pub fn predict(file: &Path, a: u32, b: u32, checkpoint: Option<i64>) -> Result<()> {
+    let run = RunFile::open(file)?;
+    let model = load_model(&run, checkpoint)?;
+    let p = task_p(&model.cfg);
+    if a as usize >= p || b as usize >= p {
+        return Err(Error::invalid(
+            "inputs",
+            format!("a and b must be below p = {p}, got {a} and {b}"),
+        ));
+    }
+    let tokens = Array2::from_shape_vec((1, 3), vec![a, b, p as u32]).expect("3 tokens");
+    let logits = last_logits(&model, &tokens)?;
+    let row = logits.row(0);
+    let c = task::argmax(row.as_slice().expect("contiguous"));
+    let m = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
+    let prob = (row[c] as f64 - m).exp() / z;
+    let truth = (a as usize + b as usize) % p;
+    let mark = if c == truth {
+        ""
+    } else {
+        "  (wrong: the answer is "
+    };
+    print!("{a} + {b} mod {p} = {c}   (p = {prob:.4})");
+    if c != truth {
+        print!("{mark}{truth})");
+    }
+    println!();
+    Ok(())
+}
+
+pub fn eval(file: &Path, checkpoint: Option<i64>, all: bool, as_json: bool) -> Result<()> {
+    let run = RunFile::open(file)?;
+    let cfg = run
+        .config
+        .clone()
+        .ok_or_else(|| Error::missing("run", "config"))?;
+    let (tr, te) = split(&run, task_p(&cfg));
+    let epochs: Vec<Option<i64>> = if all {
+        if run.n_checkpoints() == 0 {
+            return Err(Error::invalid(
+                "--all-checkpoints",
+                "the file has no checkpoints",
+            ));
+        }
+        run.checkpoint_epochs.iter().map(|&e| Some(e)).collect()
+    } else {
+        vec![checkpoint]
+    };
+    let mut rows = Vec::new();
+    for e in epochs {
+        let ev = evaluate(&load_model(&run, e)?, &tr, &te)?;
+        let mut j = serde_json::to_value(ev)?;
+        if let Some(e) = e {
+            j["epoch"] = json!(e);
+        }
+        rows.push(j);
+    }
+    if as_json {
+        let out = if all { json!(rows) } else { rows.remove(0) };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "{:>8} {:>12} {:>12} {:>12} {:>9} {:>9} {:>9}",
+        "epoch", "train_loss", "test_loss", "full_loss", "train_acc", "test_acc", "acc"
+    );
+    for r in rows {
+        let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+        let epoch = r
+            .get("epoch")
+            .and_then(|e| e.as_i64())
+            .map_or("final".into(), |e| e.to_string());
+        println!(
+            "{epoch:>8} {:>12.6e} {:>12.6e} {:>12.6e} {:>9.4} {:>9.4} {:>9.4}",
+            f("train_loss"),
+            f("test_loss"),
+            f("full_loss"),
+            f("train_accuracy"),
+            f("test_accuracy"),
+            f("accuracy")
+        );
+    }
+    Ok(())
+}
+
+/// Parse `--inputs`: `all` or `a,b;a,b;…`.
+pub fn parse_inputs(spec: &str, p: usize) -> Result<Array2<u32>> {
+    if spec == "all" {
+        return Ok(task::modular_addition(p).0);
+    }
+    let mut rows = Vec::new();
+    for pair in spec.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+        let nums: Vec<&str> = pair.split(',').map(str::trim).collect();
+        let parse = |s: &str| -> Result<u32> {
+            s.parse::<u32>()
+                .ok()
+                .filter(|&v| (v as usize) < p)
+                .ok_or_else(|| {
+                    Error::invalid("--inputs", format!("'{s}' is not an integer below p = {p}"))
+                })
+        };
+        match nums.as_slice() {
+            [a, b] => rows.extend([parse(a)?, parse(b)?, p as u32]),
+            _ => {
+                return Err(Error::invalid(
+                    "--inputs",
+                    format!("expected 'a,b', found '{pair}'"),
+                ))
+            }
+        }
+    }
+    if rows.is_empty() {
+        return Err(Error::invalid("--inputs", "no inputs"));
+    }
+    Ok(Array2::from_shape_vec((rows.len() / 3, 3), rows).expect("3 per row"))
+}
+
+/// `--names` filter: comma-separated TL names, shorthand, or substrings of hook names.
+pub fn names_filter(spec: Option<&str>) -> impl Fn(&str) -> bool + Sync {
+    let terms: Vec<(String, String)> = spec
+        .map(|s| {
+            s.split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(|t| (t.to_string(), get_act_name(t, None, None)))
+                .collect()
+        })
+        .unwrap_or_default();
+    move |name: &str| {
+        terms.is_empty()
+            || terms
+                .iter()
+                .any(|(t, full)| name == full || name.contains(t.as_str()))
+    }
+}
+
+pub fn cache(
+    file: &Path,
+    out: &Path,
+    checkpoint: Option<i64>,
+    inputs: &str,
+    names: Option<&str>,
+) -> Result<()> {
+    let run = RunFile::open(file)?;
+    let model = load_model(&run, checkpoint)?;
+    let tokens = parse_inputs(inputs, task_p(&model.cfg))?;
+    let filter = names_filter(names);
+    let (logits, cache) = model.run_with_cache(&tokens, Some(&filter))?;
+    let mut npz = NpzWriter::new();
+    for (name, a) in cache.iter() {
+        npz.add(name, a)?;
+    }
+    npz.add("logits", &logits)?;
+    npz.add("tokens", &tokens.mapv(|t| t as i64))?;
+    let n = cache.len();
+    npz.write(out)?;
+    println!(
+        "wrote {} ({n} hooks + logits {:?} + tokens, {} inputs)",
+        out.display(),
+        logits.shape(),
+        tokens.nrows()
+    );
+    Ok(())
+}
