@@ -154,7 +154,7 @@ pub fn last_logits_fast(
         .index_axis(Axis(0), last)
         .select(Axis(0), &x_last)
         .into_dyn();
-    let resid_mid = be.add(&x_last, &attn_out)?;
+    let resid_mid = be.add(x_last, &attn_out)?;
 
     // ln2 → MLP → resid_post → ln_final → unembed, batched over the last position.
     let resid_post = if cfg.attn_only {
@@ -181,7 +181,7 @@ pub fn last_logits_fast(
             f("blocks.0.mlp.W_out")?,
             Some(f("blocks.0.mlp.b_out")?),
         )?;
-        be.add(&resid_mid, &mlp_out)?
+        be.add(resid_mid, &mlp_out)?
     };
     let resid = apply_norm(&resid_post, "ln_final", norm)?;
     let logits = be.linear(&resid, f("unembed.W_U")?, Some(f("unembed.b_U")?))?;

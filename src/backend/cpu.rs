@@ -8,7 +8,7 @@ use super::{Activation, Backend};
 use crate::error::{Error, Result};
 use ndarray::linalg::general_mat_mul;
 use ndarray::parallel::prelude::*;
-use ndarray::{s, Array2, Array4, ArrayD, ArrayView2, ArrayViewMut2, Axis, Ix4, IxDyn, Zip};
+use ndarray::{s, Array2, Array4, ArrayD, ArrayView2, ArrayViewMut2, Axis, Ix4, IxDyn};
 use rayon::prelude::*;
 
 /// The CPU backend (stateless).
@@ -55,6 +55,21 @@ fn matmul_into(a: ArrayView2<f32>, b: ArrayView2<f32>, mut out: ArrayViewMut2<f3
         .into_par_iter()
         .zip(a.axis_chunks_iter(Axis(0), ROWS))
         .for_each(|(mut o, a)| general_mat_mul(1.0, &a, &b, 0.0, &mut o));
+}
+
+/// Elements per parallel task in element-wise ops.
+const CHUNK: usize = 1 << 14;
+
+/// `f` applied to every element, in one pass, in parallel.
+fn map_elements(x: &ArrayD<f32>, f: impl Fn(f32) -> f32 + Sync) -> ArrayD<f32> {
+    let x = std_layout(x);
+    let mut out = ArrayD::<f32>::zeros(x.raw_dim());
+    out.as_slice_mut()
+        .expect("fresh array")
+        .par_chunks_mut(CHUNK)
+        .zip(x.as_slice().expect("standard layout").par_chunks(CHUNK))
+        .for_each(|(o, s)| o.iter_mut().zip(s).for_each(|(o, &s)| *o = f(s)));
+    out
 }
 
 /// Apply `f` to each row (last axis) of `x` in parallel, writing a same-shaped output.
@@ -204,15 +219,24 @@ impl Backend for Cpu {
         Ok(out.into_dyn())
     }
 
-    fn add(&self, a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+    fn add(&self, a: ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         if a.shape() != b.shape() {
             return Err(shape_err(
                 "add",
                 format!("{:?} vs {:?}", a.shape(), b.shape()),
             ));
         }
-        let mut out = std_layout(a).into_owned();
-        Zip::from(&mut out).and(b).par_for_each(|o, &b| *o += b);
+        let mut out = if a.is_standard_layout() {
+            a
+        } else {
+            a.as_standard_layout().into_owned()
+        };
+        let b = std_layout(b);
+        out.as_slice_mut()
+            .expect("standard layout")
+            .par_chunks_mut(CHUNK)
+            .zip(b.as_slice().expect("standard layout").par_chunks(CHUNK))
+            .for_each(|(o, b)| o.iter_mut().zip(b).for_each(|(o, b)| *o += b));
         Ok(out)
     }
 
@@ -306,32 +330,32 @@ impl Backend for Cpu {
         scale: f32,
         causal_ignore: Option<f32>,
     ) -> Result<ArrayD<f32>> {
-        let (q, k) = (as4(q, "attn_scores")?, as4(k, "attn_scores")?);
-        let (b, pq, h, e) = q.dim();
-        let pk = k.dim().1;
-        let mut out = Array4::<f32>::zeros((b, h, pq, pk));
-        out.axis_iter_mut(Axis(0))
-            .into_par_iter()
+        let (b, pq, h, e) = as4(q, "attn_scores")?.dim();
+        let pk = as4(k, "attn_scores")?.dim().1;
+        let (q, k) = (std_layout(q), std_layout(k));
+        let (qs, ks) = (q.as_slice().expect("std"), k.as_slice().expect("std"));
+        let mut out = vec![0f32; b * h * pq * pk];
+        out.par_chunks_mut(h * pq * pk)
             .enumerate()
-            .for_each(|(bi, mut ob)| {
+            .for_each(|(bi, ob)| {
+                let qb = &qs[bi * pq * h * e..(bi + 1) * pq * h * e];
+                let kb = &ks[bi * pk * h * e..(bi + 1) * pk * h * e];
                 for hi in 0..h {
                     for i in 0..pq {
+                        let qv = &qb[(i * h + hi) * e..(i * h + hi + 1) * e];
                         for j in 0..pk {
-                            ob[[hi, i, j]] = match causal_ignore {
+                            ob[(hi * pq + i) * pk + j] = match causal_ignore {
                                 Some(ig) if j > i => ig,
                                 _ => {
-                                    let mut acc = 0.0f32;
-                                    for ei in 0..e {
-                                        acc += q[[bi, i, hi, ei]] * k[[bi, j, hi, ei]];
-                                    }
-                                    acc / scale
+                                    let kv = &kb[(j * h + hi) * e..(j * h + hi + 1) * e];
+                                    qv.iter().zip(kv).map(|(a, b)| a * b).sum::<f32>() / scale
                                 }
                             };
                         }
                     }
                 }
             });
-        Ok(out.into_dyn())
+        Ok(ArrayD::from_shape_vec(IxDyn(&[b, h, pq, pk]), out).expect("sizes match"))
     }
 
     fn softmax(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
@@ -339,26 +363,28 @@ impl Backend for Cpu {
     }
 
     fn attn_z(&self, pattern: &ArrayD<f32>, v: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-        let (pat, v) = (as4(pattern, "attn_z")?, as4(v, "attn_z")?);
-        let (b, h, pq, pk) = pat.dim();
-        let e = v.dim().3;
-        let mut out = Array4::<f32>::zeros((b, pq, h, e));
-        out.axis_iter_mut(Axis(0))
-            .into_par_iter()
+        let (b, h, pq, pk) = as4(pattern, "attn_z")?.dim();
+        let e = as4(v, "attn_z")?.dim().3;
+        let (pat, v) = (std_layout(pattern), std_layout(v));
+        let (ps, vs) = (pat.as_slice().expect("std"), v.as_slice().expect("std"));
+        let mut out = vec![0f32; b * pq * h * e];
+        out.par_chunks_mut(pq * h * e)
             .enumerate()
-            .for_each(|(bi, mut ob)| {
+            .for_each(|(bi, ob)| {
+                let pb = &ps[bi * h * pq * pk..(bi + 1) * h * pq * pk];
+                let vb = &vs[bi * pk * h * e..(bi + 1) * pk * h * e];
                 for i in 0..pq {
                     for hi in 0..h {
+                        let zo = &mut ob[(i * h + hi) * e..(i * h + hi + 1) * e];
                         for j in 0..pk {
-                            let w = pat[[bi, hi, i, j]];
-                            for ei in 0..e {
-                                ob[[i, hi, ei]] += w * v[[bi, j, hi, ei]];
-                            }
+                            let w = pb[(hi * pq + i) * pk + j];
+                            let vv = &vb[(j * h + hi) * e..(j * h + hi + 1) * e];
+                            zo.iter_mut().zip(vv).for_each(|(z, v)| *z += w * v);
                         }
                     }
                 }
             });
-        Ok(out.into_dyn())
+        Ok(ArrayD::from_shape_vec(IxDyn(&[b, pq, h, e]), out).expect("sizes match"))
     }
 
     fn attn_result(&self, z: &ArrayD<f32>, w_o: &ArrayD<f32>) -> Result<ArrayD<f32>> {
@@ -397,10 +423,13 @@ impl Backend for Cpu {
             .to_owned())
     }
 
-    fn reshape(&self, x: &ArrayD<f32>, shape: &[usize]) -> Result<ArrayD<f32>> {
-        std_layout(x)
-            .into_owned()
-            .into_shape_with_order(IxDyn(shape))
+    fn reshape(&self, x: ArrayD<f32>, shape: &[usize]) -> Result<ArrayD<f32>> {
+        let x = if x.is_standard_layout() {
+            x
+        } else {
+            x.as_standard_layout().into_owned()
+        };
+        x.into_shape_with_order(IxDyn(shape))
             .map_err(|e| shape_err("reshape", e.to_string()))
     }
 
@@ -413,9 +442,7 @@ impl Backend for Cpu {
                 }
             }));
         }
-        let mut out = std_layout(x).into_owned();
-        out.par_mapv_inplace(|v| act_scalar(act, v));
-        Ok(out)
+        Ok(map_elements(x, |v| act_scalar(act, v)))
     }
 
     fn normalize(

@@ -57,7 +57,8 @@ pub trait Backend: Sync {
     fn embed(&self, w_e: &Self::Tensor, tokens: &Array2<u32>) -> Result<Self::Tensor>;
     /// `W_pos[0..P]` repeated over the batch → [B, P, D].
     fn pos_embed(&self, w_pos: &Self::Tensor, batch: usize, pos: usize) -> Result<Self::Tensor>;
-    fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `a + b` (same shapes), reusing `a`'s storage.
+    fn add(&self, a: Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
     /// `x @ w + b` over the last axis (addmm): x [..., K], w [K, N], b [N] → [..., N].
     fn linear(
         &self,
@@ -92,7 +93,7 @@ pub trait Backend: Sync {
     fn sum_heads(&self, x: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
     /// Repeat [B, P, D] along a new head axis → [B, P, H, D].
     fn repeat_heads(&self, x: &Self::Tensor, n_heads: usize) -> Result<Self::Tensor>;
-    fn reshape(&self, x: &Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
+    fn reshape(&self, x: Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
     fn activation(&self, x: &Self::Tensor, act: Activation) -> Result<Self::Tensor>;
     /// `(x − mean) / sqrt(mean((x − mean)²) + eps)` over the last axis (no centring when
     /// `center` is false, i.e. RMS): returns (normalized, scale [..., 1]).

@@ -429,24 +429,23 @@ impl<B: Backend> HookedTransformer<B> {
             return Ok((x, false));
         }
         let host = self.backend.download(&x)?;
-        let (act, replaced) = ctx.apply(name, host)?;
-        if replaced {
-            Ok((self.backend.upload(&act)?, true))
-        } else {
-            Ok((x, false))
+        match ctx.apply(name, host)? {
+            Some(act) => Ok((self.backend.upload(&act)?, true)),
+            None => Ok((x, false)),
         }
     }
 
-    /// TL's LayerNorm / LayerNormPre / RMSNorm / RMSNormPre with their hooks.
+    /// TL's LayerNorm / LayerNormPre / RMSNorm / RMSNormPre with their hooks; `None` when the
+    /// model has no normalization (the input is used as it is, without a copy).
     fn norm(
         &self,
         ctx: &mut HookCtx,
         prefix: &str,
         n: &Norm<B::Tensor>,
         x: &B::Tensor,
-    ) -> Result<B::Tensor> {
+    ) -> Result<Option<B::Tensor>> {
         if n.kind == NormKind::None {
-            return Ok(x.clone());
+            return Ok(None);
         }
         let be = &self.backend;
         let (normed, scale) = be.normalize(x, n.kind.center(), self.eps)?;
@@ -458,17 +457,18 @@ impl<B: Backend> HookedTransformer<B> {
             normed
         };
         let hn = format!("{prefix}.hook_normalized");
-        match n.kind {
+        let y = match n.kind {
             NormKind::LN => {
                 let y = be.affine(&normed, n.w.as_ref().expect("LN weight"), n.b.as_ref())?;
-                self.point(ctx, &hn, y)
+                self.point(ctx, &hn, y)?
             }
             NormKind::RMS => {
                 let y = self.point(ctx, &hn, normed)?;
-                be.affine(&y, n.w.as_ref().expect("RMS weight"), None)
+                be.affine(&y, n.w.as_ref().expect("RMS weight"), None)?
             }
-            _ => self.point(ctx, &hn, normed),
-        }
+            _ => self.point(ctx, &hn, normed)?,
+        };
+        Ok(Some(y))
     }
 
     pub(crate) fn forward_ctx(&self, tokens: &Array2<u32>, ctx: &mut HookCtx) -> Result<B::Tensor> {
@@ -479,11 +479,13 @@ impl<B: Backend> HookedTransformer<B> {
         }
         let embed = self.point(ctx, "hook_embed", be.embed(&self.w_e, tokens)?)?;
         let pos = self.point(ctx, "hook_pos_embed", be.pos_embed(&self.w_pos, b, p)?)?;
-        let mut resid = be.add(&embed, &pos)?;
+        let mut resid = be.add(embed, &pos)?;
         for (l, blk) in self.blocks.iter().enumerate() {
             resid = self.block(ctx, l, blk, resid)?;
         }
-        let resid = self.norm(ctx, "ln_final", &self.ln_final, &resid)?;
+        let resid = self
+            .norm(ctx, "ln_final", &self.ln_final, &resid)?
+            .unwrap_or(resid);
         if self.unembed_hooks {
             let resid = self.point(ctx, "unembed.hook_in", resid)?;
             let logits = be.linear(&resid, &self.w_u, Some(&self.b_u))?;
@@ -505,7 +507,8 @@ impl<B: Backend> HookedTransformer<B> {
         let p = format!("blocks.{l}");
         let resid_pre = self.point(ctx, &format!("{p}.hook_resid_pre"), resid)?;
         let h = cfg.n_heads();
-        let (q_in, k_in, v_in) = if cfg.use_split_qkv_input {
+        // Per-head inputs when split (or attn_in); otherwise q, k and v all read resid_pre.
+        let split: Option<[B::Tensor; 3]> = if cfg.use_split_qkv_input {
             if cfg.use_attn_in {
                 // TL fires hook_attn_in, then the split inputs take precedence.
                 self.point(
@@ -518,36 +521,44 @@ impl<B: Backend> HookedTransformer<B> {
             let q = self.point(ctx, &format!("{p}.hook_q_input"), rep.clone())?;
             let k = self.point(ctx, &format!("{p}.hook_k_input"), rep.clone())?;
             let v = self.point(ctx, &format!("{p}.hook_v_input"), rep)?;
-            (q, k, v)
+            Some([q, k, v])
         } else if cfg.use_attn_in {
             let a = self.point(
                 ctx,
                 &format!("{p}.hook_attn_in"),
                 be.repeat_heads(&resid_pre, h)?,
             )?;
-            (a.clone(), a.clone(), a)
+            Some([a.clone(), a.clone(), a])
         } else {
-            (resid_pre.clone(), resid_pre.clone(), resid_pre.clone())
+            None
         };
+        let [q_in, k_in, v_in] = match &split {
+            Some([q, k, v]) => [q, k, v],
+            None => [&resid_pre; 3],
+        };
+        // TL calls ln1 once for each of the three inputs (its hooks fire three times).
         let ln1 = format!("{p}.ln1");
-        let q_in = self.norm(ctx, &ln1, &blk.ln1, &q_in)?;
-        let k_in = self.norm(ctx, &ln1, &blk.ln1, &k_in)?;
-        let v_in = self.norm(ctx, &ln1, &blk.ln1, &v_in)?;
+        let q_n = self.norm(ctx, &ln1, &blk.ln1, q_in)?;
+        let k_n = self.norm(ctx, &ln1, &blk.ln1, k_in)?;
+        let v_n = self.norm(ctx, &ln1, &blk.ln1, v_in)?;
+        let q_in = q_n.as_ref().unwrap_or(q_in);
+        let k_in = k_n.as_ref().unwrap_or(k_in);
+        let v_in = v_n.as_ref().unwrap_or(v_in);
         let a = format!("{p}.attn");
         let q = self.point(
             ctx,
             &format!("{a}.hook_q"),
-            be.head_linear(&q_in, &blk.w_q, &blk.b_q)?,
+            be.head_linear(q_in, &blk.w_q, &blk.b_q)?,
         )?;
         let k = self.point(
             ctx,
             &format!("{a}.hook_k"),
-            be.head_linear(&k_in, &blk.w_k, &blk.b_k)?,
+            be.head_linear(k_in, &blk.w_k, &blk.b_k)?,
         )?;
         let v = self.point(
             ctx,
             &format!("{a}.hook_v"),
-            be.head_linear(&v_in, &blk.w_v, &blk.b_v)?,
+            be.head_linear(v_in, &blk.w_v, &blk.b_v)?,
         )?;
         let scale = self.layer_attn_scale(l);
         let causal = (cfg.attention_dir == "causal").then_some(blk.ignore);
@@ -567,7 +578,7 @@ impl<B: Backend> HookedTransformer<B> {
             be.sum_heads(&r, &blk.b_o)?
         } else {
             let zs = be.shape(&z);
-            let zf = be.reshape(&z, &[zs[0], zs[1], zs[2] * zs[3]])?;
+            let zf = be.reshape(z, &[zs[0], zs[1], zs[2] * zs[3]])?;
             be.linear(&zf, &blk.w_o_flat, Some(&blk.b_o))?
         };
         let attn_out = self.point(ctx, &format!("{p}.hook_attn_out"), attn_out)?;
@@ -575,33 +586,37 @@ impl<B: Backend> HookedTransformer<B> {
             return self.point(
                 ctx,
                 &format!("{p}.hook_resid_post"),
-                be.add(&resid_pre, &attn_out)?,
+                be.add(resid_pre, &attn_out)?,
             );
         };
         let resid_mid = self.point(
             ctx,
             &format!("{p}.hook_resid_mid"),
-            be.add(&resid_pre, &attn_out)?,
+            be.add(resid_pre, &attn_out)?,
         )?;
-        let mlp_in = if cfg.use_hook_mlp_in {
-            self.point(ctx, &format!("{p}.hook_mlp_in"), resid_mid.clone())?
+        let hooked_in = if cfg.use_hook_mlp_in {
+            Some(self.point(ctx, &format!("{p}.hook_mlp_in"), resid_mid.clone())?)
         } else {
-            resid_mid.clone()
+            None
         };
-        let x = self.norm(ctx, &format!("{p}.ln2"), ln2, &mlp_in)?;
+        let mlp_in = hooked_in.as_ref().unwrap_or(&resid_mid);
+        let x_n = self.norm(ctx, &format!("{p}.ln2"), ln2, mlp_in)?;
+        let x = x_n.as_ref().unwrap_or(mlp_in);
         let act = self
             .act
             .expect("checked: non-attn-only models have an activation");
         let pre = self.point(
             ctx,
             &format!("{p}.mlp.hook_pre"),
-            be.linear(&x, &mlp.w_in, Some(&mlp.b_in))?,
+            be.linear(x, &mlp.w_in, Some(&mlp.b_in))?,
         )?;
         let post = match &mlp.ln {
             Some(ln) => {
                 let mid =
                     self.point(ctx, &format!("{p}.mlp.hook_mid"), be.activation(&pre, act)?)?;
-                let y = self.norm(ctx, &format!("{p}.mlp.ln"), ln, &mid)?;
+                let y = self
+                    .norm(ctx, &format!("{p}.mlp.ln"), ln, &mid)?
+                    .unwrap_or(mid);
                 self.point(ctx, &format!("{p}.mlp.hook_post"), y)?
             }
             None => self.point(
@@ -618,7 +633,7 @@ impl<B: Backend> HookedTransformer<B> {
         self.point(
             ctx,
             &format!("{p}.hook_resid_post"),
-            be.add(&resid_mid, &mlp_out)?,
+            be.add(resid_mid, &mlp_out)?,
         )
     }
 }

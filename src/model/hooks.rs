@@ -262,8 +262,9 @@ impl<'h, 'a> HookCtx<'h, 'a> {
             || matches!(&self.cache, Some((f, _)) if f.is_none_or(|f| f(name)))
     }
 
-    /// Run the hooks on a host activation and record it. Returns the replacement, if any.
-    pub fn apply(&mut self, name: &str, act: ArrayD<f32>) -> Result<(ArrayD<f32>, bool)> {
+    /// Run the hooks on a host activation and record it; returns the replacement, if a hook
+    /// made one (the cache keeps the activation itself otherwise, without another copy).
+    pub fn apply(&mut self, name: &str, act: ArrayD<f32>) -> Result<Option<ArrayD<f32>>> {
         let mut act = act;
         let mut replaced = false;
         for h in self.hooks.iter_mut().filter(|h| h.filter.matches(name)) {
@@ -281,10 +282,14 @@ impl<'h, 'a> HookCtx<'h, 'a> {
         }
         if let Some((f, cache)) = &mut self.cache {
             if f.is_none_or(|f| f(name)) {
+                if !replaced {
+                    cache.insert(name, act);
+                    return Ok(None);
+                }
                 cache.insert(name, act.clone());
             }
         }
-        Ok((act, replaced))
+        Ok(replaced.then_some(act))
     }
 }
 
