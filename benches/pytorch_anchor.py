@@ -1,7 +1,13 @@
 #!/usr/bin/env python3
-"""Side-by-side load benchmark: torch.load vs tlens on the same full-size TL demo file.
+"""Side-by-side benchmarks: PyTorch/TransformerLens vs tlens on the same machine and inputs.
 
-    python benches/pytorch_anchor.py            # make bench-data/demo_full.pth if missing, time both
+    python benches/pytorch_anchor.py [load] [forward]     # both when no argument is given
+
+load:    torch.load vs tlens on a full-size TL demo file (bench-data/demo_full.pth, made if missing)
+forward: on the shipped p=113 run (fixtures/demo_p113.pth), TL's run_with_cache of every hook on
+         all 12,769 inputs, TL's forward, and TL's evaluation as the demo computes it
+         (model(dataset)[:, -1] → train/test/full loss and accuracy) vs tlens's
+         `cargo bench --bench forward`.
 
 The file has the TL grokking demo's exact structure and sizes (p=113 model, 250 checkpoints,
 25,000 train and test losses, train/test indices), written by torch.save; weights are random
@@ -67,7 +73,49 @@ def criterion_median(name):
     return json.load(open(p))["median"]["point_estimate"] / 1e9
 
 
-def main():
+def criterion(group, name):
+    p = os.path.join(ROOT, "target", "criterion", group, name, "new", "estimates.json")
+    return json.load(open(p))["median"]["point_estimate"] / 1e9
+
+
+def forward_bench():
+    from transformer_lens import HookedTransformer
+
+    run = torch.load(os.path.join(ROOT, "fixtures", "demo_p113.pth"), weights_only=False)
+    model = HookedTransformer(run["config"])
+    model.load_state_dict(run["model"])
+    model.eval()
+    p = 113
+    a = torch.arange(p).repeat_interleave(p)
+    b = torch.arange(p).repeat(p)
+    data = torch.stack([a, b, torch.full_like(a, p)], dim=1)
+    labels = (a + b) % p
+    tr, te = run["train_indices"], run["test_indices"]
+
+    def loss(lg, y):
+        return -lg.double().log_softmax(-1).gather(-1, y[:, None])[:, 0].mean()
+
+    def evaluate():
+        lg = model(data)[:, -1]
+        return (loss(lg[tr], labels[tr]).item(), loss(lg[te], labels[te]).item(), loss(lg, labels).item(),
+                (lg.argmax(-1) == labels).double().mean().item())
+
+    with torch.inference_mode():
+        t_cache = timeit(lambda: model.run_with_cache(data), 5)
+        t_fwd = timeit(lambda: model(data), 5)
+        t_eval = timeit(evaluate, 5)
+    subprocess.run(["cargo", "bench", "--bench", "forward"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    r_cache, r_fwd, r_eval = (criterion("forward", n) for n in
+                              ["run_with_cache_all_hooks", "forward_logits", "evaluate_last_position"])
+    print(f"forward on all 12,769 inputs of fixtures/demo_p113.pth (torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads)")
+    print(f"{'':40}{'TL':>10}{'tlens':>10}{'ratio':>8}")
+    print(f"{'run_with_cache (all hooks)':40}{t_cache*1e3:9.1f}ms{r_cache*1e3:9.1f}ms{t_cache/r_cache:7.1f}x")
+    print(f"{'forward (logits)':40}{t_fwd*1e3:9.1f}ms{r_fwd*1e3:9.1f}ms{t_fwd/r_fwd:7.1f}x")
+    print(f"{'evaluation (last position, 3 losses+acc)':40}{t_eval*1e3:9.1f}ms{r_eval*1e3:9.1f}ms{t_eval/r_eval:7.1f}x")
+
+
+def load_bench():
     if not os.path.exists(PATH):
         print("making", PATH)
         make()
@@ -85,6 +133,14 @@ def main():
     print(f"{'full read':34}{full*1e3:9.1f}ms{t_full*1e3:9.1f}ms{full/t_full:7.1f}x")
     print(f"{'lazy open (torch: mmap=True)':34}{lazy*1e3:9.1f}ms{t_lazy*1e3:9.1f}ms{lazy/t_lazy:7.1f}x")
     print(f"{'open + one checkpoint':34}{one*1e3:9.1f}ms{t_one*1e3:9.1f}ms{one/t_one:7.1f}x")
+
+
+def main():
+    which = sys.argv[1:] or ["load", "forward"]
+    if "load" in which:
+        load_bench()
+    if "forward" in which:
+        forward_bench()
 
 
 if __name__ == "__main__":

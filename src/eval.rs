@@ -167,7 +167,7 @@ pub fn last_logits_fast(
             .as_deref()
             .and_then(Activation::from_name)
             .expect("checked at construction");
-        let mut post = be.activation(&pre, act)?;
+        let mut post = be.activation(pre, act)?;
         if cfg.act_fn.as_deref() == Some("solu_ln") {
             let kind = if norm == NormKind::LN {
                 NormKind::LN
@@ -200,35 +200,60 @@ pub struct Evaluation {
 }
 
 /// Evaluate on all p² inputs; `train`/`test` index the a-major dataset (as the demo's indices).
+/// Each input's loss and correctness is computed once; the three splits average them.
 pub fn evaluate(model: &HookedTransformer<Cpu>, train: &[i64], test: &[i64]) -> Result<Evaluation> {
     let p = task_p(&model.cfg);
     let (tokens, labels) = task::modular_addition(p);
     let logits = last_logits(model, &tokens)?;
-    let subset = |idx: &[i64]| -> Result<(Array2<f32>, Vec<u32>)> {
-        let mut rows = Vec::with_capacity(idx.len());
-        for &i in idx {
-            if i < 0 || i as usize >= labels.len() {
-                return Err(Error::invalid(
-                    "indices",
-                    format!("index {i} outside 0..{}", labels.len()),
-                ));
-            }
-            rows.push(i as usize);
+    let per_row: Vec<(f64, bool)> = logits
+        .axis_chunks_iter(Axis(0), 512)
+        .into_par_iter()
+        .zip(labels.par_chunks(512))
+        .flat_map_iter(|(rows, ys)| {
+            rows.outer_iter()
+                .zip(ys)
+                .map(|(r, &y)| {
+                    let r = r.as_slice().expect("standard layout");
+                    (task::nll(r, y), task::argmax(r) == y as usize)
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mean = |idx: &mut dyn Iterator<Item = usize>| -> (f64, f64) {
+        let (mut loss, mut correct, mut n) = (0.0, 0usize, 0usize);
+        for i in idx {
+            loss += per_row[i].0;
+            correct += per_row[i].1 as usize;
+            n += 1;
         }
-        Ok((
-            logits.select(Axis(0), &rows),
-            rows.iter().map(|&i| labels[i]).collect(),
-        ))
+        if n == 0 {
+            (f64::NAN, f64::NAN)
+        } else {
+            (loss / n as f64, correct as f64 / n as f64)
+        }
     };
-    let (tr_l, tr_y) = subset(train)?;
-    let (te_l, te_y) = subset(test)?;
-    let nan_if_empty = |f: &dyn Fn() -> f64, n: usize| if n == 0 { f64::NAN } else { f() };
+    let check = |idx: &[i64]| -> Result<Vec<usize>> {
+        idx.iter()
+            .map(|&i| {
+                usize::try_from(i)
+                    .ok()
+                    .filter(|&i| i < per_row.len())
+                    .ok_or_else(|| {
+                        Error::invalid("indices", format!("index {i} outside 0..{}", per_row.len()))
+                    })
+            })
+            .collect()
+    };
+    let (train, test) = (check(train)?, check(test)?);
+    let (train_loss, train_accuracy) = mean(&mut train.into_iter());
+    let (test_loss, test_accuracy) = mean(&mut test.into_iter());
+    let (full_loss, accuracy) = mean(&mut (0..per_row.len()));
     Ok(Evaluation {
-        train_loss: nan_if_empty(&|| task::loss(tr_l.view(), &tr_y), tr_y.len()),
-        test_loss: nan_if_empty(&|| task::loss(te_l.view(), &te_y), te_y.len()),
-        full_loss: task::loss(logits.view(), &labels),
-        train_accuracy: nan_if_empty(&|| task::accuracy(tr_l.view(), &tr_y), tr_y.len()),
-        test_accuracy: nan_if_empty(&|| task::accuracy(te_l.view(), &te_y), te_y.len()),
-        accuracy: task::accuracy(logits.view(), &labels),
+        train_loss,
+        test_loss,
+        full_loss,
+        train_accuracy,
+        test_accuracy,
+        accuracy,
     })
 }

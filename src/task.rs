@@ -86,6 +86,14 @@ pub fn demo_split(p: usize, frac_train: f64, data_seed: u64) -> (Vec<i64>, Vec<i
     (perm, test)
 }
 
+/// Negative log-likelihood of `label` under one row of logits, in f64 (the demo casts to f64
+/// before log-softmax).
+pub fn nll(row: &[f32], label: u32) -> f64 {
+    let m = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+    let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+    lse - row[label as usize] as f64
+}
+
 /// The demo's loss: last-position logits cast to f64, log-softmax, mean negative log-likelihood.
 /// `logits` is [N, V] (already the last position).
 pub fn loss(logits: ArrayView2<f32>, labels: &[u32]) -> f64 {
@@ -93,11 +101,7 @@ pub fn loss(logits: ArrayView2<f32>, labels: &[u32]) -> f64 {
     let total: f64 = logits
         .outer_iter()
         .zip(labels)
-        .map(|(row, &y)| {
-            let m = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
-            let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
-            lse - row[y as usize] as f64
-        })
+        .map(|(row, &y)| nll(&row.to_vec(), y))
         .sum();
     total / labels.len() as f64
 }

@@ -94,7 +94,8 @@ pub trait Backend: Sync {
     /// Repeat [B, P, D] along a new head axis → [B, P, H, D].
     fn repeat_heads(&self, x: &Self::Tensor, n_heads: usize) -> Result<Self::Tensor>;
     fn reshape(&self, x: Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
-    fn activation(&self, x: &Self::Tensor, act: Activation) -> Result<Self::Tensor>;
+    /// The activation function, element-wise (row-wise for SoLU), reusing `x`'s storage.
+    fn activation(&self, x: Self::Tensor, act: Activation) -> Result<Self::Tensor>;
     /// `(x − mean) / sqrt(mean((x − mean)²) + eps)` over the last axis (no centring when
     /// `center` is false, i.e. RMS): returns (normalized, scale [..., 1]).
     fn normalize(

@@ -190,6 +190,7 @@ pub fn check_supported(cfg: &HookedTransformerConfig) -> Result<()> {
 impl HookedTransformer<Cpu> {
     /// Build a CPU model from a config and a TL-layout state dict.
     pub fn new(cfg: HookedTransformerConfig, sd: StateDict) -> Result<Self> {
+        crate::backend::cpu::tune_allocator();
         Self::with_backend(cfg, sd, Cpu)
     }
 }
@@ -613,17 +614,13 @@ impl<B: Backend> HookedTransformer<B> {
         let post = match &mlp.ln {
             Some(ln) => {
                 let mid =
-                    self.point(ctx, &format!("{p}.mlp.hook_mid"), be.activation(&pre, act)?)?;
+                    self.point(ctx, &format!("{p}.mlp.hook_mid"), be.activation(pre, act)?)?;
                 let y = self
                     .norm(ctx, &format!("{p}.mlp.ln"), ln, &mid)?
                     .unwrap_or(mid);
                 self.point(ctx, &format!("{p}.mlp.hook_post"), y)?
             }
-            None => self.point(
-                ctx,
-                &format!("{p}.mlp.hook_post"),
-                be.activation(&pre, act)?,
-            )?,
+            None => self.point(ctx, &format!("{p}.mlp.hook_post"), be.activation(pre, act)?)?,
         };
         let mlp_out = self.point(
             ctx,
