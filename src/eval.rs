@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::model::hooked::NormKind;
 use crate::model::HookedTransformer;
 use crate::task;
-use ndarray::{s, Array2, ArrayD, Axis, IxDyn};
+use ndarray::{Array2, ArrayD, Axis, IxDyn};
 use rayon::prelude::*;
 
 /// The task's modulus for a model: the `=` token is the last input token (d_vocab − 1).
@@ -112,21 +112,42 @@ pub fn last_logits_fast(
     let scale = model.layer_attn_scale(0);
     let last = p - 1;
     let e = cfg.d_head();
+    if q_tab.shape() != [p, v, h, e] {
+        return Err(Error::invalid(
+            "fast path",
+            format!("unexpected table shape {:?}", q_tab.shape()),
+        ));
+    }
 
     // Per input: the last position's pattern over keys and z = Σ_j pattern·v (TL's order).
-    let mut z = Array2::<f32>::zeros((n, h * e));
-    z.axis_chunks_iter_mut(Axis(0), 256)
-        .into_par_iter()
-        .zip(tokens.axis_chunks_iter(Axis(0), 256))
-        .for_each(|(mut out, toks)| {
-            let mut scores = vec![0f32; p];
-            for (mut row, t) in out.outer_iter_mut().zip(toks.outer_iter()) {
-                let tl = t[last] as usize;
+    // Tables are [P, V, H, E] in standard layout: row (pos, token, head) starts at
+    // ((pos·V + token)·H + head)·E.
+    let (qs, ks, vs) = (
+        q_tab.as_slice().expect("standard layout"),
+        k_tab.as_slice().expect("standard layout"),
+        v_tab.as_slice().expect("standard layout"),
+    );
+    let at = |pos: usize, tok: u32, hi: usize| ((pos * v + tok as usize) * h + hi) * e;
+    let toks = tokens.as_standard_layout();
+    let toks = toks.as_slice().expect("standard layout");
+    let mut z = vec![0f32; n * h * e];
+    z.par_chunks_mut(h * e)
+        .zip(toks.par_chunks(p))
+        .for_each_init(
+            || vec![0f32; p],
+            |scores, (row, t)| {
                 for hi in 0..h {
-                    let q = q_tab.slice(s![last, tl, hi, ..]);
+                    let qo = at(last, t[last], hi);
+                    let q = &qs[qo..qo + e];
                     // The last query attends to every key (j ≤ last), causal or not.
                     for (j, sc) in scores.iter_mut().enumerate() {
-                        *sc = q.dot(&k_tab.slice(s![j, t[j] as usize, hi, ..])) / scale;
+                        let ko = at(j, t[j], hi);
+                        *sc = q
+                            .iter()
+                            .zip(&ks[ko..ko + e])
+                            .map(|(a, b)| a * b)
+                            .sum::<f32>()
+                            / scale;
                     }
                     let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let mut sum = 0.0;
@@ -134,13 +155,18 @@ pub fn last_logits_fast(
                         *sc = (*sc - m).exp();
                         sum += *sc;
                     }
-                    let mut zh = row.slice_mut(s![hi * e..(hi + 1) * e]);
+                    let zh = &mut row[hi * e..(hi + 1) * e];
                     for (j, sc) in scores.iter().enumerate() {
-                        zh.scaled_add(sc / sum, &v_tab.slice(s![j, t[j] as usize, hi, ..]));
+                        let w = sc / sum;
+                        let vo = at(j, t[j], hi);
+                        zh.iter_mut()
+                            .zip(&vs[vo..vo + e])
+                            .for_each(|(z, v)| *z += w * v);
                     }
                 }
-            }
-        });
+            },
+        );
+    let z = Array2::from_shape_vec((n, h * e), z).expect("n × H·E");
     // attn_out = z @ W_O (flattened) + b_O, batched; resid_mid = x_last + attn_out.
     let w_o = f("blocks.0.attn.W_O")?;
     let w_o_flat = w_o
