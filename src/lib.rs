@@ -28,6 +28,7 @@ pub mod model;
 pub mod run;
 pub mod task;
 pub mod tensor;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use model::{ActivationCache, Hook, HookedTransformer, HookedTransformerConfig, StateDict};

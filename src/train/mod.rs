@@ -1,0 +1,6 @@
+//! Training like the reference: TL-identical initialisation (this module so far), and — to come
+//! — exact gradients, AdamW and the demo's loop.
+
+pub mod init;
+
+pub use init::{init_weights, torch_normal};
