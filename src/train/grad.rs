@@ -1,0 +1,325 @@
+//! The demo's loss and its exact gradients for the model family the trainer supports: one layer,
+//! attention + ReLU MLP, no LayerNorm, standard positions, loss at the last position.
+//!
+//! Because the loss reads only the last position and there is one layer, only the last query's
+//! attention row, MLP and unembedding are on the loss's path; keys and values of every position
+//! are. The backward pass below differentiates exactly that graph (REFERENCE §2 forward), in
+//! float32 like torch except where torch uses float64: the loss is computed in f64 and its
+//! gradient `(softmax − onehot)/N` is cast to f32 where torch's `.to(float64)` node casts it back.
+//! Biases are frozen (the demo sets `requires_grad = False` on every `b_`), so only `W_`
+//! gradients are produced.
+
+use crate::backend::cpu::matmul;
+use crate::error::{Error, Result};
+use crate::model::{HookedTransformerConfig, StateDict};
+use crate::tensor::Tensor;
+use ndarray::{s, Array2, Array3, ArrayView2, Axis, Ix2, Ix3, IxDyn};
+use rayon::prelude::*;
+
+/// Check that the trainer supports `cfg` (one layer, attention + ReLU MLP, no LayerNorm).
+pub fn check_trainable(cfg: &HookedTransformerConfig) -> Result<()> {
+    crate::model::hooked::check_supported(cfg)?;
+    let mut bad = Vec::new();
+    if cfg.n_layers != 1 {
+        bad.push(format!("n_layers={}", cfg.n_layers));
+    }
+    if cfg.attn_only {
+        bad.push("attn_only".into());
+    }
+    if cfg.normalization_type.is_some() {
+        bad.push(format!("normalization_type={:?}", cfg.normalization_type));
+    }
+    if cfg.act_fn.as_deref() != Some("relu") {
+        bad.push(format!("act_fn={:?}", cfg.act_fn));
+    }
+    if cfg.attention_dir != "causal" {
+        bad.push(format!("attention_dir={}", cfg.attention_dir));
+    }
+    let flags = [
+        ("use_attn_result", cfg.use_attn_result),
+        ("use_split_qkv_input", cfg.use_split_qkv_input),
+        ("use_attn_in", cfg.use_attn_in),
+        (
+            "scale_attn_by_inverse_layer_idx",
+            cfg.scale_attn_by_inverse_layer_idx,
+        ),
+    ];
+    // use_attn_result only changes hooks, not the arithmetic; the others are not differentiated.
+    bad.extend(
+        flags
+            .iter()
+            .skip(1)
+            .filter(|(_, on)| *on)
+            .map(|(n, _)| n.to_string()),
+    );
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Unsupported(format!(
+            "training this config (the trainer supports 1-layer attention + ReLU MLP models without \
+             LayerNorm): {}",
+            bad.join(", ")
+        )))
+    }
+}
+
+fn w<'a>(sd: &'a StateDict, name: &str) -> Result<&'a ndarray::ArrayD<f32>> {
+    sd.array::<f32>(name, None)
+}
+
+fn two(a: &ndarray::ArrayD<f32>) -> ArrayView2<'_, f32> {
+    a.view().into_dimensionality::<Ix2>().expect("2-D")
+}
+
+/// Loss (f64) and the gradient of every `W_` parameter, for tokens [N, P] and labels [N].
+pub fn loss_and_grads(
+    cfg: &HookedTransformerConfig,
+    sd: &StateDict,
+    tokens: &Array2<u32>,
+    labels: &[u32],
+) -> Result<(f64, StateDict)> {
+    check_trainable(cfg)?;
+    let (n, p) = tokens.dim();
+    if n == 0 || n != labels.len() {
+        return Err(Error::invalid(
+            "training batch",
+            format!("{n} inputs, {} labels", labels.len()),
+        ));
+    }
+    let (d, h, e) = (cfg.d_model(), cfg.n_heads(), cfg.d_head());
+    let (v_in, v_out) = (cfg.d_vocab(), cfg.d_vocab_out());
+    let last = p - 1;
+    let scale = (if cfg.use_attn_scale {
+        cfg.attn_scale
+    } else {
+        1.0
+    }) as f32;
+    let w_e = two(w(sd, "embed.W_E")?);
+    let w_pos = two(w(sd, "pos_embed.W_pos")?);
+    let flat = |name: &str| -> Result<Array2<f32>> {
+        // W [H, D, E] → [D, H·E]
+        let a = w(sd, name)?
+            .view()
+            .into_dimensionality::<Ix3>()
+            .expect("3-D");
+        Ok(a.permuted_axes([1, 0, 2])
+            .as_standard_layout()
+            .into_owned()
+            .into_shape_with_order((d, h * e))
+            .expect("sizes"))
+    };
+    let bias =
+        |name: &str| -> Result<ndarray::Array1<f32>> { Ok(w(sd, name)?.iter().copied().collect()) };
+    let (wq, wk, wv) = (
+        flat("blocks.0.attn.W_Q")?,
+        flat("blocks.0.attn.W_K")?,
+        flat("blocks.0.attn.W_V")?,
+    );
+    let (bq, bk, bv) = (
+        bias("blocks.0.attn.b_Q")?,
+        bias("blocks.0.attn.b_K")?,
+        bias("blocks.0.attn.b_V")?,
+    );
+    let w_o = w(sd, "blocks.0.attn.W_O")?
+        .view()
+        .into_shape_with_order((h * e, d))
+        .expect("W_O [H,E,D]")
+        .to_owned();
+    let b_o = bias("blocks.0.attn.b_O")?;
+    let w_in = two(w(sd, "blocks.0.mlp.W_in")?);
+    let b_in = bias("blocks.0.mlp.b_in")?;
+    let w_out = two(w(sd, "blocks.0.mlp.W_out")?);
+    let b_out = bias("blocks.0.mlp.b_out")?;
+    let w_u = two(w(sd, "unembed.W_U")?);
+    let b_u = bias("unembed.b_U")?;
+    if let Some(&t) = tokens.iter().find(|&&t| t as usize >= v_in) {
+        return Err(Error::invalid(
+            "tokens",
+            format!("token {t} out of range for d_vocab {v_in}"),
+        ));
+    }
+    if let Some(&y) = labels.iter().find(|&&y| y as usize >= v_out) {
+        return Err(Error::invalid(
+            "labels",
+            format!("label {y} out of range for d_vocab_out {v_out}"),
+        ));
+    }
+
+    // ---- forward ----
+    // x [N·P, D] = W_E[token] + W_pos[pos]
+    let mut x = Array2::<f32>::zeros((n * p, d));
+    x.axis_chunks_iter_mut(Axis(0), p)
+        .into_par_iter()
+        .zip(tokens.axis_iter(Axis(0)).into_par_iter())
+        .for_each(|(mut xs, t)| {
+            for pos in 0..p {
+                let mut row = xs.row_mut(pos);
+                row.assign(&w_e.row(t[pos] as usize));
+                row += &w_pos.row(pos);
+            }
+        });
+    let mut k = matmul(x.view(), wk.view());
+    k += &bk;
+    let mut vv = matmul(x.view(), wv.view());
+    vv += &bv;
+    let x_last = x.slice(s![last..;p, ..]).to_owned(); // [N, D]
+    let mut q = matmul(x_last.view(), wq.view()); // [N, H·E]
+    q += &bq;
+    // Last query's pattern over keys, z = Σ_k pattern·v.
+    let mut pattern = Array3::<f32>::zeros((n, h, p));
+    let mut z = Array2::<f32>::zeros((n, h * e));
+    pattern
+        .axis_iter_mut(Axis(0))
+        .into_par_iter()
+        .zip(z.axis_iter_mut(Axis(0)).into_par_iter())
+        .enumerate()
+        .for_each(|(i, (mut pat, mut zr))| {
+            for hi in 0..h {
+                let qh = q.slice(s![i, hi * e..(hi + 1) * e]);
+                let mut sc = vec![0f32; p];
+                for (j, scj) in sc.iter_mut().enumerate() {
+                    *scj = qh.dot(&k.slice(s![i * p + j, hi * e..(hi + 1) * e])) / scale;
+                }
+                let mx = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0f32;
+                for s in sc.iter_mut() {
+                    *s = (*s - mx).exp();
+                    sum += *s;
+                }
+                for j in 0..p {
+                    let pj = sc[j] / sum;
+                    pat[[hi, j]] = pj;
+                    zr.slice_mut(s![hi * e..(hi + 1) * e])
+                        .scaled_add(pj, &vv.slice(s![i * p + j, hi * e..(hi + 1) * e]));
+                }
+            }
+        });
+    let mut resid_mid = matmul(z.view(), w_o.view());
+    resid_mid += &b_o;
+    resid_mid += &x_last;
+    let mut pre = matmul(resid_mid.view(), w_in);
+    pre += &b_in;
+    let post = pre.mapv(|x| x.max(0.0));
+    let mut resid_post = matmul(post.view(), w_out);
+    resid_post += &b_out;
+    resid_post += &resid_mid;
+    let mut logits = matmul(resid_post.view(), w_u);
+    logits += &b_u;
+
+    // ---- loss and dlogits = (softmax − onehot)/N, in f64, cast to f32 ----
+    let inv_n = 1.0 / n as f64;
+    let mut dlogits = Array2::<f32>::zeros((n, v_out));
+    let losses: Vec<f64> = dlogits
+        .axis_iter_mut(Axis(0))
+        .into_par_iter()
+        .zip(logits.axis_iter(Axis(0)).into_par_iter())
+        .zip(labels.par_iter())
+        .map(|((mut g, row), &y)| {
+            let mx = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+            let sum: f64 = row.iter().map(|&x| (x as f64 - mx).exp()).sum();
+            let lse = mx + sum.ln();
+            for (j, (gj, &x)) in g.iter_mut().zip(row.iter()).enumerate() {
+                let sm = (x as f64 - lse).exp();
+                let onehot = if j == y as usize { 1.0 } else { 0.0 };
+                *gj = ((sm - onehot) * inv_n) as f32;
+            }
+            lse - row[y as usize] as f64
+        })
+        .collect();
+    let loss = losses.iter().sum::<f64>() * inv_n;
+
+    // ---- backward ----
+    let g_wu = matmul(resid_post.t(), dlogits.view());
+    let d_resid_post = matmul(dlogits.view(), w_u.t());
+    let g_wout = matmul(post.t(), d_resid_post.view());
+    let mut d_pre = matmul(d_resid_post.view(), w_out.t());
+    d_pre.zip_mut_with(&pre, |g, &x| {
+        if x <= 0.0 {
+            *g = 0.0
+        }
+    });
+    let g_win = matmul(resid_mid.t(), d_pre.view());
+    let mut d_resid_mid = matmul(d_pre.view(), w_in.t());
+    d_resid_mid += &d_resid_post;
+    let g_wo = matmul(z.t(), d_resid_mid.view()); // [H·E, D]
+    let dz = matmul(d_resid_mid.view(), w_o.t()); // [N, H·E]
+                                                  // Attention: dq (last query), dk and dv (every key position).
+    let mut dq = Array2::<f32>::zeros((n, h * e));
+    let mut dk = Array2::<f32>::zeros((n * p, h * e));
+    let mut dv = Array2::<f32>::zeros((n * p, h * e));
+    dq.axis_iter_mut(Axis(0))
+        .into_par_iter()
+        .zip(dk.axis_chunks_iter_mut(Axis(0), p).into_par_iter())
+        .zip(dv.axis_chunks_iter_mut(Axis(0), p).into_par_iter())
+        .enumerate()
+        .for_each(|(i, ((mut dqr, mut dkr), mut dvr))| {
+            for hi in 0..h {
+                let hs = hi * e..(hi + 1) * e;
+                let dzh = dz.slice(s![i, hs.clone()]);
+                let mut dpat = vec![0f32; p];
+                for (j, dp) in dpat.iter_mut().enumerate() {
+                    *dp = dzh.dot(&vv.slice(s![i * p + j, hs.clone()]));
+                    dvr.slice_mut(s![j, hs.clone()])
+                        .scaled_add(pattern[[i, hi, j]], &dzh);
+                }
+                let dot: f32 = (0..p).map(|j| pattern[[i, hi, j]] * dpat[j]).sum();
+                for j in 0..p {
+                    let ds = pattern[[i, hi, j]] * (dpat[j] - dot) / scale;
+                    dqr.slice_mut(s![hs.clone()])
+                        .scaled_add(ds, &k.slice(s![i * p + j, hs.clone()]));
+                    dkr.slice_mut(s![j, hs.clone()])
+                        .scaled_add(ds, &q.slice(s![i, hs.clone()]));
+                }
+            }
+        });
+    let g_wq = matmul(x_last.t(), dq.view()); // [D, H·E]
+    let g_wk = matmul(x.t(), dk.view());
+    let g_wv = matmul(x.t(), dv.view());
+    // dx = residual path (last position) + dq·W_Qᵀ (last) + dk·W_Kᵀ + dv·W_Vᵀ
+    let mut dx = matmul(dk.view(), wk.t());
+    dx += &matmul(dv.view(), wv.t());
+    let mut dx_last = matmul(dq.view(), wq.t());
+    dx_last += &d_resid_mid;
+    {
+        let mut lastrows = dx.slice_mut(s![last..;p, ..]);
+        lastrows += &dx_last;
+    }
+    let mut g_we = Array2::<f32>::zeros((v_in, d));
+    let mut g_wpos = Array2::<f32>::zeros((cfg.n_ctx(), d));
+    for (r, t) in tokens.iter().enumerate() {
+        let pos = r % p;
+        let row = dx.row(r);
+        let mut a = g_we.row_mut(*t as usize);
+        a += &row;
+        let mut b = g_wpos.row_mut(pos);
+        b += &row;
+    }
+
+    let unflat = |g: Array2<f32>| -> Tensor {
+        // [D, H·E] → [H, D, E]
+        let g = g.into_shape_with_order((d, h, e)).expect("sizes");
+        Tensor::F32(
+            g.permuted_axes([1, 0, 2])
+                .as_standard_layout()
+                .into_owned()
+                .into_dyn(),
+        )
+    };
+    let mut grads = StateDict::new();
+    grads.insert("embed.W_E", Tensor::F32(g_we.into_dyn()));
+    grads.insert("pos_embed.W_pos", Tensor::F32(g_wpos.into_dyn()));
+    grads.insert("blocks.0.attn.W_Q", unflat(g_wq));
+    grads.insert(
+        "blocks.0.attn.W_O",
+        Tensor::F32(
+            g_wo.into_shape_with_order(IxDyn(&[h, e, d]))
+                .expect("sizes"),
+        ),
+    );
+    grads.insert("blocks.0.attn.W_K", unflat(g_wk));
+    grads.insert("blocks.0.attn.W_V", unflat(g_wv));
+    grads.insert("blocks.0.mlp.W_in", Tensor::F32(g_win.into_dyn()));
+    grads.insert("blocks.0.mlp.W_out", Tensor::F32(g_wout.into_dyn()));
+    grads.insert("unembed.W_U", Tensor::F32(g_wu.into_dyn()));
+    Ok((loss, grads))
+}
