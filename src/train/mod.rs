@@ -1,8 +1,185 @@
-//! Training like the reference: TL-identical initialisation (this module so far), and — to come
-//! — exact gradients, AdamW and the demo's loop.
+//! Training like the reference (the TL grokking demo): TL-identical initialisation ([`init`]),
+//! exact gradients ([`grad`]), `torch.optim.AdamW` ([`adamw`]), full-batch epochs with the train
+//! loss recorded before the step and the test loss after it, checkpoints every 100 epochs.
 
+pub mod adamw;
 pub mod grad;
 pub mod init;
 
+pub use adamw::{AdamW, AdamWConfig};
 pub use grad::{check_trainable, loss_and_grads};
 pub use init::{init_weights, torch_normal};
+
+use crate::error::{Error, Result};
+use crate::eval::last_logits_fast;
+use crate::model::{HookedTransformer, HookedTransformerConfig, StateDict};
+use crate::run::TrainingRun;
+use crate::task;
+use ndarray::{Array2, Axis};
+
+/// The demo's settings; every field is a `tlens train` flag with this default.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainConfig {
+    pub p: usize,
+    pub frac_train: f64,
+    /// Model seed (TL's `cfg.seed`).
+    pub seed: i64,
+    /// Seed of the train/test permutation.
+    pub data_seed: u64,
+    pub epochs: usize,
+    pub adamw: AdamWConfig,
+    pub checkpoint_every: usize,
+    /// Evaluate the test loss every this many epochs (1 = every epoch, as the demo).
+    pub eval_every: usize,
+    /// Linear learning-rate warm-up over this many epochs (0 = none, as the demo).
+    pub warmup_epochs: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            p: 113,
+            frac_train: 0.3,
+            seed: 999,
+            data_seed: 598,
+            epochs: 25_000,
+            adamw: AdamWConfig::default(),
+            checkpoint_every: 100,
+            eval_every: 1,
+            warmup_epochs: 0,
+        }
+    }
+}
+
+/// A training run in progress.
+pub struct Trainer {
+    pub cfg: HookedTransformerConfig,
+    pub settings: TrainConfig,
+    pub params: StateDict,
+    pub opt: AdamW,
+    /// Epochs completed.
+    pub epoch: usize,
+    pub train_indices: Vec<i64>,
+    pub test_indices: Vec<i64>,
+    train: (Array2<u32>, Vec<u32>),
+    test: (Array2<u32>, Vec<u32>),
+    pub train_losses: Vec<f64>,
+    pub test_losses: Vec<f64>,
+    pub checkpoints: Vec<StateDict>,
+    pub checkpoint_epochs: Vec<i64>,
+}
+
+fn subset(tokens: &Array2<u32>, labels: &[u32], idx: &[i64]) -> (Array2<u32>, Vec<u32>) {
+    let rows: Vec<usize> = idx.iter().map(|&i| i as usize).collect();
+    (
+        tokens.select(Axis(0), &rows),
+        rows.iter().map(|&i| labels[i]).collect(),
+    )
+}
+
+impl Trainer {
+    /// A fresh run: the demo's model config for `settings.p`, TL's init, the demo split.
+    pub fn new(settings: TrainConfig) -> Result<Trainer> {
+        let mut cfg = HookedTransformerConfig::grokking_demo(settings.p as i64);
+        cfg.seed = Some(settings.seed);
+        let params = init_weights(&cfg)?;
+        Self::with_params(cfg, params, settings)
+    }
+
+    /// Start from given weights (e.g. a PyTorch init) with the demo's loop.
+    pub fn with_params(
+        cfg: HookedTransformerConfig,
+        params: StateDict,
+        settings: TrainConfig,
+    ) -> Result<Trainer> {
+        check_trainable(&cfg)?;
+        if settings.p < 2 || settings.p + 1 != cfg.d_vocab() {
+            return Err(Error::invalid(
+                "p",
+                format!("p = {} does not fit d_vocab {}", settings.p, cfg.d_vocab),
+            ));
+        }
+        if !(0.0..=1.0).contains(&settings.frac_train)
+            || settings.checkpoint_every == 0
+            || settings.eval_every == 0
+        {
+            return Err(Error::invalid(
+                "training settings",
+                "frac_train in [0, 1], intervals ≥ 1",
+            ));
+        }
+        let (tokens, labels) = task::modular_addition(settings.p);
+        let (train_indices, test_indices) =
+            task::demo_split(settings.p, settings.frac_train, settings.data_seed);
+        if train_indices.is_empty() {
+            return Err(Error::invalid("frac_train", "the train split is empty"));
+        }
+        Ok(Trainer {
+            train: subset(&tokens, &labels, &train_indices),
+            test: subset(&tokens, &labels, &test_indices),
+            opt: AdamW::new(settings.adamw),
+            cfg,
+            settings,
+            params,
+            epoch: 0,
+            train_indices,
+            test_indices,
+            train_losses: Vec::new(),
+            test_losses: Vec::new(),
+            checkpoints: Vec::new(),
+            checkpoint_epochs: Vec::new(),
+        })
+    }
+
+    /// The learning rate of the current epoch (linear warm-up, then constant).
+    pub fn lr(&self) -> f64 {
+        let w = self.settings.warmup_epochs;
+        let lr = self.settings.adamw.lr;
+        if w > 0 && self.epoch < w {
+            lr * (self.epoch + 1) as f64 / w as f64
+        } else {
+            lr
+        }
+    }
+
+    /// Test loss of the current weights.
+    pub fn test_loss(&self) -> Result<f64> {
+        if self.test.1.is_empty() {
+            return Ok(f64::NAN);
+        }
+        let model = HookedTransformer::new(self.cfg.clone(), self.params.clone())?;
+        let logits = last_logits_fast(&model, &self.test.0)?;
+        Ok(task::loss(logits.view(), &self.test.1))
+    }
+
+    /// One epoch of the demo: train loss and gradients, AdamW step, test loss, checkpoint.
+    pub fn step(&mut self) -> Result<()> {
+        let (loss, grads) = loss_and_grads(&self.cfg, &self.params, &self.train.0, &self.train.1)?;
+        self.train_losses.push(loss);
+        let lr = self.lr();
+        self.opt.step(&mut self.params, &grads, lr)?;
+        if self.epoch.is_multiple_of(self.settings.eval_every) {
+            self.test_losses.push(self.test_loss()?);
+        }
+        if (self.epoch + 1).is_multiple_of(self.settings.checkpoint_every) {
+            self.checkpoint_epochs.push(self.epoch as i64);
+            self.checkpoints.push(self.params.clone());
+        }
+        self.epoch += 1;
+        Ok(())
+    }
+
+    /// The run in the TL demo's file layout.
+    pub fn to_run(&self) -> TrainingRun {
+        TrainingRun {
+            config: Some(self.cfg.clone()),
+            model: self.params.clone(),
+            checkpoints: self.checkpoints.clone(),
+            checkpoint_epochs: self.checkpoint_epochs.clone(),
+            train_losses: self.train_losses.clone(),
+            test_losses: self.test_losses.clone(),
+            train_indices: Some(self.train_indices.clone()),
+            test_indices: Some(self.test_indices.clone()),
+        }
+    }
+}
