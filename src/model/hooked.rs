@@ -120,6 +120,15 @@ impl<B: Backend> Loader<'_, B> {
     }
 }
 
+/// Names of the flags that are on.
+pub(crate) fn enabled(flags: &[(&str, bool)]) -> Vec<String> {
+    flags
+        .iter()
+        .filter(|(_, on)| *on)
+        .map(|(n, _)| n.to_string())
+        .collect()
+}
+
 /// Reject config features this forward pass does not implement (rather than compute wrong numbers).
 pub fn check_supported(cfg: &HookedTransformerConfig) -> Result<()> {
     let mut bad = Vec::new();
@@ -150,12 +159,7 @@ pub fn check_supported(cfg: &HookedTransformerConfig) -> Result<()> {
             cfg.use_hook_tokens,
         ),
     ];
-    bad.extend(
-        flags
-            .iter()
-            .filter(|(_, on)| *on)
-            .map(|(n, _)| n.to_string()),
-    );
+    bad.extend(enabled(&flags));
     if cfg.num_experts.is_some() {
         bad.push("num_experts (mixture of experts)".into());
     }

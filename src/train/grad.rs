@@ -35,23 +35,15 @@ pub fn check_trainable(cfg: &HookedTransformerConfig) -> Result<()> {
     if cfg.attention_dir != "causal" {
         bad.push(format!("attention_dir={}", cfg.attention_dir));
     }
-    let flags = [
-        ("use_attn_result", cfg.use_attn_result),
+    // use_attn_result changes only which hooks exist, not the arithmetic: allowed.
+    bad.extend(crate::model::hooked::enabled(&[
         ("use_split_qkv_input", cfg.use_split_qkv_input),
         ("use_attn_in", cfg.use_attn_in),
         (
             "scale_attn_by_inverse_layer_idx",
             cfg.scale_attn_by_inverse_layer_idx,
         ),
-    ];
-    // use_attn_result only changes hooks, not the arithmetic; the others are not differentiated.
-    bad.extend(
-        flags
-            .iter()
-            .skip(1)
-            .filter(|(_, on)| *on)
-            .map(|(n, _)| n.to_string()),
-    );
+    ]));
     if bad.is_empty() {
         Ok(())
     } else {
