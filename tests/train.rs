@@ -184,3 +184,106 @@ fn training_losses_follow_pytorch() {
     assert!(worst[3] <= 0.15, "epochs 30-299: {:e}", worst[3]);
     assert_eq!(t.checkpoint_epochs, vec![99, 199, 299]);
 }
+
+fn small_settings(epochs: usize) -> tlens::train::TrainConfig {
+    tlens::train::TrainConfig {
+        p: 23,
+        epochs,
+        checkpoint_every: 10,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn resumed_run_equals_uninterrupted_run() {
+    let mut whole = tlens::train::Trainer::new(small_settings(60)).unwrap();
+    for _ in 0..60 {
+        whole.step().unwrap();
+    }
+    let mut first = tlens::train::Trainer::new(small_settings(60)).unwrap();
+    for _ in 0..30 {
+        first.step().unwrap();
+    }
+    // Through the file format, as after an interruption.
+    let bytes = first
+        .to_run()
+        .to_pth_bytes(tlens::ConfigStyle::Tl2Object, 2)
+        .unwrap();
+    let file = RunFile::from_bytes(bytes).unwrap();
+    assert!(file.has_optimizer_state());
+    let mut resumed = tlens::train::Trainer::resume(file.load().unwrap()).unwrap();
+    assert_eq!(resumed.epoch, 30);
+    for _ in 30..60 {
+        resumed.step().unwrap();
+    }
+    assert_eq!(resumed.train_losses, whole.train_losses);
+    assert_eq!(resumed.test_losses, whole.test_losses);
+    assert_eq!(resumed.checkpoint_epochs, whole.checkpoint_epochs);
+    assert_eq!(resumed.params, whole.params, "bit-identical weights");
+    assert_eq!(resumed.to_run(), whole.to_run());
+}
+
+#[test]
+fn train_cli_writes_a_resumable_tl_demo_file() {
+    let bin = env!("CARGO_BIN_EXE_tlens");
+    let dir = std::env::temp_dir().join(format!("tlens-train-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a, b) = (dir.join("a.pth"), dir.join("b.pth"));
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(bin).args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let common = ["--p", "23", "--checkpoint-every", "10"];
+    let (code, err) = run(&[
+        &["train", "--out", a.to_str().unwrap(), "--epochs", "40"],
+        &common[..],
+    ]
+    .concat());
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = run(&[
+        &[
+            "train",
+            "--out",
+            a.to_str().unwrap(),
+            "--epochs",
+            "60",
+            "--resume",
+        ],
+        &common[..],
+    ]
+    .concat());
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = run(&[
+        &["train", "--out", b.to_str().unwrap(), "--epochs", "60"],
+        &common[..],
+    ]
+    .concat());
+    assert_eq!(code, Some(0), "{err}");
+    let (ra, rb) = (RunFile::open(&a).unwrap(), RunFile::open(&b).unwrap());
+    assert_eq!(
+        ra.checkpoint_epochs,
+        (0..6).map(|i| i * 10 + 9).collect::<Vec<i64>>()
+    );
+    assert_eq!(ra.train_losses.len(), 60);
+    assert_eq!(
+        ra.load().unwrap(),
+        rb.load().unwrap(),
+        "resumed CLI run equals the uninterrupted one"
+    );
+    // The file is the TL demo layout: config object, indices, losses.
+    assert_eq!(
+        ra.config_class.as_ref().unwrap().0,
+        "transformer_lens.HookedTransformerConfig"
+    );
+    assert_eq!(
+        ra.train_indices.as_ref().unwrap().len(),
+        (23.0f64 * 23.0 * 0.3) as usize
+    );
+    let (code, err) = run(&["train", "--out", a.to_str().unwrap(), "--device", "cuda"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no CUDA backend"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -120,6 +120,7 @@ pub struct RunFile {
     pub train_indices: Option<Vec<i64>>,
     pub test_indices: Option<Vec<i64>>,
     original: Option<OriginalShapes>,
+    optimizer: Option<(i64, StateDictRef, StateDictRef, serde_json::Value)>,
 }
 
 /// A fully loaded run (TL layout).
@@ -133,6 +134,20 @@ pub struct TrainingRun {
     pub test_losses: Vec<f64>,
     pub train_indices: Option<Vec<i64>>,
     pub test_indices: Option<Vec<i64>>,
+    /// Optimizer state, for resuming training (tlens writes it under the extra top-level key
+    /// `optimizer`, which TransformerLens and torch.load simply carry along).
+    pub optimizer: Option<OptimizerState>,
+}
+
+/// AdamW state saved with a run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OptimizerState {
+    /// AdamW steps taken (= epochs completed).
+    pub step: i64,
+    pub exp_avg: StateDict,
+    pub exp_avg_sq: StateDict,
+    /// The training settings (`tlens::train::TrainConfig` as JSON).
+    pub settings: serde_json::Value,
 }
 
 /// How to pickle the config when writing a `.pth`.
@@ -196,6 +211,7 @@ impl RunFile {
             train_indices: None,
             test_indices: None,
             original: None,
+            optimizer: None,
         }
     }
 
@@ -257,6 +273,24 @@ impl RunFile {
             }
             if let Some(cs) = take(&mut dict, "checkpoints") {
                 run.checkpoints = sd_refs(cs, "checkpoints")?;
+            }
+            if let Some(Value::Dict(mut o)) = take(&mut dict, "optimizer") {
+                let step = o
+                    .get("step")
+                    .and_then(Value::as_i64)
+                    .ok_or_else(|| Error::missing(ctx_key("optimizer"), "step"))?;
+                let settings = match o.get("settings") {
+                    Some(s) => {
+                        crate::model::config::pickle_to_json(s, "run['optimizer']['settings']")?
+                    }
+                    None => serde_json::Value::Null,
+                };
+                let mut sd = |k: &str| -> Result<StateDictRef> {
+                    let v =
+                        take(&mut o, k).ok_or_else(|| Error::missing(ctx_key("optimizer"), k))?;
+                    sd_ref(v, &format!("run['optimizer']['{k}']"))
+                };
+                run.optimizer = Some((step, sd("exp_avg")?, sd("exp_avg_sq")?, settings));
             }
             if let Some(e) = dict.get("checkpoint_epochs") {
                 run.checkpoint_epochs = ints(e, &ctx_key("checkpoint_epochs"))?;
@@ -506,7 +540,21 @@ impl RunFile {
             test_losses: self.test_losses.clone(),
             train_indices: self.train_indices.clone(),
             test_indices: self.test_indices.clone(),
+            optimizer: match &self.optimizer {
+                Some((step, m, v, settings)) => Some(OptimizerState {
+                    step: *step,
+                    exp_avg: self.load_sd(m)?,
+                    exp_avg_sq: self.load_sd(v)?,
+                    settings: settings.clone(),
+                }),
+                None => None,
+            },
         })
+    }
+
+    /// Whether the file carries optimizer state (a resumable tlens training run).
+    pub fn has_optimizer_state(&self) -> bool {
+        self.optimizer.is_some()
     }
 }
 
@@ -609,6 +657,7 @@ impl TrainingRun {
             test_losses: Vec::new(),
             train_indices: None,
             test_indices: None,
+            optimizer: None,
         }
     }
 
@@ -654,6 +703,22 @@ impl TrainingRun {
                 let t = Tensor::I64(Array1::from(idx.clone()).into_dyn());
                 items.push((Value::Str(key.into()), w.add(&t)));
             }
+        }
+        if let Some(o) = &self.optimizer {
+            let opt = Dict {
+                ordered: false,
+                items: vec![
+                    (Value::Str("step".into()), Value::Int(o.step)),
+                    (Value::Str("exp_avg".into()), sd(w, &o.exp_avg)),
+                    (Value::Str("exp_avg_sq".into()), sd(w, &o.exp_avg_sq)),
+                    (
+                        Value::Str("settings".into()),
+                        crate::model::config::json_to_pickle(&o.settings),
+                    ),
+                ],
+                attrs: None,
+            };
+            items.push((Value::Str("optimizer".into()), Value::Dict(opt)));
         }
         Value::Dict(Dict {
             ordered: false,

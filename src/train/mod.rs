@@ -18,7 +18,7 @@ use crate::task;
 use ndarray::{Array2, Axis};
 
 /// The demo's settings; every field is a `tlens train` flag with this default.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainConfig {
     pub p: usize,
     pub frac_train: f64,
@@ -180,6 +180,39 @@ impl Trainer {
             test_losses: self.test_losses.clone(),
             train_indices: Some(self.train_indices.clone()),
             test_indices: Some(self.test_indices.clone()),
+            optimizer: Some(crate::run::OptimizerState {
+                step: self.opt.step as i64,
+                exp_avg: self.opt.exp_avg.clone(),
+                exp_avg_sq: self.opt.exp_avg_sq.clone(),
+                settings: serde_json::to_value(&self.settings).expect("settings serialise"),
+            }),
         }
+    }
+
+    /// Continue a run saved by [`Trainer::to_run`]: weights, optimizer state, losses, checkpoints
+    /// and settings are restored; training goes on exactly as if it had not stopped.
+    pub fn resume(run: crate::run::TrainingRun) -> Result<Trainer> {
+        let o = run
+            .optimizer
+            .ok_or_else(|| Error::missing("run", "optimizer (a file written by `tlens train`)"))?;
+        let settings: TrainConfig = serde_json::from_value(o.settings.clone())
+            .map_err(|e| Error::invalid("run['optimizer']['settings']", e.to_string()))?;
+        let cfg = run.config.ok_or_else(|| Error::missing("run", "config"))?;
+        let mut t = Self::with_params(cfg, run.model, settings)?;
+        if run.train_indices.as_deref() != Some(&t.train_indices[..]) {
+            return Err(Error::invalid(
+                "run",
+                "train indices differ from the settings' split",
+            ));
+        }
+        t.opt.step = o.step as u64;
+        t.opt.exp_avg = o.exp_avg;
+        t.opt.exp_avg_sq = o.exp_avg_sq;
+        t.epoch = o.step as usize;
+        t.train_losses = run.train_losses;
+        t.test_losses = run.test_losses;
+        t.checkpoints = run.checkpoints;
+        t.checkpoint_epochs = run.checkpoint_epochs;
+        Ok(t)
     }
 }
