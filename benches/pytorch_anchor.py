@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Side-by-side benchmarks: PyTorch/TransformerLens vs tlens on the same machine and inputs.
 
-    python benches/pytorch_anchor.py [load] [forward]     # both when no argument is given
+    python benches/pytorch_anchor.py [load] [forward] [train]    # all when no argument is given
 
 load:    torch.load vs tlens on a full-size TL demo file (bench-data/demo_full.pth, made if missing)
 forward: on the shipped p=113 run (fixtures/demo_p113.pth), TL's run_with_cache of every hook on
@@ -115,6 +115,49 @@ def forward_bench():
     print(f"{'evaluation (last position, 3 losses+acc)':40}{t_eval*1e3:9.1f}ms{r_eval*1e3:9.1f}ms{t_eval/r_eval:7.1f}x")
 
 
+def train_bench():
+    """One epoch of the TL grokking demo loop vs `cargo bench --bench train`."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=1, n_heads=4, d_model=128, d_head=32, d_mlp=512, act_fn="relu",
+                                  normalization_type=None, d_vocab=114, d_vocab_out=113, n_ctx=3,
+                                  init_weights=True, device="cpu", seed=999)
+    model = HookedTransformer(cfg)
+    for name, prm in model.named_parameters():
+        if "b_" in name:
+            prm.requires_grad = False
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1.0, betas=(0.9, 0.98))
+    p = 113
+    a = torch.arange(p).repeat_interleave(p)
+    b = torch.arange(p).repeat(p)
+    data = torch.stack([a, b, torch.full_like(a, p)], dim=1)
+    labels = (a + b) % p
+    torch.manual_seed(598)
+    perm = torch.randperm(p * p)
+    tr, te = perm[:3830], perm[3830:]
+
+    def loss(lg, y):
+        return -lg[:, -1].double().log_softmax(-1).gather(-1, y[:, None])[:, 0].mean()
+
+    def epoch():
+        l = loss(model(data[tr]), labels[tr])
+        l.backward()
+        l.item()
+        opt.step()
+        opt.zero_grad()
+        with torch.inference_mode():
+            loss(model(data[te]), labels[te]).item()
+
+    t_tl = timeit(epoch, 20)
+    subprocess.run(["cargo", "bench", "--bench", "train"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    t_rs = criterion("train", "demo_epoch")
+    print(f"one demo epoch (train step on 3,830 + test loss on 8,939; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads)")
+    print(f"{'':40}{'TL':>10}{'tlens':>10}{'ratio':>8}")
+    print(f"{'epoch':40}{t_tl*1e3:9.1f}ms{t_rs*1e3:9.1f}ms{t_tl/t_rs:7.1f}x")
+    print(f"25,000 epochs: TL {t_tl*25000/60:.1f} min, tlens {t_rs*25000/60:.1f} min")
+
+
 def load_bench():
     if not os.path.exists(PATH):
         print("making", PATH)
@@ -136,11 +179,13 @@ def load_bench():
 
 
 def main():
-    which = sys.argv[1:] or ["load", "forward"]
+    which = sys.argv[1:] or ["load", "forward", "train"]
     if "load" in which:
         load_bench()
     if "forward" in which:
         forward_bench()
+    if "train" in which:
+        train_bench()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,17 @@
+//! One training epoch of the demo (train step on 3,830 inputs + test loss on 8,939), as
+//! `tlens train` runs it. `python benches/pytorch_anchor.py train` times the TL demo loop on the
+//! same machine and prints the ratio.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use std::time::Duration;
+
+fn epoch(c: &mut Criterion) {
+    let mut t = tlens::train::Trainer::new(tlens::train::TrainConfig::default()).unwrap();
+    let mut g = c.benchmark_group("train");
+    g.sample_size(20).measurement_time(Duration::from_secs(10));
+    g.bench_function("demo_epoch", |b| b.iter(|| t.step().unwrap()));
+    g.finish();
+}
+
+criterion_group!(benches, epoch);
+criterion_main!(benches);
