@@ -51,6 +51,22 @@ impl Default for TrainConfig {
     }
 }
 
+/// Flush subnormal floats to zero on this thread (x86-64: MXCSR FTZ and DAZ; elsewhere a no-op).
+///
+/// Once a run has memorised, tiny gradients and near-zero attention weights make products fall
+/// below f32's normal range, and x86 handles subnormals in microcode: measured at epoch 11,000 of
+/// the demo run, an epoch took 300 ms with subnormals and 150 ms flushed. The flushed values are
+/// below 1.2e-38, far under anything the losses can see.
+#[allow(deprecated)] // _mm_getcsr/_mm_setcsr: the MXCSR intrinsics have no replacement yet
+pub fn flush_subnormals() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: setting FTZ (bit 15) and DAZ (bit 6) only changes how this thread rounds subnormals.
+    unsafe {
+        use std::arch::x86_64::{_mm_getcsr, _mm_setcsr};
+        _mm_setcsr(_mm_getcsr() | 0x8040);
+    }
+}
+
 /// A training run in progress.
 pub struct Trainer {
     pub cfg: HookedTransformerConfig,
@@ -67,6 +83,8 @@ pub struct Trainer {
     pub test_losses: Vec<f64>,
     pub checkpoints: Vec<StateDict>,
     pub checkpoint_epochs: Vec<i64>,
+    /// Worker threads with subnormals flushed (see [`flush_subnormals`]).
+    pool: std::sync::Arc<rayon::ThreadPool>,
 }
 
 fn subset(tokens: &Array2<u32>, labels: &[u32], idx: &[i64]) -> (Array2<u32>, Vec<u32>) {
@@ -114,7 +132,12 @@ impl Trainer {
         if train_indices.is_empty() {
             return Err(Error::invalid("frac_train", "the train split is empty"));
         }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .start_handler(|_| flush_subnormals())
+            .build()
+            .map_err(|e| Error::invalid("thread pool", e.to_string()))?;
         Ok(Trainer {
+            pool: std::sync::Arc::new(pool),
             train: subset(&tokens, &labels, &train_indices),
             test: subset(&tokens, &labels, &test_indices),
             opt: AdamW::new(settings.adamw),
@@ -153,7 +176,16 @@ impl Trainer {
     }
 
     /// One epoch of the demo: train loss and gradients, AdamW step, test loss, checkpoint.
+    /// Runs on the trainer's thread pool, with subnormals flushed.
     pub fn step(&mut self) -> Result<()> {
+        let pool = self.pool.clone();
+        pool.install(|| {
+            flush_subnormals();
+            self.step_inner()
+        })
+    }
+
+    fn step_inner(&mut self) -> Result<()> {
         let (loss, grads) = loss_and_grads(&self.cfg, &self.params, &self.train.0, &self.train.1)?;
         self.train_losses.push(loss);
         let lr = self.lr();
