@@ -166,8 +166,11 @@ fn errors_are_one_line_and_exit_non_zero() {
 fn demo_runs_on_the_shipped_fixture() {
     let (code, out, err) = tlens(&["demo"]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("demo_p113.pth"), "{out}");
+    assert!(out.contains("grokked_p113.pth"), "{out}");
     assert!(out.contains("d_vocab 114 d_vocab_out 113"), "{out}");
+    assert!(out.contains("37 + 58 mod 113 = 95"), "{out}");
+    assert!(out.contains("test accuracy 100.00%"), "{out}");
+    assert!(out.contains("loss over training"), "{out}");
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! Errors are returned to `main`, which prints one line and exits non-zero.
 
 mod convert;
+mod demo;
 mod inspect;
 pub mod model;
 pub mod train;
@@ -10,8 +11,8 @@ use crate::error::Result;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
-/// The demo run shipped with the crate.
-pub const DEMO_FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/demo_p113.pth");
+/// The grokked run shipped with the crate (trained by `tlens train` with the reference setup).
+pub const DEMO_FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/grokked_p113.pth");
 
 #[derive(Parser, Debug)]
 #[command(
@@ -113,7 +114,7 @@ pub enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
-    /// The main job on the shipped demo run (for now: inspect it).
+    /// The main job on the shipped grokked run: contents, training curve, accuracy, predictions.
     Demo,
 }
 
@@ -178,9 +179,6 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             train::run(&out, s, resume)
         }
-        Command::Demo => {
-            println!("tlens demo: inspecting the shipped run {DEMO_FIXTURE}\n");
-            inspect::run(std::path::Path::new(DEMO_FIXTURE), false)
-        }
+        Command::Demo => demo::run(std::path::Path::new(DEMO_FIXTURE)),
     }
 }
