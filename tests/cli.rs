@@ -216,14 +216,7 @@ fn predict_prints_pytorchs_argmax() {
 fn eval_json_matches_transformer_lens() {
     let m = manifest();
     let file = fixture("demo_p113.pth");
-    let keys = [
-        "train_loss",
-        "test_loss",
-        "full_loss",
-        "train_accuracy",
-        "test_accuracy",
-        "accuracy",
-    ];
+    let keys = common::EVAL_KEYS;
     let close = |got: &Json, want: &Json| {
         for k in keys {
             let (g, w) = (got[k].as_f64().unwrap(), want[k].as_f64().unwrap());

@@ -250,14 +250,7 @@ fn full_dataset_logits_and_losses_match_transformer_lens() {
     // Losses and accuracies of the final model and every checkpoint, vs TL's float64 values.
     let check = |ev: tlens::eval::Evaluation, want: &serde_json::Value, what: &str| {
         let got = serde_json::to_value(ev).unwrap();
-        for k in [
-            "train_loss",
-            "test_loss",
-            "full_loss",
-            "train_accuracy",
-            "test_accuracy",
-            "accuracy",
-        ] {
+        for k in common::EVAL_KEYS {
             let (g, w) = (got[k].as_f64().unwrap(), want[k].as_f64().unwrap());
             assert!((g - w).abs() <= 1e-6 * w.abs(), "{what} {k}: {g} vs {w}");
         }

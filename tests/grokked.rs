@@ -56,14 +56,7 @@ fn transformer_lens_agrees_on_the_shipped_run() {
         run.train_indices.clone().unwrap(),
         run.test_indices.clone().unwrap(),
     );
-    let keys = [
-        "train_loss",
-        "test_loss",
-        "full_loss",
-        "train_accuracy",
-        "test_accuracy",
-        "accuracy",
-    ];
+    let keys = common::EVAL_KEYS;
     let check = |sd: tlens::StateDict, want: &serde_json::Value, what: &str| {
         let model = HookedTransformer::new(run.config.clone().unwrap(), sd).unwrap();
         let got = serde_json::to_value(tlens::eval::evaluate(&model, &tr, &te).unwrap()).unwrap();

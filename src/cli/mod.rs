@@ -79,41 +79,7 @@ pub enum Command {
         names: Option<String>,
     },
     /// Train like the TL grokking demo (defaults: the reference setup) and write a TL-demo .pth.
-    Train {
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value_t = 25_000)]
-        epochs: usize,
-        #[arg(long, default_value_t = 113)]
-        p: usize,
-        #[arg(long, default_value_t = 0.3)]
-        frac_train: f64,
-        /// Model seed (TL's cfg.seed).
-        #[arg(long, default_value_t = 999)]
-        seed: i64,
-        #[arg(long, default_value_t = 598)]
-        data_seed: u64,
-        #[arg(long, default_value_t = 1e-3)]
-        lr: f64,
-        #[arg(long, default_value_t = 1.0)]
-        weight_decay: f64,
-        #[arg(long, default_value_t = 0.9)]
-        beta1: f64,
-        #[arg(long, default_value_t = 0.98)]
-        beta2: f64,
-        #[arg(long, default_value_t = 100)]
-        checkpoint_every: usize,
-        #[arg(long, default_value_t = 1)]
-        eval_every: usize,
-        /// Linear learning-rate warm-up over this many epochs (0 = none, as the demo).
-        #[arg(long, default_value_t = 0)]
-        warmup_epochs: usize,
-        /// Continue the run in --out (written by an earlier, interrupted `tlens train`).
-        #[arg(long)]
-        resume: bool,
-        #[arg(long, default_value = "auto")]
-        device: String,
-    },
+    Train(train::TrainArgs),
     /// The main job on the shipped grokked run: contents, training curve, accuracy, predictions.
     Demo,
 }
@@ -145,39 +111,9 @@ pub fn run(cli: Cli) -> Result<()> {
             inputs,
             names,
         } => model::cache(&file, &out, checkpoint, &inputs, names.as_deref()),
-        Command::Train {
-            out,
-            epochs,
-            p,
-            frac_train,
-            seed,
-            data_seed,
-            lr,
-            weight_decay,
-            beta1,
-            beta2,
-            checkpoint_every,
-            eval_every,
-            warmup_epochs,
-            resume,
-            device,
-        } => {
-            train::check_device(&device)?;
-            let s = train::settings(
-                epochs,
-                p,
-                frac_train,
-                seed,
-                data_seed,
-                lr,
-                weight_decay,
-                beta1,
-                beta2,
-                checkpoint_every,
-                eval_every,
-                warmup_epochs,
-            );
-            train::run(&out, s, resume)
+        Command::Train(args) => {
+            train::check_device(&args.device)?;
+            train::run(&args.out, args.settings(), args.resume)
         }
         Command::Demo => demo::run(std::path::Path::new(DEMO_FIXTURE)),
     }

@@ -22,37 +22,63 @@ pub fn check_device(device: &str) -> Result<()> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn settings(
-    epochs: usize,
-    p: usize,
-    frac_train: f64,
-    seed: i64,
-    data_seed: u64,
-    lr: f64,
-    weight_decay: f64,
-    beta1: f64,
-    beta2: f64,
-    checkpoint_every: usize,
-    eval_every: usize,
-    warmup_epochs: usize,
-) -> TrainConfig {
-    TrainConfig {
-        p,
-        frac_train,
-        seed,
-        data_seed,
-        epochs,
-        adamw: AdamWConfig {
-            lr,
-            weight_decay,
-            beta1,
-            beta2,
-            eps: 1e-8,
-        },
-        checkpoint_every,
-        eval_every,
-        warmup_epochs,
+/// `tlens train` flags; the defaults are the reference setup.
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    #[arg(long, default_value_t = 25_000)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 113)]
+    pub p: usize,
+    #[arg(long, default_value_t = 0.3)]
+    pub frac_train: f64,
+    /// Model seed (TL's cfg.seed).
+    #[arg(long, default_value_t = 999)]
+    pub seed: i64,
+    #[arg(long, default_value_t = 598)]
+    pub data_seed: u64,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f64,
+    #[arg(long, default_value_t = 0.98)]
+    pub beta2: f64,
+    #[arg(long, default_value_t = 100)]
+    pub checkpoint_every: usize,
+    #[arg(long, default_value_t = 1)]
+    pub eval_every: usize,
+    /// Linear learning-rate warm-up over this many epochs (0 = none, as the demo).
+    #[arg(long, default_value_t = 0)]
+    pub warmup_epochs: usize,
+    /// Continue the run in --out (written by an earlier, interrupted `tlens train`).
+    #[arg(long)]
+    pub resume: bool,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+impl TrainArgs {
+    pub fn settings(&self) -> TrainConfig {
+        TrainConfig {
+            p: self.p,
+            frac_train: self.frac_train,
+            seed: self.seed,
+            data_seed: self.data_seed,
+            epochs: self.epochs,
+            adamw: AdamWConfig {
+                lr: self.lr,
+                weight_decay: self.weight_decay,
+                beta1: self.beta1,
+                beta2: self.beta2,
+                eps: 1e-8,
+            },
+            checkpoint_every: self.checkpoint_every,
+            eval_every: self.eval_every,
+            warmup_epochs: self.warmup_epochs,
+        }
     }
 }
 

@@ -80,3 +80,13 @@ pub fn i64s(v: &Json) -> Vec<i64> {
         .map(|x| x.as_i64().unwrap())
         .collect()
 }
+
+/// The keys of `tlens::eval::Evaluation` (and of `eval --json`), as TL's values are recorded.
+pub const EVAL_KEYS: [&str; 6] = [
+    "train_loss",
+    "test_loss",
+    "full_loss",
+    "train_accuracy",
+    "test_accuracy",
+    "accuracy",
+];
