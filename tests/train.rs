@@ -53,13 +53,52 @@ fn gradients_match_pytorch() {
 
 #[test]
 fn gradients_match_finite_differences() {
+    let run = RunFile::open(fixture("init/small_seed1.safetensors")).unwrap();
+    let (tokens, labels) = tlens::task::modular_addition(23);
+    check_finite_differences(
+        run.config.clone().unwrap(),
+        run.model().unwrap(),
+        tokens,
+        labels,
+    );
+}
+
+#[test]
+fn gradients_match_finite_differences_with_biases() {
+    // The demo's biases are zero and frozen, but a resumed or imported run may carry non-zero
+    // ones: they enter the tabulated pass's constant parts (b_O, b_in, b_out·W_U, b_U).
+    let run = RunFile::open(fixture("init/small_seed1.safetensors")).unwrap();
+    let mut sd = run.model().unwrap();
+    for name in sd.names().map(str::to_string).collect::<Vec<_>>() {
+        if name.contains(".b_") {
+            let mut a = sd.array::<f32>(&name, None).unwrap().clone();
+            for (i, x) in a.iter_mut().enumerate() {
+                *x = 0.5 * ((i * 37 % 11) as f32 - 5.0) / 5.0;
+            }
+            sd.insert(name, tlens::Tensor::F32(a));
+        }
+    }
+    // 40 inputs, so that the labels are unbalanced and Σ_n dlogits (which b_out·W_U's gradient
+    // term multiplies) is far from zero.
+    let (tokens, labels) = tlens::task::modular_addition(23);
+    let tokens = tokens.slice(ndarray::s![..40, ..]).to_owned();
+    check_finite_differences(
+        run.config.clone().unwrap(),
+        sd,
+        tokens,
+        labels[..40].to_vec(),
+    );
+}
+
+fn check_finite_differences(
+    cfg: tlens::HookedTransformerConfig,
+    sd: tlens::StateDict,
+    tokens: ndarray::Array2<u32>,
+    labels: Vec<u32>,
+) {
     // A small model and batch: central finite differences (h = 1e-3) of the loss on a few
     // weights of every matrix. The loss is computed from f32 activations, so the difference
     // quotient carries ~1e-4 of noise; the tolerance is 1% + 5e-4.
-    let run = RunFile::open(fixture("init/small_seed1.safetensors")).unwrap();
-    let cfg = run.config.clone().unwrap();
-    let sd = run.model().unwrap();
-    let (tokens, labels) = tlens::task::modular_addition(23);
     let (loss0, grads) = tlens::train::loss_and_grads(&cfg, &sd, &tokens, &labels).unwrap();
     assert!(loss0.is_finite());
     for name in grads.names().map(str::to_string).collect::<Vec<_>>() {
@@ -89,6 +128,35 @@ fn gradients_match_finite_differences() {
                 "{name}[{idx}]: fd {fd:e} vs analytic {an:e}"
             );
         }
+        // And along a direction that moves every entry (±1 in a fixed pseudo-random pattern):
+        // the difference quotient against Σ g·u, which sees every entry's gradient at once.
+        let u: Vec<f32> = (0..g.len())
+            .map(|i| {
+                if (i * 2654435761usize) >> 7 & 1 == 0 {
+                    1.0
+                } else {
+                    -1.0
+                }
+            })
+            .collect();
+        let step = 1e-4f32;
+        let eval = |delta: f32| {
+            let mut s2 = sd.clone();
+            let mut a = s2.get(&name).unwrap().array::<f32>().unwrap().clone();
+            a.iter_mut().zip(&u).for_each(|(x, u)| *x += delta * u);
+            s2.insert(name.clone(), tlens::Tensor::F32(a));
+            tlens::train::loss_and_grads(&cfg, &s2, &tokens, &labels)
+                .unwrap()
+                .0
+        };
+        let fd = (eval(step) - eval(-step)) / (2.0 * step as f64);
+        let an: f64 = g.iter().zip(&u).map(|(&g, &u)| (g * u) as f64).sum();
+        let size: f64 = g.iter().map(|&g| g.abs() as f64).sum();
+        eprintln!("{name}: directional fd {fd:e} vs analytic {an:e} (Σ|g| {size:e})");
+        assert!(
+            (fd - an).abs() <= 1e-3 * size + 1e-4,
+            "{name} along u: fd {fd:e} vs analytic {an:e} (Σ|g| {size:e})"
+        );
     }
 }
 

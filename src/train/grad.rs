@@ -1,19 +1,32 @@
 //! The demo's loss and its exact gradients for the model family the trainer supports: one layer,
 //! attention + ReLU MLP, no LayerNorm, standard positions, loss at the last position.
 //!
-//! Because the loss reads only the last position and there is one layer, only the last query's
-//! attention row, MLP and unembedding are on the loss's path; keys and values of every position
-//! are. The backward pass below differentiates exactly that graph (REFERENCE §2 forward), in
-//! float32 like torch except where torch uses float64: the loss is computed in f64 and its
+//! The forward pass is the evaluation's tabulated pass ([`NormFreePass`]): q, k, v and the
+//! per-head products OV = v·W_O, OV·W_in, OV·W_U are tables over the (position, token) rows, and
+//! per input only the last query's pattern, `pre = base_in + Σ pattern·OVI`, and
+//! `logits = base_U + Σ pattern·OVU + post·W_L` (W_L = W_out·W_U) are computed. The backward
+//! pass differentiates exactly that computation, which equals TL's graph (REFERENCE §2) up to
+//! float32 rounding. Its per-input work is three [N, d_mlp]×[d_mlp, d_vocab_out] products
+//! (logits, `d_post = dlogits·W_Lᵀ`, `S = postᵀ·dlogits`); everything that goes through the
+//! residual stream is first summed per table row — `BI[r, h] = Σ pattern·d_pre`,
+//! `BL[r, h] = Σ pattern·dlogits` over the inputs that use row r — and then multiplied with the
+//! small tables: `g_W_in = base_residᵀ·CI + OVᵀ·BI`, `g_W_out = S·W_Uᵀ`,
+//! `g_W_U = base_residᵀ·CL + OVᵀ·BL + W_outᵀ·S`, and for the attention weights
+//! `D = BL·W_Uᵀ + BI·W_inᵀ` (the row sums of `pattern·d_resid_mid`). That is about 2.5× fewer
+//! multiply-adds than back-propagating through resid·W_in, post·W_out and resid·W_U per input.
+//!
+//! Float32 like torch except where torch uses float64: the loss is computed in f64 and its
 //! gradient `(softmax − onehot)/N` is cast to f32 where torch's `.to(float64)` node casts it back.
 //! Biases are frozen (the demo sets `requires_grad = False` on every `b_`), so only `W_`
-//! gradients are produced.
+//! gradients are produced. Every per-row sum runs in input order on one thread, so gradients do
+//! not depend on the thread count.
 
-use crate::backend::cpu::matmul;
+use crate::backend::cpu::{axpy, matmul};
 use crate::error::{Error, Result};
-use crate::model::{HookedTransformerConfig, StateDict};
+use crate::eval::NormFreePass;
+use crate::model::{HookedTransformer, HookedTransformerConfig, StateDict};
 use crate::tensor::Tensor;
-use ndarray::{s, Array2, Array3, ArrayView2, Axis, Ix2, Ix3, IxDyn};
+use ndarray::{s, Array2, ArrayView1, ArrayView2, Axis, Ix2, Ix3, IxDyn};
 use rayon::prelude::*;
 
 /// Check that the trainer supports `cfg` (one layer, attention + ReLU MLP, no LayerNorm).
@@ -78,16 +91,23 @@ pub fn loss_and_grads(
             format!("{n} inputs, {} labels", labels.len()),
         ));
     }
-    let (d, h, e) = (cfg.d_model(), cfg.n_heads(), cfg.d_head());
-    let (v_in, v_out) = (cfg.d_vocab(), cfg.d_vocab_out());
+    let v_out = cfg.d_vocab_out();
+    if let Some(&y) = labels.iter().find(|&&y| y as usize >= v_out) {
+        return Err(Error::invalid(
+            "labels",
+            format!("label {y} out of range for d_vocab_out {v_out}"),
+        ));
+    }
+    let model = HookedTransformer::new(cfg.clone(), sd.clone())?;
+    let pass = NormFreePass::new(&model, tokens, false, true)?;
+    let (d, h, e, m) = (cfg.d_model(), cfg.n_heads(), cfg.d_head(), cfg.d_mlp());
+    let hw = h * e;
     let last = p - 1;
-    let scale = (if cfg.use_attn_scale {
-        cfg.attn_scale
-    } else {
-        1.0
-    }) as f32;
-    let w_e = two(w(sd, "embed.W_E")?);
-    let w_pos = two(w(sd, "pos_embed.W_pos")?);
+    let scale = model.layer_attn_scale(0);
+    let w_in = two(w(sd, "blocks.0.mlp.W_in")?);
+    let w_out = two(w(sd, "blocks.0.mlp.W_out")?);
+    let w_u = two(w(sd, "unembed.W_U")?);
+    let b_out = w(sd, "blocks.0.mlp.b_out")?;
     let flat = |name: &str| -> Result<Array2<f32>> {
         // W [H, D, E] → [D, H·E]
         let a = w(sd, name)?
@@ -97,108 +117,40 @@ pub fn loss_and_grads(
         Ok(a.permuted_axes([1, 0, 2])
             .as_standard_layout()
             .into_owned()
-            .into_shape_with_order((d, h * e))
+            .into_shape_with_order((d, hw))
             .expect("sizes"))
     };
-    let bias =
-        |name: &str| -> Result<ndarray::Array1<f32>> { Ok(w(sd, name)?.iter().copied().collect()) };
     let (wq, wk, wv) = (
         flat("blocks.0.attn.W_Q")?,
         flat("blocks.0.attn.W_K")?,
         flat("blocks.0.attn.W_V")?,
     );
-    let (bq, bk, bv) = (
-        bias("blocks.0.attn.b_Q")?,
-        bias("blocks.0.attn.b_K")?,
-        bias("blocks.0.attn.b_V")?,
-    );
     let w_o = w(sd, "blocks.0.attn.W_O")?
         .view()
-        .into_shape_with_order((h * e, d))
+        .into_shape_with_order((h, e, d))
         .expect("W_O [H,E,D]")
         .to_owned();
-    let b_o = bias("blocks.0.attn.b_O")?;
-    let w_in = two(w(sd, "blocks.0.mlp.W_in")?);
-    let b_in = bias("blocks.0.mlp.b_in")?;
-    let w_out = two(w(sd, "blocks.0.mlp.W_out")?);
-    let b_out = bias("blocks.0.mlp.b_out")?;
-    let w_u = two(w(sd, "unembed.W_U")?);
-    let b_u = bias("unembed.b_U")?;
-    if let Some(&t) = tokens.iter().find(|&&t| t as usize >= v_in) {
-        return Err(Error::invalid(
-            "tokens",
-            format!("token {t} out of range for d_vocab {v_in}"),
-        ));
-    }
-    if let Some(&y) = labels.iter().find(|&&y| y as usize >= v_out) {
-        return Err(Error::invalid(
-            "labels",
-            format!("label {y} out of range for d_vocab_out {v_out}"),
-        ));
-    }
-
-    // ---- forward ----
-    // The embedding x, and K, V, Q from it, depend only on (position, token): tables with row
-    // pos·V + token (342 rows for the demo instead of 11,490 per-input rows).
-    let mut x_tab = Array2::<f32>::zeros((p * v_in, d));
-    for pos in 0..p {
-        for t in 0..v_in {
-            let mut row = x_tab.row_mut(pos * v_in + t);
-            row.assign(&w_e.row(t));
-            row += &w_pos.row(pos);
-        }
-    }
-    let mut k_tab = matmul(x_tab.view(), wk.view());
-    k_tab += &bk;
-    let mut v_tab = matmul(x_tab.view(), wv.view());
-    v_tab += &bv;
-    let x_last_tab = x_tab.slice(s![last * v_in..(last + 1) * v_in, ..]);
-    let mut q_tab = matmul(x_last_tab, wq.view()); // [V, H·E]: the last position's queries
-    q_tab += &bq;
-    let row_of = |i: usize, j: usize| j * v_in + tokens[[i, j]] as usize;
-    let t_last: Vec<usize> = (0..n).map(|i| tokens[[i, last]] as usize).collect();
-    let x_last = x_last_tab.select(Axis(0), &t_last); // [N, D]
-                                                      // Last query's pattern over keys, z = Σ_k pattern·v.
-    let mut pattern = Array3::<f32>::zeros((n, h, p));
-    let mut z = Array2::<f32>::zeros((n, h * e));
-    pattern
-        .axis_iter_mut(Axis(0))
-        .into_par_iter()
-        .zip(z.axis_iter_mut(Axis(0)).into_par_iter())
-        .enumerate()
-        .for_each(|(i, (mut pat, mut zr))| {
-            for hi in 0..h {
-                let qh = q_tab.slice(s![t_last[i], hi * e..(hi + 1) * e]);
-                let mut sc = vec![0f32; p];
-                for (j, scj) in sc.iter_mut().enumerate() {
-                    *scj = qh.dot(&k_tab.slice(s![row_of(i, j), hi * e..(hi + 1) * e])) / scale;
-                }
-                let mx = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0f32;
-                for s in sc.iter_mut() {
-                    *s = (*s - mx).exp();
-                    sum += *s;
-                }
-                for j in 0..p {
-                    let pj = sc[j] / sum;
-                    pat[[hi, j]] = pj;
-                    zr.slice_mut(s![hi * e..(hi + 1) * e])
-                        .scaled_add(pj, &v_tab.slice(s![row_of(i, j), hi * e..(hi + 1) * e]));
-                }
-            }
-        });
-    let mut resid_mid = matmul(z.view(), w_o.view());
-    resid_mid += &b_o;
-    resid_mid += &x_last;
-    let mut pre = matmul(resid_mid.view(), w_in);
-    pre += &b_in;
-    #[allow(clippy::neg_cmp_op_on_partial_ord)]
-    let post = pre.mapv(|x| if !(x <= 0.0) { x } else { 0.0 }); // torch.relu: NaN stays NaN
-    let mut resid_post = matmul(post.view(), w_out);
-    resid_post += &b_out;
-    resid_post += &resid_mid;
-    let mut logits = matmul(resid_post.view(), w_u);
-    logits += &b_u;
+    let NormFreePass {
+        attn,
+        ov,
+        ovi,
+        ovu,
+        base_rows,
+        base_resid,
+        w_l,
+        mlp_post,
+        logits,
+        ..
+    } = pass;
+    let (ovi, w_l, post) = (
+        ovi.expect("MLP model"),
+        w_l.expect("MLP model"),
+        mlp_post.expect("MLP model"),
+    );
+    let rows = &attn.rows;
+    let r_n = rows.len();
+    let toks = tokens.as_standard_layout();
+    let toks = toks.as_slice().expect("standard layout");
 
     // ---- loss and dlogits = (softmax − onehot)/N, in f64, cast to f32 ----
     let inv_n = 1.0 / n as f64;
@@ -222,124 +174,185 @@ pub fn loss_and_grads(
         .collect();
     let loss = losses.iter().sum::<f64>() * inv_n;
 
-    // ---- backward ----
-    let g_wu = matmul(resid_post.t(), dlogits.view());
-    let d_resid_post = matmul(dlogits.view(), w_u.t());
-    let g_wout = matmul(post.t(), d_resid_post.view());
-    let mut d_pre = matmul(d_resid_post.view(), w_out.t());
-    d_pre.zip_mut_with(&pre, |g, &x| {
-        if x <= 0.0 {
-            *g = 0.0
-        }
-    });
-    let g_win = matmul(resid_mid.t(), d_pre.view());
-    let mut d_resid_mid = matmul(d_pre.view(), w_in.t());
-    d_resid_mid += &d_resid_post;
-    let g_wo = matmul(z.t(), d_resid_mid.view()); // [H·E, D]
-    let dz = matmul(d_resid_mid.view(), w_o.t()); // [N, H·E]
-                                                  // Attention: dq (last query), dk and dv (every key position).
-    let mut dq = Array2::<f32>::zeros((n, h * e));
-    let mut dk = Array2::<f32>::zeros((n * p, h * e));
-    let mut dv = Array2::<f32>::zeros((n * p, h * e));
-    {
-        // On raw rows (this loop runs n·H times; ndarray slicing per row was most of its cost).
-        let hw = h * e;
-        let (kt, vt, qt) = (
-            k_tab.as_slice().expect("standard layout"),
-            v_tab.as_slice().expect("standard layout"),
-            q_tab.as_slice().expect("standard layout"),
-        );
-        let dzs = dz.as_slice().expect("standard layout");
-        let pat = pattern.as_slice().expect("standard layout");
-        let axpy = |out: &mut [f32], a: f32, x: &[f32]| {
-            out.iter_mut().zip(x).for_each(|(o, x)| *o += a * x);
-        };
-        // ndarray's (eight-way unrolled) dot: its summation order is the one that keeps the
-        // first epochs within 4e-10 of PyTorch's (a plain sequential sum: 2.5e-6).
-        let dotp =
-            |a: &[f32], b: &[f32]| ndarray::ArrayView1::from(a).dot(&ndarray::ArrayView1::from(b));
-        dq.as_slice_mut()
-            .expect("standard layout")
-            .par_chunks_mut(hw)
-            .zip(
-                dk.as_slice_mut()
-                    .expect("standard layout")
-                    .par_chunks_mut(p * hw),
-            )
-            .zip(
-                dv.as_slice_mut()
-                    .expect("standard layout")
-                    .par_chunks_mut(p * hw),
-            )
-            .enumerate()
-            .for_each(|(i, ((dqr, dkr), dvr))| {
-                let mut dpat = vec![0f32; p];
-                for hi in 0..h {
-                    let hs = hi * e..(hi + 1) * e;
-                    let dzh = &dzs[i * hw..(i + 1) * hw][hs.clone()];
-                    let pw = &pat[(i * h + hi) * p..(i * h + hi + 1) * p];
-                    for (j, dp) in dpat.iter_mut().enumerate() {
-                        let r = row_of(i, j) * hw;
-                        *dp = dotp(dzh, &vt[r..r + hw][hs.clone()]);
-                        axpy(&mut dvr[j * hw..(j + 1) * hw][hs.clone()], pw[j], dzh);
-                    }
-                    let dot: f32 = (0..p).map(|j| pw[j] * dpat[j]).sum();
-                    let qr = t_last[i] * hw;
-                    for j in 0..p {
-                        let ds = pw[j] * (dpat[j] - dot) / scale;
-                        let r = row_of(i, j) * hw;
-                        axpy(&mut dqr[hs.clone()], ds, &kt[r..r + hw][hs.clone()]);
-                        axpy(
-                            &mut dkr[j * hw..(j + 1) * hw][hs.clone()],
-                            ds,
-                            &qt[qr..qr + hw][hs.clone()],
-                        );
-                    }
+    // ---- backward through the MLP: the per-input products ----
+    let mut d_pre = matmul(dlogits.view(), w_l.t());
+    // relu passes the gradient where its output is > 0 (NaN included, as torch)
+    d_pre
+        .as_slice_mut()
+        .expect("standard layout")
+        .par_chunks_mut(1 << 14)
+        .zip(
+            post.as_slice()
+                .expect("standard layout")
+                .par_chunks(1 << 14),
+        )
+        .for_each(|(g, x)| {
+            g.iter_mut()
+                .zip(x)
+                .for_each(|(g, &x)| *g = if x <= 0.0 { 0.0 } else { *g })
+        });
+    let s_mat = matmul(post.t(), dlogits.view()); // S = postᵀ·dlogits [d_mlp, V_out]
+
+    // ---- attention: d_pattern = d_resid_mid·OV = dlogits·OVU + d_pre·OVI, softmax backward ----
+    let row_of = |i: usize, j: usize| rows.row(j, toks[i * p + j]);
+    let dot = |a: &[f32], b: &[f32]| ArrayView1::from(a).dot(&ArrayView1::from(b));
+    let (ovi_s, ovu_s) = (
+        ovi.as_slice().expect("standard layout"),
+        ovu.as_slice().expect("standard layout"),
+    );
+    let (ks, qs) = (
+        attn.k.as_slice().expect("standard layout"),
+        attn.q.as_slice().expect("standard layout"),
+    );
+    let pat = attn.pattern.as_slice().expect("standard layout");
+    let (dl_s, dp_s) = (
+        dlogits.as_slice().expect("standard layout"),
+        d_pre.as_slice().expect("standard layout"),
+    );
+    let mut ds = vec![0f32; n * h * p]; // d_scores of the last query, [N, H, P]
+    let mut dq = vec![0f32; n * hw];
+    ds.par_chunks_mut(h * p)
+        .zip(dq.par_chunks_mut(hw))
+        .enumerate()
+        .for_each(|(i, (dsr, dqr))| {
+            let (dl, dp) = (&dl_s[i * v_out..(i + 1) * v_out], &dp_s[i * m..(i + 1) * m]);
+            for hi in 0..h {
+                let pw = &pat[(i * h + hi) * p..(i * h + hi + 1) * p];
+                let dsh = &mut dsr[hi * p..(hi + 1) * p];
+                for (j, dpat) in dsh.iter_mut().enumerate() {
+                    let rh = row_of(i, j) * h + hi;
+                    *dpat = dot(dl, &ovu_s[rh * v_out..(rh + 1) * v_out])
+                        + dot(dp, &ovi_s[rh * m..(rh + 1) * m]);
                 }
-            });
-    }
-    // Sum the per-input gradients into the (position, token) rows they came from; the weight
-    // gradients and the embedding gradients are then products with the small tables.
-    let hw = h * e;
-    let mut dk_b = Array2::<f32>::zeros((p * v_in, hw));
-    let mut dv_b = Array2::<f32>::zeros((p * v_in, hw));
-    let mut dq_b = Array2::<f32>::zeros((v_in, hw));
-    let mut drm_b = Array2::<f32>::zeros((v_in, d));
-    for (i, &tl) in t_last.iter().enumerate() {
+                let sum: f32 = (0..p).map(|j| pw[j] * dsh[j]).sum();
+                for j in 0..p {
+                    dsh[j] = pw[j] * (dsh[j] - sum) / scale;
+                    let r = (row_of(i, j) * h + hi) * e;
+                    axpy(&mut dqr[hi * e..(hi + 1) * e], dsh[j], &ks[r..r + e]);
+                }
+            }
+        });
+
+    // ---- per-row sums over the inputs that use each (position, token) row ----
+    let mut members: Vec<Vec<u32>> = vec![Vec::new(); r_n];
+    for i in 0..n {
         for j in 0..p {
-            let r = row_of(i, j);
-            dk_b.row_mut(r)
-                .zip_mut_with(&dk.row(i * p + j), |a, &b| *a += b);
-            dv_b.row_mut(r)
-                .zip_mut_with(&dv.row(i * p + j), |a, &b| *a += b);
+            members[row_of(i, j)].push(i as u32);
         }
-        dq_b.row_mut(tl).zip_mut_with(&dq.row(i), |a, &b| *a += b);
-        drm_b
-            .row_mut(tl)
-            .zip_mut_with(&d_resid_mid.row(i), |a, &b| *a += b);
     }
-    let g_wq = matmul(x_last_tab.t(), dq_b.view()); // [D, H·E]
-    let g_wk = matmul(x_tab.t(), dk_b.view());
-    let g_wv = matmul(x_tab.t(), dv_b.view());
-    // dx per (position, token) = dk·W_Kᵀ + dv·W_Vᵀ, and at the last position also dq·W_Qᵀ plus
-    // the residual path.
+    let mut bi = Array2::<f32>::zeros((r_n * h, m)); // Σ pattern·d_pre
+    let mut bl = Array2::<f32>::zeros((r_n * h, v_out)); // Σ pattern·dlogits
+    let mut dk_b = Array2::<f32>::zeros((r_n, hw)); // Σ d_score·q
+    let mut dq_b = Array2::<f32>::zeros((r_n, hw)); // Σ dq (last-position rows)
+    bi.as_slice_mut()
+        .expect("standard layout")
+        .par_chunks_mut(h * m)
+        .zip(
+            bl.as_slice_mut()
+                .expect("standard layout")
+                .par_chunks_mut(h * v_out),
+        )
+        .zip(
+            dk_b.as_slice_mut()
+                .expect("standard layout")
+                .par_chunks_mut(hw),
+        )
+        .zip(
+            dq_b.as_slice_mut()
+                .expect("standard layout")
+                .par_chunks_mut(hw),
+        )
+        .enumerate()
+        .for_each(|(r, (((bir, blr), dkr), dqr))| {
+            let j = rows.pairs[r].0;
+            for &i in &members[r] {
+                let i = i as usize;
+                let (dl, dp) = (&dl_s[i * v_out..(i + 1) * v_out], &dp_s[i * m..(i + 1) * m]);
+                let qr = row_of(i, last) * hw;
+                for hi in 0..h {
+                    let pw = pat[(i * h + hi) * p + j];
+                    axpy(&mut bir[hi * m..(hi + 1) * m], pw, dp);
+                    axpy(&mut blr[hi * v_out..(hi + 1) * v_out], pw, dl);
+                    let hs = hi * e..(hi + 1) * e;
+                    axpy(
+                        &mut dkr[hs.clone()],
+                        ds[(i * h + hi) * p + j],
+                        &qs[qr..qr + hw][hs],
+                    );
+                }
+                if j == last {
+                    axpy(dqr, 1.0, &dq[i * hw..(i + 1) * hw]);
+                }
+            }
+        });
+    // The last-position rows' plain sums of d_pre and dlogits (the residual path).
+    let mut ci = Array2::<f32>::zeros((base_rows.len(), m));
+    let mut cl = Array2::<f32>::zeros((base_rows.len(), v_out));
+    ci.axis_iter_mut(Axis(0))
+        .into_par_iter()
+        .zip(cl.axis_iter_mut(Axis(0)).into_par_iter())
+        .zip(base_rows.par_iter())
+        .for_each(|((mut cir, mut clr), &r)| {
+            let (cir, clr) = (
+                cir.as_slice_mut().expect("row"),
+                clr.as_slice_mut().expect("row"),
+            );
+            for &i in &members[r] {
+                let i = i as usize;
+                axpy(cir, 1.0, &dp_s[i * m..(i + 1) * m]);
+                axpy(clr, 1.0, &dl_s[i * v_out..(i + 1) * v_out]);
+            }
+        });
+
+    // ---- weight gradients from the row sums ----
+    let g_wout = matmul(s_mat.view(), w_u.t());
+    let mut g_win = matmul(base_resid.t(), ci.view());
+    g_win += &matmul(ov.t(), bi.view());
+    let mut g_wu = matmul(base_resid.t(), cl.view());
+    g_wu += &matmul(ov.t(), bl.view());
+    g_wu += &matmul(w_out.t(), s_mat.view());
+    let b_out = b_out
+        .view()
+        .into_shape_with_order(d)
+        .expect("b_out [d_model]");
+    if b_out.iter().any(|&b| b != 0.0) {
+        let colsum = dlogits.sum_axis(Axis(0));
+        g_wu += &b_out.insert_axis(Axis(1)).dot(&colsum.insert_axis(Axis(0)));
+    }
+    // D[(r, h)] = Σ pattern·d_resid_mid = BL·W_Uᵀ + BI·W_inᵀ  [R·H, D]
+    let mut dd = matmul(bl.view(), w_u.t());
+    dd += &matmul(bi.view(), w_in.t());
+    let mut g_wo = ndarray::Array3::<f32>::zeros((h, e, d));
+    let mut dv_b = Array2::<f32>::zeros((r_n, hw));
+    for hi in 0..h {
+        let dh = dd.slice(s![hi..;h, ..]); // [R, D]
+        let vh = attn.v.index_axis(Axis(1), hi); // [R, E]
+        g_wo.index_axis_mut(Axis(0), hi).assign(&matmul(vh.t(), dh));
+        dv_b.slice_mut(s![.., hi * e..(hi + 1) * e])
+            .assign(&matmul(dh, w_o.index_axis(Axis(0), hi).t()));
+    }
+    let g_wq = matmul(attn.x.t(), dq_b.view()); // [D, H·E]
+    let g_wk = matmul(attn.x.t(), dk_b.view());
+    let g_wv = matmul(attn.x.t(), dv_b.view());
+    // dx per (position, token) row = dk·W_Kᵀ + dv·W_Vᵀ + dq·W_Qᵀ, plus at the last position the
+    // residual path Σ d_resid_mid = CL·W_Uᵀ + CI·W_inᵀ.
     let mut dx_b = matmul(dk_b.view(), wk.t());
     dx_b += &matmul(dv_b.view(), wv.t());
-    {
-        let mut lastrows = dx_b.slice_mut(s![last * v_in..(last + 1) * v_in, ..]);
-        lastrows += &matmul(dq_b.view(), wq.t());
-        lastrows += &drm_b;
+    dx_b += &matmul(dq_b.view(), wq.t());
+    let mut drm = matmul(cl.view(), w_u.t());
+    drm += &matmul(ci.view(), w_in.t());
+    for (l, &r) in base_rows.iter().enumerate() {
+        let mut row = dx_b.row_mut(r);
+        row += &drm.row(l);
     }
-    let mut g_we = Array2::<f32>::zeros((v_in, d));
+    let mut g_we = Array2::<f32>::zeros((cfg.d_vocab(), d));
     let mut g_wpos = Array2::<f32>::zeros((cfg.n_ctx(), d));
-    for pos in 0..p {
-        for t in 0..v_in {
-            let row = dx_b.row(pos * v_in + t);
-            let mut a = g_we.row_mut(t);
-            a += &row;
-            let mut b = g_wpos.row_mut(pos);
-            b += &row;
-        }
+    for (r, &(pos, t)) in rows.pairs.iter().enumerate() {
+        let row = dx_b.row(r);
+        let mut a = g_we.row_mut(t as usize);
+        a += &row;
+        let mut b = g_wpos.row_mut(pos);
+        b += &row;
     }
 
     let unflat = |g: Array2<f32>| -> Tensor {
@@ -359,7 +372,8 @@ pub fn loss_and_grads(
     grads.insert(
         "blocks.0.attn.W_O",
         Tensor::F32(
-            g_wo.into_shape_with_order(IxDyn(&[h, e, d]))
+            g_wo.into_dyn()
+                .into_shape_with_order(IxDyn(&[h, e, d]))
                 .expect("sizes"),
         ),
     );

@@ -95,6 +95,12 @@ fn subset(tokens: &Array2<u32>, labels: &[u32], idx: &[i64]) -> (Array2<u32>, Ve
     )
 }
 
+fn sorted(idx: &[i64]) -> Vec<i64> {
+    let mut v = idx.to_vec();
+    v.sort_unstable();
+    v
+}
+
 impl Trainer {
     /// A fresh run: the demo's model config for `settings.p`, TL's init, the demo split.
     pub fn new(settings: TrainConfig) -> Result<Trainer> {
@@ -139,7 +145,10 @@ impl Trainer {
         Ok(Trainer {
             pool: std::sync::Arc::new(pool),
             train: subset(&tokens, &labels, &train_indices),
-            test: subset(&tokens, &labels, &test_indices),
+            // In dataset order (the loss is a mean, so the order only moves its last bits):
+            // consecutive inputs then share their first token's table rows, which keeps the
+            // tabulated evaluation's gathers in cache (-3 ms an epoch).
+            test: subset(&tokens, &labels, &sorted(&test_indices)),
             opt: AdamW::new(settings.adamw),
             cfg,
             settings,
