@@ -302,6 +302,29 @@ fn fast_path_equals_general_path_on_every_1_layer_fixture() {
 }
 
 #[test]
+fn first_layer_tables_equal_the_direct_products_bit_for_bit() {
+    // With many repeated tokens (and no hooks), the first layer's q, k, v come from tables
+    // over (distinct token, position); a no-op hook turns the tables off. Every activation and
+    // the logits must be identical, for every config (LN, RMS, split inputs, …).
+    for case in CASES {
+        let model = load_model(&format!("models/{case}.pth"));
+        let n_ctx = model.cfg.n_ctx();
+        let tokens =
+            Array2::from_shape_fn((256, n_ctx), |(i, j)| ((i * 7 + j * 3 + i / 5) % 9) as u32);
+        let (logits, cache) = model.run_with_cache(&tokens, None).unwrap();
+        let mut hooks = [Hook::new("blocks.0.hook_resid_post", |_, _| None)];
+        let (logits2, cache2) = model
+            .run_with_hooks_and_cache(&tokens, &mut hooks, None)
+            .unwrap();
+        assert_eq!(logits, logits2, "{case}: logits");
+        assert_eq!(cache.len(), cache2.len(), "{case}");
+        for (name, a) in cache.iter() {
+            assert_eq!(a, cache2.get(name).unwrap(), "{case}: {name}");
+        }
+    }
+}
+
+#[test]
 fn randperm_matches_torch() {
     let mut npz = NpzReader::open(fixture("activations/randperm.npz")).unwrap();
     for name in npz.names() {

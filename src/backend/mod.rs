@@ -59,6 +59,9 @@ pub trait Backend: Sync {
     fn embed(&self, w_e: &Self::Tensor, tokens: &Array2<u32>) -> Result<Self::Tensor>;
     /// `W_pos[0..P]` repeated over the batch → [B, P, D].
     fn pos_embed(&self, w_pos: &Self::Tensor, batch: usize, pos: usize) -> Result<Self::Tensor>;
+    /// `out[b, p, …] = table[index[b, p], p, …]`: per-(row, position) table entries gathered
+    /// for a batch, table [U, P, …], index [B, P] → [B, P, …].
+    fn take_rows(&self, table: &Self::Tensor, index: &Array2<u32>) -> Result<Self::Tensor>;
     /// `a + b` (same shapes), reusing `a`'s storage.
     fn add(&self, a: Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
     /// `x @ w + b` over the last axis (addmm): x [..., K], w [K, N], b `[N]` → [..., N].

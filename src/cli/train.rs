@@ -103,6 +103,9 @@ pub fn run(out: &Path, settings: TrainConfig, resume: bool) -> Result<()> {
     );
     bar.set_position(t.epoch as u64);
     let mut last_save = Instant::now();
+    // The interval also stays ≥ 50× the last save's duration, so that rewriting the growing
+    // file (0.5–1 s at 230 MB) costs at most 2% of the run.
+    let mut interval = SAVE_EVERY;
     while t.epoch < total {
         t.step()?;
         bar.set_position(t.epoch as u64);
@@ -115,9 +118,11 @@ pub fn run(out: &Path, settings: TrainConfig, resume: bool) -> Result<()> {
             ));
         }
         let at_checkpoint = t.epoch.is_multiple_of(t.settings.checkpoint_every);
-        if (at_checkpoint && last_save.elapsed() >= SAVE_EVERY) || t.epoch == total {
+        if (at_checkpoint && last_save.elapsed() >= interval) || t.epoch == total {
+            let started = Instant::now();
             save(&t.to_run(), out)?;
             last_save = Instant::now();
+            interval = SAVE_EVERY.max(50 * (last_save - started));
         }
     }
     bar.finish();

@@ -161,15 +161,12 @@ pub fn loss_and_grads(
         .zip(logits.axis_iter(Axis(0)).into_par_iter())
         .zip(labels.par_iter())
         .map(|((mut g, row), &y)| {
-            let mx = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
-            let sum: f64 = row.iter().map(|&x| (x as f64 - mx).exp()).sum();
-            let lse = mx + sum.ln();
-            for (j, (gj, &x)) in g.iter_mut().zip(row.iter()).enumerate() {
-                let sm = (x as f64 - lse).exp();
-                let onehot = if j == y as usize { 1.0 } else { 0.0 };
-                *gj = ((sm - onehot) * inv_n) as f32;
-            }
-            lse - row[y as usize] as f64
+            crate::task::nll_and_grad(
+                row.as_slice().expect("standard layout"),
+                y,
+                inv_n,
+                g.as_slice_mut().expect("standard layout"),
+            )
         })
         .collect();
     let loss = losses.iter().sum::<f64>() * inv_n;
