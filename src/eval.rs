@@ -8,7 +8,7 @@
 //! attention is then a per-input computation (H × P scores), and ln2/MLP/unembed run as batched
 //! matrix products over the last position alone. Tested against the general path.
 
-use crate::backend::{Activation, Backend, Cpu};
+use crate::backend::{simd, Activation, Backend, Cpu};
 use crate::error::{Error, Result};
 use crate::model::hooked::NormKind;
 use crate::model::HookedTransformer;
@@ -118,7 +118,7 @@ impl PairRows {
 }
 
 /// The attention part of the tabulated pass: the tables over (position, token) rows and, per
-/// input, the last query's pattern over the keys and `z`.
+/// input, the last query's pattern over the keys.
 pub(crate) struct AttnPass {
     pub rows: PairRows,
     /// The residual stream entering the block (embedding + position), [R, D].
@@ -129,8 +129,8 @@ pub(crate) struct AttnPass {
     pub v: ndarray::Array3<f32>,
     /// `hook_pattern[:, :, -1]`, [N, H, P].
     pub pattern: ndarray::Array3<f32>,
-    /// `hook_z[:, -1]` flattened, [N, H·E].
-    pub z: Array2<f32>,
+    /// The input tokens, [N·P] row-major.
+    tokens: Vec<u32>,
 }
 
 /// The tabulated pass of a norm-free 1-layer model through the MLP (see
@@ -216,9 +216,12 @@ impl AttnPass {
         let (n, p) = check_tokens(cfg, tokens)?;
         let (v, d, h, e) = (cfg.d_vocab(), cfg.d_model(), cfg.n_heads(), cfg.d_head());
         let f = |name: &str| sd.array::<f32>(name, None);
-        let toks = tokens.as_standard_layout();
-        let toks = toks.as_slice().expect("standard layout");
-        let rows = PairRows::new(toks, p, v);
+        let toks = tokens
+            .as_standard_layout()
+            .into_owned()
+            .into_raw_vec_and_offset()
+            .0;
+        let rows = PairRows::new(&toks, p, v);
         let r_n = rows.len();
 
         // The residual stream entering the block per (position, token) row, ln1, and q, k, v.
@@ -245,49 +248,40 @@ impl AttnPass {
         let scale = model.layer_attn_scale(0);
         let last = p - 1;
 
-        // Per input: the last position's pattern over keys and z = Σ_j pattern·v (TL's order).
-        let (qs, ks, vs) = (
+        // Per input: the last position's pattern over keys.
+        let (qs, ks) = (
             q.as_slice().expect("standard layout"),
             k.as_slice().expect("standard layout"),
-            vt.as_slice().expect("standard layout"),
         );
         let at = |pos: usize, tok: u32, hi: usize| (rows.row(pos, tok) * h + hi) * e;
-        let mut z = vec![0f32; n * h * e];
         let mut pattern = vec![0f32; n * h * p];
-        z.par_chunks_mut(h * e)
-            .zip(pattern.par_chunks_mut(h * p))
+        pattern
+            .par_chunks_mut((h * p).max(1))
             .zip(toks.par_chunks(p))
-            .for_each_init(
-                || vec![0f32; p],
-                |scores, ((row, pat), t)| {
-                    for hi in 0..h {
-                        let qo = at(last, t[last], hi);
-                        let q = &qs[qo..qo + e];
-                        // The last query attends to every key (j ≤ last), causal or not.
-                        for (j, sc) in scores.iter_mut().enumerate() {
-                            let ko = at(j, t[j], hi);
-                            // ndarray's (eight-way unrolled) dot: the summation order
-                            // that keeps training within 4e-10 of PyTorch's first epochs.
-                            *sc = ndarray::ArrayView1::from(q)
-                                .dot(&ndarray::ArrayView1::from(&ks[ko..ko + e]))
-                                / scale;
-                        }
-                        let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let mut sum = 0.0;
-                        for sc in scores.iter_mut() {
-                            *sc = (*sc - m).exp();
-                            sum += *sc;
-                        }
-                        let zh = &mut row[hi * e..(hi + 1) * e];
-                        for (j, sc) in scores.iter().enumerate() {
-                            let w = sc / sum;
-                            pat[hi * p + j] = w;
-                            let vo = at(j, t[j], hi);
-                            crate::backend::cpu::axpy(zh, w, &vs[vo..vo + e]);
-                        }
+            .with_min_len(64)
+            .for_each(|(pat, t)| {
+                for hi in 0..h {
+                    let qo = at(last, t[last], hi);
+                    let q = &qs[qo..qo + e];
+                    let scores = &mut pat[hi * p..(hi + 1) * p];
+                    // The last query attends to every key (j ≤ last), causal or not.
+                    for (j, sc) in scores.iter_mut().enumerate() {
+                        let ko = at(j, t[j], hi);
+                        // ndarray's (eight-way unrolled) dot: the summation order that keeps
+                        // training within 4e-10 of PyTorch's first epochs.
+                        *sc = ndarray::ArrayView1::from(q)
+                            .dot(&ndarray::ArrayView1::from(&ks[ko..ko + e]))
+                            / scale;
                     }
-                },
-            );
+                    let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0;
+                    for sc in scores.iter_mut() {
+                        *sc = (*sc - m).exp();
+                        sum += *sc;
+                    }
+                    scores.iter_mut().for_each(|sc| *sc /= sum);
+                }
+            });
         Ok(AttnPass {
             rows,
             x,
@@ -295,8 +289,73 @@ impl AttnPass {
             k,
             v: vt,
             pattern: ndarray::Array3::from_shape_vec((n, h, p), pattern).expect("n × H × P"),
-            z: Array2::from_shape_vec((n, h * e), z).expect("n × H·E"),
+            tokens: toks,
         })
+    }
+
+    /// Number of inputs.
+    pub fn len(&self) -> usize {
+        self.pattern.dim().0
+    }
+
+    /// Positions per input.
+    pub fn n_pos(&self) -> usize {
+        self.pattern.dim().2
+    }
+
+    /// The input tokens, [N·P] row-major.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// The (weight, table offset) terms of input `i`'s attention-weighted sum over a
+    /// per-(row, head) table of rows `width` wide, heads outer and keys inner (TL's order).
+    fn terms(
+        &self,
+        i: usize,
+        width: usize,
+        heads: std::ops::Range<usize>,
+        out: &mut Vec<(f32, usize)>,
+    ) {
+        let (_, h, p) = self.pattern.dim();
+        let t = &self.tokens[i * p..(i + 1) * p];
+        let pat = self.pattern.as_slice().expect("standard layout");
+        out.clear();
+        for hi in heads {
+            for (j, &tj) in t.iter().enumerate() {
+                out.push((
+                    pat[(i * h + hi) * p + j],
+                    (self.rows.row(j, tj) * h + hi) * width,
+                ));
+            }
+        }
+    }
+
+    /// `hook_z[:, -1]` flattened, [len(inputs), H·E], for the given inputs:
+    /// z = Σ_j pattern·v per head (TL's order).
+    fn z(&self, inputs: &[usize]) -> Array2<f32> {
+        let (_, h, _) = self.pattern.dim();
+        let e = self.v.dim().2;
+        let vs = self.v.as_slice().expect("standard layout");
+        let zero = vec![0f32; e];
+        let mut z = Array2::<f32>::zeros((inputs.len(), h * e));
+        z.as_slice_mut()
+            .expect("standard layout")
+            .par_chunks_mut((h * e).max(1))
+            .zip(inputs.par_iter())
+            .for_each_init(Vec::new, |terms, (zr, &i)| {
+                for hi in 0..h {
+                    self.terms(i, e, hi..hi + 1, terms);
+                    simd::gather_sum(
+                        simd::as_uninit(&mut zr[hi * e..(hi + 1) * e]),
+                        &zero,
+                        vs,
+                        terms,
+                        false,
+                    );
+                }
+            });
+        z
     }
 }
 
@@ -309,7 +368,7 @@ pub fn last_position(
 ) -> Result<LastPosition> {
     let norm = model.normalization();
     if norm == NormKind::None {
-        let pass = NormFreePass::new(model, tokens, with_resid, false)?;
+        let pass = NormFreePass::new(model, tokens, with_resid, 0)?;
         return Ok(LastPosition {
             pattern: pass.attn.pattern,
             resid_mid: pass.resid_mid,
@@ -329,10 +388,12 @@ pub fn last_position(
     let w_o = f("blocks.0.attn.W_O")?;
     let w_o_flat = w_o
         .view()
-        .into_shape_with_order(IxDyn(&[attn.z.ncols(), cfg.d_model()]))
+        .into_shape_with_order(IxDyn(&[cfg.n_heads() * cfg.d_head(), cfg.d_model()]))
         .expect("W_O [H, E, D]")
         .to_owned();
-    let attn_out = be.linear(&attn.z.into_dyn(), &w_o_flat, Some(f("blocks.0.attn.b_O")?))?;
+    let all: Vec<usize> = (0..n).collect();
+    let z = attn.z(&all);
+    let attn_out = be.linear(&z.into_dyn(), &w_o_flat, Some(f("blocks.0.attn.b_O")?))?;
     let x_last: Vec<usize> = (0..n)
         .map(|i| attn.rows.row(last, tokens[[i, last]]))
         .collect();
@@ -379,51 +440,49 @@ pub fn last_position(
     })
 }
 
-/// `out[n, :] = base[base_idx[n], :] + Σ_{h,j} pattern[n, h, j] · table[row(j, t_j)·H + h, :]`:
-/// the constant part plus the attention-weighted gather of per-(row, head) tables, per input
-/// in parallel (the output is written once, by the threads: a separate select-then-add pass
-/// over the [N, d_mlp] output cost 2 ms an evaluation).
-pub(crate) fn gather_heads(
-    rows: &PairRows,
-    tokens: &[u32],
-    pattern: &ndarray::Array3<f32>,
+/// Per input i: `out[i] = act(base[base_idx[i]] + Σ_{h,j} pattern[i, h, j]·table[row(j, t_j)·H + h])`
+/// — the constant part plus the attention-weighted gather of a per-(row, head) table, in
+/// parallel, each output row kept in registers ([`simd::gather_sum`]); `act` is ReLU when
+/// `relu`, else the identity. Also returns, per input, whether the pre-activation row has an
+/// entry within `1e-4` of the row's largest magnitude of zero (see [`pre_like_tl`]).
+fn gather_heads(
+    attn: &AttnPass,
     table: &Array2<f32>,
     base: &Array2<f32>,
     base_idx: &[usize],
-) -> Array2<f32> {
-    let (n, h, p) = pattern.dim();
+    relu: bool,
+) -> (Array2<f32>, Vec<bool>) {
+    let n = attn.len();
+    let h = attn.pattern.dim().1;
     let width = table.ncols();
     let tab = table.as_slice().expect("standard layout");
-    let pat = pattern.as_slice().expect("standard layout");
-    let mut out: Vec<f32> = Vec::with_capacity(n * width);
-    out.spare_capacity_mut()[..n * width]
-        .par_chunks_mut(width)
+    let mut out = Array2::<f32>::uninit((n, width));
+    let mut near = vec![false; n];
+    out.as_slice_mut()
+        .expect("standard layout")
+        .par_chunks_mut(width.max(1))
+        .zip(near.par_iter_mut())
         .enumerate()
-        .for_each(|(i, row)| {
-            for (o, &b) in row.iter_mut().zip(base.row(base_idx[i])) {
-                o.write(b);
-            }
-            // SAFETY: every element of `row` was initialised just above, and MaybeUninit<f32>
-            // has f32's layout.
-            let row: &mut [f32] =
-                unsafe { std::slice::from_raw_parts_mut(row.as_mut_ptr().cast(), row.len()) };
-            let t = &tokens[i * p..(i + 1) * p];
-            for hi in 0..h {
-                for (j, &tj) in t.iter().enumerate() {
-                    let w = pat[(i * h + hi) * p + j];
-                    let r = (rows.row(j, tj) * h + hi) * width;
-                    crate::backend::cpu::axpy(row, w, &tab[r..r + width]);
-                }
-            }
+        .with_min_len(16)
+        .for_each_init(Vec::new, |terms, (i, (row, near))| {
+            attn.terms(i, width, 0..h, terms);
+            let b = base.row(base_idx[i]);
+            let (lo, hi) = simd::gather_sum(
+                row,
+                b.as_slice().expect("standard layout"),
+                tab,
+                terms,
+                relu,
+            );
+            *near = lo < 1e-4 * hi;
         });
-    // SAFETY: the loop above initialised all n·width elements.
-    unsafe { out.set_len(n * width) };
-    Array2::from_shape_vec((n, width), out).expect("n × width")
+    // SAFETY: gather_sum wrote every element of every row.
+    (unsafe { out.assume_init() }, near)
 }
 
 /// Recompute, TL's way (`resid_mid = x + z·W_O + b_O`, `pre = resid_mid·W_in + b_in`, the
-/// same products as the general path), the rows of `pre` that have an entry within 1e-4 of the
-/// row's largest magnitude of zero.
+/// same products as the general path), the `pre` rows of the inputs `near` flags (an entry
+/// within 1e-4 of the row's largest magnitude of zero), and write `relu(pre)` into `post`.
 ///
 /// The tabulated `pre` differs from TL's by float32 rounding (~1e-6 of the row's scale), which
 /// is harmless everywhere except at a ReLU's kink: an entry that rounds to the other side of 0
@@ -433,7 +492,8 @@ pub(crate) fn gather_heads(
 /// general path's bit for bit.
 #[allow(clippy::too_many_arguments)]
 fn pre_like_tl(
-    pre: &mut Array2<f32>,
+    post: &mut Array2<f32>,
+    near: &[bool],
     attn: &AttnPass,
     base_idx: &[usize],
     base_rows: &[usize],
@@ -443,26 +503,21 @@ fn pre_like_tl(
     b_in: ndarray::ArrayView1<f32>,
 ) {
     use crate::backend::cpu::matmul;
-    let near: Vec<usize> = pre
-        .outer_iter()
-        .enumerate()
-        .filter(|(_, r)| {
-            let scale = r.iter().fold(0f32, |a, &x| a.max(x.abs()));
-            r.iter().any(|&x| x.abs() < 1e-4 * scale)
-        })
-        .map(|(i, _)| i)
-        .collect();
+    let near: Vec<usize> = (0..near.len()).filter(|&i| near[i]).collect();
     if near.is_empty() {
         return;
     }
     let x_last: Vec<usize> = near.iter().map(|&i| base_rows[base_idx[i]]).collect();
-    let mut resid_mid = matmul(attn.z.select(Axis(0), &near).view(), w_o);
+    let mut resid_mid = matmul(attn.z(&near).view(), w_o);
     resid_mid += &b_o;
     resid_mid += &attn.x.select(Axis(0), &x_last);
     let mut exact = matmul(resid_mid.view(), w_in);
     exact += &b_in;
     for (k, &i) in near.iter().enumerate() {
-        pre.row_mut(i).assign(&exact.row(k));
+        post.row_mut(i)
+            .iter_mut()
+            .zip(exact.row(k))
+            .for_each(|(y, &x)| *y = if x <= 0.0 { 0.0 } else { x }); // NaN stays NaN
     }
 }
 
@@ -475,13 +530,14 @@ impl NormFreePass {
     /// `logits = base_U[t] + Σ pattern·OVU + post·W_L` (W_L = W_out·W_U) remain — about 2.5×
     /// fewer multiply-adds than z·W_O, resid·W_in, post·W_out, resid·W_U. Equal to TL's order of
     /// operations up to float32 rounding (tested against the general path and TL's logits).
-    /// With `relu_like_tl` (the trainer), ReLU decisions near the kink follow TL's order of
-    /// operations (see [`pre_like_tl`]).
+    /// For the first `kink_rows` inputs (the trainer's train set), ReLU decisions near the kink
+    /// follow TL's order of operations (see [`pre_like_tl`]). Every input's values depend only
+    /// on its own tokens, not on the rest of the batch.
     pub(crate) fn new(
         model: &HookedTransformer<Cpu>,
         tokens: &Array2<u32>,
         with_resid: bool,
-        relu_like_tl: bool,
+        kink_rows: usize,
     ) -> Result<NormFreePass> {
         use crate::backend::cpu::matmul;
         if model.normalization() != NormKind::None {
@@ -509,8 +565,6 @@ impl NormFreePass {
         let (d, h, e) = (cfg.d_model(), cfg.n_heads(), cfg.d_head());
         let last = p - 1;
         let r_n = attn.rows.len();
-        let toks = tokens.as_standard_layout();
-        let toks = toks.as_slice().expect("standard layout");
         // OV[(r, h), :] = v[r, h, :] · W_O[h]   → [R·H, D]
         let w_o = sd.array::<f32>("blocks.0.attn.W_O", Some(&[h, e, d]))?;
         let mut ov = ndarray::Array3::<f32>::zeros((r_n, h, d));
@@ -528,33 +582,44 @@ impl NormFreePass {
             slot[r] = l;
         }
         let base_idx: Vec<usize> = (0..n)
-            .map(|i| slot[attn.rows.row(last, toks[i * p + last])])
+            .map(|i| slot[attn.rows.row(last, attn.tokens[i * p + last])])
             .collect();
         let base_resid = attn.x.select(Axis(0), &base_rows) + f1("blocks.0.attn.b_O")?;
         let w_u = f2("unembed.W_U")?;
         let mut base_u = matmul(base_resid.view(), w_u) + f1("unembed.b_U")?;
         let ovu = matmul(ov.view(), w_u);
-        let gather = |table: &Array2<f32>, base: &Array2<f32>| {
-            gather_heads(&attn.rows, toks, &attn.pattern, table, base, &base_idx)
+        let gather = |table: &Array2<f32>, base: &Array2<f32>, relu: bool| {
+            gather_heads(&attn, table, base, &base_idx, relu)
         };
-        let resid_mid = if with_resid {
-            Some(gather(&ov, &base_resid))
-        } else {
-            None
-        };
+        let resid_mid = with_resid.then(|| gather(&ov, &base_resid, false).0);
         let mut resid_post = resid_mid.clone();
         let (mut mlp_post, mut ovi_t, mut w_l_t) = (None, None, None);
-        let mut logits;
+        let logits;
         if cfg.attn_only {
-            logits = gather(&ovu, &base_u);
+            logits = gather(&ovu, &base_u, false).0;
         } else {
             let w_in = f2("blocks.0.mlp.W_in")?;
             let w_out = f2("blocks.0.mlp.W_out")?;
             let b_out = f1("blocks.0.mlp.b_out")?;
             let base_in = matmul(base_resid.view(), w_in) + f1("blocks.0.mlp.b_in")?;
             let ovi = matmul(ov.view(), w_in);
-            let mut pre = gather(&ovi, &base_in);
-            if relu_like_tl {
+            let act = cfg
+                .act_fn
+                .as_deref()
+                .and_then(Activation::from_name)
+                .expect("checked at construction");
+            // ReLU is applied as the rows are gathered; other activations afterwards.
+            let relu = act == Activation::Relu;
+            let (pre, mut near) = gather(&ovi, &base_in, relu);
+            let mut post = if relu {
+                pre
+            } else {
+                be.activation(pre.into_dyn(), act)?
+                    .into_dimensionality()
+                    .expect("[N, d_mlp]")
+            };
+            near[kink_rows.min(n)..].iter_mut().for_each(|x| *x = false);
+            if relu && kink_rows > 0 {
                 // Where the activation's kink is closer than the tabulation's rounding, decide
                 // it with TL's order of operations (see `pre_like_tl`).
                 let w_o = w_o
@@ -563,19 +628,14 @@ impl NormFreePass {
                     .expect("W_O [H, E, D]");
                 let b_o = f1("blocks.0.attn.b_O")?;
                 let b_in = f1("blocks.0.mlp.b_in")?;
-                pre_like_tl(&mut pre, &attn, &base_idx, &base_rows, w_o, b_o, w_in, b_in);
+                pre_like_tl(
+                    &mut post, &near, &attn, &base_idx, &base_rows, w_o, b_o, w_in, b_in,
+                );
             }
-            let act = cfg
-                .act_fn
-                .as_deref()
-                .and_then(Activation::from_name)
-                .expect("checked at construction");
-            let mut post = be.activation(pre.into_dyn(), act)?;
             if cfg.act_fn.as_deref() == Some("solu_ln") {
-                let (y, _) = be.normalize(&post, true, cfg.eps as f32)?;
-                post = y;
+                let (y, _) = be.normalize(&post.into_dyn(), true, cfg.eps as f32)?;
+                post = y.into_dimensionality().expect("[N, d_mlp]");
             }
-            let post: Array2<f32> = post.into_dimensionality().expect("[N, d_mlp]");
             base_u += &b_out.dot(&w_u);
             // W_L in f64, rounded once: its f32 rounding is then the only error the fused
             // product adds over TL's (post·W_out)·W_U.
@@ -583,8 +643,9 @@ impl NormFreePass {
                 .mapv(|x| x as f64)
                 .dot(&w_u.mapv(|x| x as f64))
                 .mapv(|x| x as f32);
-            logits = gather(&ovu, &base_u);
-            logits += &matmul(post.view(), w_l.view());
+            let mut lg = gather(&ovu, &base_u, false).0;
+            crate::backend::cpu::matmul_acc(post.view(), w_l.view(), lg.view_mut());
+            logits = lg;
             if let Some(r) = &mut resid_post {
                 *r += &matmul(post.view(), w_out);
                 *r += &b_out;

@@ -6,6 +6,7 @@
 //! Fisher–Yates variant `for i in 0..n−1: z = next_u32 % (n−i); swap(r[i], r[i+z])`
 //! (REFERENCE §5).
 
+use crate::backend::simd;
 use ndarray::{Array2, ArrayView2};
 
 /// Mersenne Twister MT19937, as torch's CPU generator.
@@ -156,112 +157,15 @@ pub fn demo_split(p: usize, frac_train: f64, data_seed: u64) -> (Vec<i64>, Vec<i
 /// Negative log-likelihood of `label` under one row of logits, in f64 (the demo casts to f64
 /// before log-softmax).
 pub fn nll(row: &[f32], label: u32) -> f64 {
-    log_sum_exp(row) - row[label as usize] as f64
-}
-
-/// `log Σ exp(x)` of a row of f32 logits, in f64 (max-subtracted, as torch's log_softmax).
-///
-/// The maximum and the sum run in eight lanes (the sum's lanes are added pairwise at the end)
-/// and the exponentials are computed for AVX-512 or AVX2 where the CPU has them (run-time
-/// check): a sequential f64 sum and max are chains of dependent additions, which made the loss
-/// of the 8,939 test inputs take 2.5 ms. The lanes change the sum's rounding at the 1e-16 level.
-pub fn log_sum_exp(row: &[f32]) -> f64 {
-    #[inline(always)]
-    fn plain(row: &[f32]) -> f64 {
-        const L: usize = 8;
-        let mut mx = [f64::NEG_INFINITY; L];
-        for c in row.chunks(L) {
-            for (m, &x) in mx.iter_mut().zip(c) {
-                *m = m.max(x as f64);
-            }
-        }
-        let m = mx.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
-        let mut acc = [0f64; L];
-        for c in row.chunks(L) {
-            for (a, &x) in acc.iter_mut().zip(c) {
-                *a += exp_f64(x as f64 - m);
-            }
-        }
-        let sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-        m + sum.ln()
-    }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f")]
-        unsafe fn avx512(row: &[f32]) -> f64 {
-            plain(row)
-        }
-        #[target_feature(enable = "avx2")]
-        unsafe fn avx2(row: &[f32]) -> f64 {
-            plain(row)
-        }
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just above).
-            return unsafe { avx512(row) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            return unsafe { avx2(row) };
-        }
-    }
-    plain(row)
-}
-
-/// e^x in f64, within 2 ulp of libm's `exp` (tested), written as straight-line arithmetic so
-/// that the loss's loops vectorise: libm's `exp` is a call per element, and the losses' 1.4
-/// million exponentials were 8% of a training epoch. `x = k·ln 2 + r` with |r| ≤ ln 2 / 2, e^r
-/// by its Taylor series to r¹³ (truncation < 5e-18), times 2^k. Below −708 (e^x < 3e-308, far
-/// under what a log-sum-exp with a term equal to 1 can see) the argument is clamped; NaN stays NaN.
-#[inline(always)]
-pub fn exp_f64(x: f64) -> f64 {
-    const LN2_HI: f64 = 6.931_471_803_691_238_164_90e-1; // 32 significant bits: k·LN2_HI is exact
-    const LN2_LO: f64 = 1.908_214_929_270_587_700_02e-10;
-    const INV_LN2: f64 = std::f64::consts::LOG2_E;
-    const ROUND: f64 = 6_755_399_441_055_744.0; // 1.5·2^52: adding it rounds to an integer
-    let x = if x < -708.0 {
-        -708.0
-    } else if x > 709.0 {
-        709.0
-    } else {
-        x
-    };
-    let k = (x * INV_LN2 + ROUND) - ROUND;
-    let r = (x - k * LN2_HI) - k * LN2_LO;
-    // 1/n! for n = 13 down to 0
-    const C: [f64; 14] = [
-        1.0 / 6_227_020_800.0,
-        1.0 / 479_001_600.0,
-        1.0 / 39_916_800.0,
-        1.0 / 3_628_800.0,
-        1.0 / 362_880.0,
-        1.0 / 40_320.0,
-        1.0 / 5_040.0,
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ];
-    let mut p = C[0];
-    for &c in &C[1..] {
-        p = p * r + c;
-    }
-    // 2^k from its exponent bits (k is in [−1022, 1023] after the clamp; NaN gives k = 0).
-    let scale = f64::from_bits(((k as i64 + 1023) as u64) << 52);
-    p * scale
+    simd::log_sum_exp(row) - row[label as usize] as f64
 }
 
 /// [`nll`] of one row and its gradient with respect to the logits times `scale`,
 /// `(softmax − onehot)·scale`, written to `grad` in f32. The softmax is `exp(x − lse)`, the
 /// exponential of torch's f64 log-softmax output, as its backward computes it.
 pub fn nll_and_grad(row: &[f32], label: u32, scale: f64, grad: &mut [f32]) -> f64 {
-    let lse = log_sum_exp(row);
-    for (j, (g, &x)) in grad.iter_mut().zip(row).enumerate() {
-        let onehot = if j == label as usize { 1.0 } else { 0.0 };
-        *g = ((exp_f64(x as f64 - lse) - onehot) * scale) as f32;
-    }
+    let lse = simd::log_sum_exp(row);
+    simd::softmax_grad(row, lse, label as usize, scale, grad);
     lse - row[label as usize] as f64
 }
 
@@ -308,29 +212,6 @@ pub fn argmax(row: &[f32]) -> usize {
 
 #[cfg(test)]
 mod tests {
-
-    #[test]
-    fn exp_f64_is_within_two_ulp_of_libm() {
-        let mut worst = 0f64;
-        let mut check = |x: f64| {
-            let (a, b) = (super::exp_f64(x), x.exp());
-            if b > 1e-300 {
-                worst = worst.max(((a - b) / b).abs());
-            } else {
-                assert!(a < 1e-300, "{x}: {a} vs {b}");
-            }
-        };
-        for i in 0..=200_000 {
-            check(-740.0 + 1449.0 * i as f64 / 200_000.0);
-        }
-        for i in 0..=20_000 {
-            check(-1.0 + 2.0 * i as f64 / 20_000.0);
-        }
-        assert!(worst <= 2.0 * f64::EPSILON, "max relative error {worst:e}");
-        assert!(super::exp_f64(f64::NAN).is_nan());
-        assert_eq!(super::exp_f64(0.0), 1.0);
-        assert!(super::exp_f64(f64::NEG_INFINITY) < 1e-300);
-    }
 
     use super::*;
 

@@ -376,3 +376,24 @@ fn train_cli_writes_a_resumable_tl_demo_file() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn one_pass_for_test_and_next_train_step_gives_separate_passes_numbers() {
+    // The trainer evaluates the test loss and the next step's train forward in one pass over
+    // train ++ test inputs; every input's numbers must not depend on the rest of the batch.
+    let mut t = tlens::train::Trainer::new(tlens::train::TrainConfig::default()).unwrap();
+    for _ in 0..3 {
+        t.step().unwrap();
+    }
+    // The test loss recorded by the step equals a pass over the test inputs alone.
+    assert_eq!(t.test_losses[2].to_bits(), t.test_loss().unwrap().to_bits());
+    // The next step's train loss equals a pass over the train inputs alone.
+    let (tokens, labels) = tlens::task::modular_addition(113);
+    let mut idx: Vec<usize> = t.train_indices.iter().map(|&i| i as usize).collect();
+    idx.sort_unstable();
+    let train = tokens.select(ndarray::Axis(0), &idx);
+    let train_labels: Vec<u32> = idx.iter().map(|&i| labels[i]).collect();
+    let (loss, _) = tlens::train::loss_and_grads(&t.cfg, &t.params, &train, &train_labels).unwrap();
+    t.step().unwrap();
+    assert_eq!(t.train_losses[3].to_bits(), loss.to_bits());
+}

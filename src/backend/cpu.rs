@@ -6,7 +6,6 @@
 
 use super::{Activation, Backend};
 use crate::error::{Error, Result};
-use ndarray::linalg::general_mat_mul;
 use ndarray::parallel::prelude::*;
 use ndarray::{s, Array2, Array4, ArrayD, ArrayView2, ArrayViewMut2, Axis, Ix4, IxDyn};
 use rayon::prelude::*;
@@ -69,66 +68,51 @@ fn std_layout(x: &ArrayD<f32>) -> std::borrow::Cow<'_, ArrayD<f32>> {
     }
 }
 
-/// `a @ b`, rows split across threads for large `a` (one block per thread).
-///
-/// faer's sgemm was measured as an alternative: faster in isolation for narrow outputs, but
-/// inside the forward pass (its own workspace allocations between passes) evaluation went from
-/// 50 ms to 150 ms, so matrixmultiply (AVX-512) is used throughout.
+/// `a @ b`, split across threads ([`super::gemm::sgemm`]).
 pub fn matmul(a: ArrayView2<f32>, b: ArrayView2<f32>) -> Array2<f32> {
-    let mut out = Array2::<f32>::zeros((a.nrows(), b.ncols()));
-    matmul_into(a, b, out.view_mut());
-    out
-}
-
-fn matmul_into(a: ArrayView2<f32>, b: ArrayView2<f32>, mut out: ArrayViewMut2<f32>) {
-    let threads = rayon::current_num_threads().max(1);
-    if a.nrows() <= ROWS || threads == 1 {
-        general_mat_mul(1.0, &a, &b, 0.0, &mut out);
-        return;
+    let mut out = Array2::<f32>::uninit((a.nrows(), b.ncols()));
+    // SAFETY: without accumulation sgemm writes every element of `out` and reads none.
+    unsafe {
+        product(a, b, out.as_mut_ptr().cast(), false);
+        out.assume_init()
     }
-    // One block of rows per thread: sgemm packs `b` once per call, so fewer, larger calls.
-    let rows = a.nrows().div_ceil(threads).max(ROWS);
-    out.axis_chunks_iter_mut(Axis(0), rows)
-        .into_par_iter()
-        .zip(a.axis_chunks_iter(Axis(0), rows))
-        .for_each(|(mut o, a)| general_mat_mul(1.0, &a, &b, 0.0, &mut o));
 }
 
-/// `out[i] += a·x[i]`: a multiply, then an add (never fused, so the rounding is the same on every
-/// machine), compiled for AVX-512 or AVX2 when the CPU has them (checked at run time; the build
-/// itself targets baseline x86-64). The tabulated passes spend a third of their time here:
-/// AVX-512 took a training epoch from 51 to 46 ms.
-#[inline]
-pub fn axpy(out: &mut [f32], a: f32, x: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just above).
-            return unsafe { axpy_avx512(out, a, x) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            return unsafe { axpy_avx2(out, a, x) };
-        }
-    }
-    axpy_plain(out, a, x)
+/// `out += a @ b` (out [M, N] in standard layout), split across threads.
+pub fn matmul_acc(a: ArrayView2<f32>, b: ArrayView2<f32>, mut out: ArrayViewMut2<f32>) {
+    assert_eq!(
+        out.dim(),
+        (a.nrows(), b.ncols()),
+        "matmul_acc: output shape"
+    );
+    let ptr = out
+        .as_slice_mut()
+        .expect("matmul_acc: the output is in standard layout")
+        .as_mut_ptr();
+    // SAFETY: `out` is a standard-layout [M, N] buffer that sgemm reads and writes in place.
+    unsafe { product(a, b, ptr, true) }
 }
 
-#[inline(always)]
-fn axpy_plain(out: &mut [f32], a: f32, x: &[f32]) {
-    out.iter_mut().zip(x).for_each(|(o, x)| *o += a * x);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn axpy_avx512(out: &mut [f32], a: f32, x: &[f32]) {
-    axpy_plain(out, a, x)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn axpy_avx2(out: &mut [f32], a: f32, x: &[f32]) {
-    axpy_plain(out, a, x)
+/// # Safety
+/// `c` points to a row-major [a.rows, b.cols] buffer not overlapping `a` or `b`.
+unsafe fn product(a: ArrayView2<f32>, b: ArrayView2<f32>, c: *mut f32, accumulate: bool) {
+    use super::gemm::{sgemm, Mat};
+    assert_eq!(a.ncols(), b.nrows(), "matmul: inner dimensions");
+    let mat = |x: &ArrayView2<f32>| Mat {
+        ptr: x.as_ptr(),
+        rs: x.strides()[0],
+        cs: x.strides()[1],
+    };
+    sgemm(
+        a.nrows(),
+        a.ncols(),
+        b.ncols(),
+        mat(&a),
+        mat(&b),
+        c,
+        b.ncols(),
+        accumulate,
+    );
 }
 
 /// Elements per parallel task in element-wise ops.

@@ -9,6 +9,8 @@
 
 pub mod cpu;
 pub mod device;
+pub mod gemm;
+pub mod simd;
 
 use crate::error::Result;
 use ndarray::{Array2, ArrayD};

@@ -536,8 +536,7 @@ impl<B: Backend> HookedTransformer<B> {
             be.embed(&self.w_e, &table_tokens)?,
             &be.pos_embed(&self.w_pos, u, p)?,
         )?;
-        let ln1 = format!("blocks.0.ln1");
-        let x_n = self.norm(&mut HookCtx::none(), &ln1, &blk.ln1, &x)?;
+        let x_n = self.norm(&mut HookCtx::none(), "blocks.0.ln1", &blk.ln1, &x)?;
         let x = x_n.as_ref().unwrap_or(&x);
         Ok(Some((
             index,

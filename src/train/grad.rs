@@ -21,12 +21,13 @@
 //! gradients are produced. Every per-row sum runs in input order on one thread, so gradients do
 //! not depend on the thread count.
 
-use crate::backend::cpu::{axpy, matmul};
+use crate::backend::cpu::{matmul, matmul_acc};
+use crate::backend::simd::{self, axpy};
 use crate::error::{Error, Result};
 use crate::eval::NormFreePass;
 use crate::model::{HookedTransformer, HookedTransformerConfig, StateDict};
 use crate::tensor::Tensor;
-use ndarray::{s, Array2, ArrayView1, ArrayView2, Axis, Ix2, Ix3, IxDyn};
+use ndarray::{s, Array2, ArrayView2, Axis, Ix2, Ix3, IxDyn};
 use rayon::prelude::*;
 
 /// Check that the trainer supports `cfg` (one layer, attention + ReLU MLP, no LayerNorm).
@@ -84,11 +85,43 @@ pub fn loss_and_grads(
     labels: &[u32],
 ) -> Result<(f64, StateDict)> {
     check_trainable(cfg)?;
-    let (n, p) = tokens.dim();
-    if n == 0 || n != labels.len() {
+    let model = HookedTransformer::new(cfg.clone(), sd.clone())?;
+    let pass = forward(&model, tokens, labels.len())?;
+    backward(&model, &pass, labels)
+}
+
+/// The pass [`backward`] differentiates, over `tokens` whose first `n_train` rows are the
+/// training inputs (any further rows — the test set — are only evaluated).
+pub(crate) fn forward(
+    model: &HookedTransformer,
+    tokens: &Array2<u32>,
+    n_train: usize,
+) -> Result<NormFreePass> {
+    if n_train == 0 || n_train > tokens.nrows() {
         return Err(Error::invalid(
             "training batch",
-            format!("{n} inputs, {} labels", labels.len()),
+            format!("{} inputs, {n_train} labels", tokens.nrows()),
+        ));
+    }
+    NormFreePass::new(model, tokens, false, n_train)
+}
+
+/// Loss and gradients of the first `labels.len()` inputs of `pass` (made by [`forward`] with
+/// the same model).
+pub(crate) fn backward(
+    model: &HookedTransformer,
+    pass: &NormFreePass,
+    labels: &[u32],
+) -> Result<(f64, StateDict)> {
+    let cfg = &model.cfg;
+    let sd = &model.state_dict;
+    check_trainable(cfg)?;
+    let n = labels.len();
+    let p = pass.attn.n_pos();
+    if n == 0 || n > pass.attn.len() {
+        return Err(Error::invalid(
+            "training batch",
+            format!("{} inputs, {n} labels", pass.attn.len()),
         ));
     }
     let v_out = cfg.d_vocab_out();
@@ -98,8 +131,6 @@ pub fn loss_and_grads(
             format!("label {y} out of range for d_vocab_out {v_out}"),
         ));
     }
-    let model = HookedTransformer::new(cfg.clone(), sd.clone())?;
-    let pass = NormFreePass::new(&model, tokens, false, true)?;
     let (d, h, e, m) = (cfg.d_model(), cfg.n_heads(), cfg.d_head(), cfg.d_mlp());
     let hw = h * e;
     let last = p - 1;
@@ -130,27 +161,19 @@ pub fn loss_and_grads(
         .into_shape_with_order((h, e, d))
         .expect("W_O [H,E,D]")
         .to_owned();
-    let NormFreePass {
-        attn,
-        ov,
-        ovi,
-        ovu,
-        base_rows,
-        base_resid,
-        w_l,
-        mlp_post,
-        logits,
-        ..
-    } = pass;
-    let (ovi, w_l, post) = (
-        ovi.expect("MLP model"),
-        w_l.expect("MLP model"),
-        mlp_post.expect("MLP model"),
-    );
+    let attn = &pass.attn;
+    let (ov, ovu, base_rows, base_resid) = (&pass.ov, &pass.ovu, &pass.base_rows, &pass.base_resid);
+    let ovi = pass.ovi.as_ref().expect("MLP model");
+    let w_l = pass.w_l.as_ref().expect("MLP model");
+    let post = pass
+        .mlp_post
+        .as_ref()
+        .expect("MLP model")
+        .slice(s![..n, ..]);
+    let logits = pass.logits.slice(s![..n, ..]);
     let rows = &attn.rows;
     let r_n = rows.len();
-    let toks = tokens.as_standard_layout();
-    let toks = toks.as_slice().expect("standard layout");
+    let toks = attn.tokens();
 
     // ---- loss and dlogits = (softmax − onehot)/N, in f64, cast to f32 ----
     let inv_n = 1.0 / n as f64;
@@ -192,7 +215,6 @@ pub fn loss_and_grads(
 
     // ---- attention: d_pattern = d_resid_mid·OV = dlogits·OVU + d_pre·OVI, softmax backward ----
     let row_of = |i: usize, j: usize| rows.row(j, toks[i * p + j]);
-    let dot = |a: &[f32], b: &[f32]| ArrayView1::from(a).dot(&ArrayView1::from(b));
     let (ovi_s, ovu_s) = (
         ovi.as_slice().expect("standard layout"),
         ovu.as_slice().expect("standard layout"),
@@ -211,6 +233,7 @@ pub fn loss_and_grads(
     ds.par_chunks_mut(h * p)
         .zip(dq.par_chunks_mut(hw))
         .enumerate()
+        .with_min_len(16)
         .for_each(|(i, (dsr, dqr))| {
             let (dl, dp) = (&dl_s[i * v_out..(i + 1) * v_out], &dp_s[i * m..(i + 1) * m]);
             for hi in 0..h {
@@ -218,8 +241,8 @@ pub fn loss_and_grads(
                 let dsh = &mut dsr[hi * p..(hi + 1) * p];
                 for (j, dpat) in dsh.iter_mut().enumerate() {
                     let rh = row_of(i, j) * h + hi;
-                    *dpat = dot(dl, &ovu_s[rh * v_out..(rh + 1) * v_out])
-                        + dot(dp, &ovi_s[rh * m..(rh + 1) * m]);
+                    *dpat = simd::dot(dl, &ovu_s[rh * v_out..(rh + 1) * v_out])
+                        + simd::dot(dp, &ovi_s[rh * m..(rh + 1) * m]);
                 }
                 let sum: f32 = (0..p).map(|j| pw[j] * dsh[j]).sum();
                 for j in 0..p {
@@ -231,83 +254,116 @@ pub fn loss_and_grads(
         });
 
     // ---- per-row sums over the inputs that use each (position, token) row ----
+    // Per row r: BI = Σ pattern·d_pre and BL = Σ pattern·dlogits per head, DK = Σ d_score·q,
+    // and at the last position DQ = Σ dq, CI = Σ d_pre, CL = Σ dlogits (the residual path).
+    // A row's inputs are summed in input order in chunks of fixed size (rows like the last
+    // position's `=`, used by every input, would otherwise be one thread's work); the chunks
+    // are then added in order, so the sums do not depend on the thread count.
     let mut members: Vec<Vec<u32>> = vec![Vec::new(); r_n];
     for i in 0..n {
         for j in 0..p {
             members[row_of(i, j)].push(i as u32);
         }
     }
-    let mut bi = Array2::<f32>::zeros((r_n * h, m)); // Σ pattern·d_pre
-    let mut bl = Array2::<f32>::zeros((r_n * h, v_out)); // Σ pattern·dlogits
-    let mut dk_b = Array2::<f32>::zeros((r_n, hw)); // Σ d_score·q
-    let mut dq_b = Array2::<f32>::zeros((r_n, hw)); // Σ dq (last-position rows)
-    bi.as_slice_mut()
-        .expect("standard layout")
-        .par_chunks_mut(h * m)
-        .zip(
-            bl.as_slice_mut()
-                .expect("standard layout")
-                .par_chunks_mut(h * v_out),
-        )
-        .zip(
-            dk_b.as_slice_mut()
-                .expect("standard layout")
-                .par_chunks_mut(hw),
-        )
-        .zip(
-            dq_b.as_slice_mut()
-                .expect("standard layout")
-                .par_chunks_mut(hw),
-        )
-        .enumerate()
-        .for_each(|(r, (((bir, blr), dkr), dqr))| {
+    const CHUNK: usize = 256;
+    let tasks: Vec<(usize, usize)> = (0..r_n)
+        .flat_map(|r| (0..members[r].len().div_ceil(CHUNK).max(1)).map(move |c| (r, c)))
+        .collect();
+    // Layout of a row's sums: BI | BL | DK | DQ, then CI | CL for last-position rows.
+    let (o_bl, o_dk, o_dq) = (h * m, h * m + h * v_out, h * m + h * v_out + hw);
+    let width = o_dq + hw;
+    let base_width = m + v_out;
+    let partial: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(r, c)| {
             let j = rows.pairs[r].0;
-            for &i in &members[r] {
+            let mut acc = vec![0f32; width + if j == last { base_width } else { 0 }];
+            let (main, resid) = acc.split_at_mut(width);
+            let ms = &members[r]
+                [(c * CHUNK).min(members[r].len())..((c + 1) * CHUNK).min(members[r].len())];
+            for &i in ms {
                 let i = i as usize;
                 let (dl, dp) = (&dl_s[i * v_out..(i + 1) * v_out], &dp_s[i * m..(i + 1) * m]);
                 let qr = row_of(i, last) * hw;
                 for hi in 0..h {
                     let pw = pat[(i * h + hi) * p + j];
-                    axpy(&mut bir[hi * m..(hi + 1) * m], pw, dp);
-                    axpy(&mut blr[hi * v_out..(hi + 1) * v_out], pw, dl);
+                    axpy(&mut main[hi * m..(hi + 1) * m], pw, dp);
+                    axpy(
+                        &mut main[o_bl + hi * v_out..o_bl + (hi + 1) * v_out],
+                        pw,
+                        dl,
+                    );
                     let hs = hi * e..(hi + 1) * e;
                     axpy(
-                        &mut dkr[hs.clone()],
+                        &mut main[o_dk + hi * e..o_dk + (hi + 1) * e],
                         ds[(i * h + hi) * p + j],
                         &qs[qr..qr + hw][hs],
                     );
                 }
                 if j == last {
-                    axpy(dqr, 1.0, &dq[i * hw..(i + 1) * hw]);
+                    axpy(&mut main[o_dq..], 1.0, &dq[i * hw..(i + 1) * hw]);
+                    axpy(&mut resid[..m], 1.0, dp);
+                    axpy(&mut resid[m..], 1.0, dl);
                 }
             }
-        });
-    // The last-position rows' plain sums of d_pre and dlogits (the residual path).
+            acc
+        })
+        .collect();
+    let mut bi = Array2::<f32>::zeros((r_n * h, m)); // Σ pattern·d_pre
+    let mut bl = Array2::<f32>::zeros((r_n * h, v_out)); // Σ pattern·dlogits
+    let mut dk_b = Array2::<f32>::zeros((r_n, hw)); // Σ d_score·q
+    let mut dq_b = Array2::<f32>::zeros((r_n, hw)); // Σ dq (last-position rows)
     let mut ci = Array2::<f32>::zeros((base_rows.len(), m));
     let mut cl = Array2::<f32>::zeros((base_rows.len(), v_out));
-    ci.axis_iter_mut(Axis(0))
-        .into_par_iter()
-        .zip(cl.axis_iter_mut(Axis(0)).into_par_iter())
-        .zip(base_rows.par_iter())
-        .for_each(|((mut cir, mut clr), &r)| {
-            let (cir, clr) = (
-                cir.as_slice_mut().expect("row"),
-                clr.as_slice_mut().expect("row"),
-            );
-            for &i in &members[r] {
-                let i = i as usize;
-                axpy(cir, 1.0, &dp_s[i * m..(i + 1) * m]);
-                axpy(clr, 1.0, &dl_s[i * v_out..(i + 1) * v_out]);
-            }
-        });
+    let mut base_slot = vec![usize::MAX; r_n];
+    for (l, &r) in base_rows.iter().enumerate() {
+        base_slot[r] = l;
+    }
+    let mut sums = vec![0f32; width + base_width];
+    let mut t = 0;
+    for r in 0..r_n {
+        sums.iter_mut().for_each(|x| *x = 0.0);
+        while t < tasks.len() && tasks[t].0 == r {
+            let part = &partial[t];
+            axpy(&mut sums[..part.len()], 1.0, part);
+            t += 1;
+        }
+        let (main, resid) = sums.split_at(width);
+        bi.slice_mut(s![r * h..(r + 1) * h, ..])
+            .as_slice_mut()
+            .expect("rows")
+            .copy_from_slice(&main[..h * m]);
+        bl.slice_mut(s![r * h..(r + 1) * h, ..])
+            .as_slice_mut()
+            .expect("rows")
+            .copy_from_slice(&main[o_bl..o_dk]);
+        dk_b.row_mut(r)
+            .as_slice_mut()
+            .expect("row")
+            .copy_from_slice(&main[o_dk..o_dq]);
+        dq_b.row_mut(r)
+            .as_slice_mut()
+            .expect("row")
+            .copy_from_slice(&main[o_dq..]);
+        if let Some(l) = base_slot.get(r).copied().filter(|&l| l != usize::MAX) {
+            ci.row_mut(l)
+                .as_slice_mut()
+                .expect("row")
+                .copy_from_slice(&resid[..m]);
+            cl.row_mut(l)
+                .as_slice_mut()
+                .expect("row")
+                .copy_from_slice(&resid[m..]);
+        }
+    }
 
     // ---- weight gradients from the row sums ----
     let g_wout = matmul(s_mat.view(), w_u.t());
     let mut g_win = matmul(base_resid.t(), ci.view());
-    g_win += &matmul(ov.t(), bi.view());
+    matmul_acc(ov.t(), bi.view(), g_win.view_mut());
     let mut g_wu = matmul(base_resid.t(), cl.view());
-    g_wu += &matmul(ov.t(), bl.view());
-    g_wu += &matmul(w_out.t(), s_mat.view());
+    matmul_acc(ov.t(), bl.view(), g_wu.view_mut());
+    matmul_acc(w_out.t(), s_mat.view(), g_wu.view_mut());
     let b_out = b_out
         .view()
         .into_shape_with_order(d)
@@ -318,7 +374,7 @@ pub fn loss_and_grads(
     }
     // D[(r, h)] = Σ pattern·d_resid_mid = BL·W_Uᵀ + BI·W_inᵀ  [R·H, D]
     let mut dd = matmul(bl.view(), w_u.t());
-    dd += &matmul(bi.view(), w_in.t());
+    matmul_acc(bi.view(), w_in.t(), dd.view_mut());
     let mut g_wo = ndarray::Array3::<f32>::zeros((h, e, d));
     let mut dv_b = Array2::<f32>::zeros((r_n, hw));
     for hi in 0..h {
@@ -334,10 +390,10 @@ pub fn loss_and_grads(
     // dx per (position, token) row = dk·W_Kᵀ + dv·W_Vᵀ + dq·W_Qᵀ, plus at the last position the
     // residual path Σ d_resid_mid = CL·W_Uᵀ + CI·W_inᵀ.
     let mut dx_b = matmul(dk_b.view(), wk.t());
-    dx_b += &matmul(dv_b.view(), wv.t());
-    dx_b += &matmul(dq_b.view(), wq.t());
+    matmul_acc(dv_b.view(), wv.t(), dx_b.view_mut());
+    matmul_acc(dq_b.view(), wq.t(), dx_b.view_mut());
     let mut drm = matmul(cl.view(), w_u.t());
-    drm += &matmul(ci.view(), w_in.t());
+    matmul_acc(ci.view(), w_in.t(), drm.view_mut());
     for (l, &r) in base_rows.iter().enumerate() {
         let mut row = dx_b.row_mut(r);
         row += &drm.row(l);

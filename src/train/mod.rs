@@ -11,7 +11,7 @@ pub use grad::{check_trainable, loss_and_grads};
 pub use init::{init_weights, torch_normal};
 
 use crate::error::{Error, Result};
-use crate::eval::last_logits_fast;
+use crate::eval::{last_logits_fast, NormFreePass};
 use crate::model::{HookedTransformer, HookedTransformerConfig, StateDict};
 use crate::run::TrainingRun;
 use crate::task;
@@ -85,6 +85,12 @@ pub struct Trainer {
     pub checkpoint_epochs: Vec<i64>,
     /// Worker threads with subnormals flushed (see [`flush_subnormals`]).
     pool: std::sync::Arc<rayon::ThreadPool>,
+    /// The train inputs followed by the test inputs (one forward pass evaluates both).
+    train_then_test: Array2<u32>,
+    /// The forward pass of the weights it was computed with, over the train inputs (and the
+    /// test inputs when the test loss was due): the last step's test evaluation, whose train
+    /// rows the next step differentiates.
+    pending: Option<(StateDict, NormFreePass)>,
 }
 
 fn subset(tokens: &Array2<u32>, labels: &[u32], idx: &[i64]) -> (Array2<u32>, Vec<u32>) {
@@ -142,13 +148,19 @@ impl Trainer {
             .start_handler(|_| flush_subnormals())
             .build()
             .map_err(|e| Error::invalid("thread pool", e.to_string()))?;
+        // Both sets in dataset order (the losses are means, so the order only moves their
+        // last bits): consecutive inputs then share their first token's table rows, which keeps
+        // the tabulated pass's gathers and the gradient sums in cache.
+        let train = subset(&tokens, &labels, &sorted(&train_indices));
+        let test = subset(&tokens, &labels, &sorted(&test_indices));
+        let train_then_test =
+            ndarray::concatenate(Axis(0), &[train.0.view(), test.0.view()]).expect("same width");
         Ok(Trainer {
             pool: std::sync::Arc::new(pool),
-            train: subset(&tokens, &labels, &train_indices),
-            // In dataset order (the loss is a mean, so the order only moves its last bits):
-            // consecutive inputs then share their first token's table rows, which keeps the
-            // tabulated evaluation's gathers in cache (-3 ms an epoch).
-            test: subset(&tokens, &labels, &sorted(&test_indices)),
+            train,
+            test,
+            train_then_test,
+            pending: None,
             opt: AdamW::new(settings.adamw),
             cfg,
             settings,
@@ -194,14 +206,41 @@ impl Trainer {
         })
     }
 
+    /// The epoch, with one forward pass per set of weights: the pass that evaluates the test
+    /// loss after the step also holds the next step's train inputs (they come first), and the
+    /// next step differentiates it. A pass's values for an input do not depend on the other
+    /// inputs in it, so this gives the same numbers as separate passes (tested), and a resumed
+    /// run, which starts with a pass over the train inputs alone, stays bit-identical.
     fn step_inner(&mut self) -> Result<()> {
-        let (loss, grads) = loss_and_grads(&self.cfg, &self.params, &self.train.0, &self.train.1)?;
+        let n_train = self.train.1.len();
+        let model = HookedTransformer::new(self.cfg.clone(), self.params.clone())?;
+        let pass = match self.pending.take() {
+            Some((weights, pass)) if weights == self.params => pass,
+            _ => grad::forward(&model, &self.train.0, n_train)?,
+        };
+        let (loss, grads) = grad::backward(&model, &pass, &self.train.1)?;
+        drop((pass, model));
         self.train_losses.push(loss);
         let lr = self.lr();
         self.opt.step(&mut self.params, &grads, lr)?;
-        if self.epoch.is_multiple_of(self.settings.eval_every) {
-            self.test_losses.push(self.test_loss()?);
+        let model = HookedTransformer::new(self.cfg.clone(), self.params.clone())?;
+        let test_due =
+            self.epoch.is_multiple_of(self.settings.eval_every) && !self.test.1.is_empty();
+        let inputs = if test_due {
+            &self.train_then_test
+        } else {
+            &self.train.0
+        };
+        let pass = grad::forward(&model, inputs, n_train)?;
+        if test_due {
+            self.test_losses.push(task::loss(
+                pass.logits.slice(ndarray::s![n_train.., ..]),
+                &self.test.1,
+            ));
+        } else if self.epoch.is_multiple_of(self.settings.eval_every) {
+            self.test_losses.push(f64::NAN);
         }
+        self.pending = Some((self.params.clone(), pass));
         if (self.epoch + 1).is_multiple_of(self.settings.checkpoint_every) {
             self.checkpoint_epochs.push(self.epoch as i64);
             self.checkpoints.push(self.params.clone());

@@ -1,0 +1,485 @@
+//! Single-precision matrix products for the CPU backend: `C (+)= A·B`.
+//!
+//! On CPUs with AVX-512 this is a register-blocked kernel written for the shapes tlens
+//! multiplies — tall activations times small weights ([12,769 × 512]·[512 × 113] for the
+//! logits), and their transposes in the backward pass — elsewhere matrixmultiply's sgemm.
+//! matrixmultiply (16×16 tiles; A and B copied into packed panels for every call) reached
+//! ~160 GFLOP/s on the 2-core machine for these shapes, with a fifth of its time in packing;
+//! this kernel reads A in place (row- or column-major), packs only B (the small operand) into
+//! 32-column panels, and keeps a 12×32 tile of C in 24 registers: measured numbers are in
+//! `benches/` and the README.
+//!
+//! Each element of C is one fused multiply-add chain over k in order, in blocks of [`KC`]
+//! (within a block in registers, then added to C), so the result does not depend on how the
+//! work is split across threads.
+
+use rayon::prelude::*;
+
+/// Depth of one pass over k (B's packed block stays in L2: 4 panels × KC × 32 floats).
+const KC: usize = 256;
+/// Rows of C per register tile.
+const MR: usize = 12;
+/// Columns of C per register tile (two AVX-512 registers).
+const NR: usize = 32;
+
+/// A matrix operand: pointer and element strides (row, column).
+#[derive(Clone, Copy)]
+pub struct Mat {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: threads write disjoint blocks of C.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+unsafe impl Send for Mat {}
+unsafe impl Sync for Mat {}
+
+/// `C = A·B` (`accumulate` false; C may be uninitialised, it is only written) or
+/// `C += A·B`, for A [m, k], B [k, n], C row-major [m, n] with row stride `ldc`; rows (or, for
+/// short A, columns) split across rayon's threads.
+///
+/// # Safety
+/// `a`, `b` must be valid for the given shapes and strides, `c` for m rows of `ldc ≥ n`
+/// elements, and C must not overlap A or B.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: Mat,
+    b: Mat,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::has_avx512() && (a.cs == 1 || a.rs == 1) && k > 0 {
+        return avx512::sgemm(m, k, n, a, b, c, ldc, accumulate);
+    }
+    let c = Out(c);
+    let block = move |r0: usize, r1: usize, c0: usize, c1: usize| {
+        let (a, b, c) = (a, b, c); // whole structs (Send + Sync), not their pointer fields
+                                   // SAFETY: the block [r0, r1) × [c0, c1) lies inside A, B and C.
+        unsafe {
+            matrixmultiply::sgemm(
+                r1 - r0,
+                k,
+                c1 - c0,
+                1.0,
+                a.ptr.offset(r0 as isize * a.rs),
+                a.rs,
+                a.cs,
+                b.ptr.offset(c0 as isize * b.cs),
+                b.rs,
+                b.cs,
+                if accumulate { 1.0 } else { 0.0 },
+                c.0.add(r0 * ldc + c0),
+                ldc as isize,
+                1,
+            )
+        }
+    };
+    split(m, k, n, 16, &|r0, r1, c0, c1| block(r0, r1, c0, c1));
+}
+
+/// Run `f` on blocks of C: one block of rows per thread when A is tall, else one block of
+/// columns (multiples of `align`) per thread; one block for small products.
+fn split(
+    m: usize,
+    k: usize,
+    n: usize,
+    align: usize,
+    f: &(dyn Fn(usize, usize, usize, usize) + Sync),
+) {
+    let threads = rayon::current_num_threads().max(1);
+    if threads == 1 || m * k.max(1) * n < 1 << 20 {
+        f(0, m, 0, n);
+    } else if m >= threads * 4 * MR || n < 2 * align * threads {
+        let rows = m.div_ceil(threads).div_ceil(MR) * MR;
+        (0..threads).into_par_iter().for_each(|t| {
+            let (r0, r1) = (t * rows, ((t + 1) * rows).min(m));
+            if r0 < r1 {
+                f(r0, r1, 0, n)
+            }
+        });
+    } else {
+        let cols = n.div_ceil(threads).div_ceil(align) * align;
+        (0..threads).into_par_iter().for_each(|t| {
+            let (c0, c1) = (t * cols, ((t + 1) * cols).min(n));
+            if c0 < c1 {
+                f(0, m, c0, c1)
+            }
+        });
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{split, Mat, Out, KC, MR, NR};
+    use rayon::prelude::*;
+    use std::arch::x86_64::*;
+
+    /// B [k, n] copied into panels of NR columns, each `[k][NR]` (64-byte aligned, zero-padded
+    /// past column n).
+    struct Packed {
+        data: Vec<__m512>,
+        k: usize,
+    }
+
+    impl Packed {
+        unsafe fn new(k: usize, n: usize, b: Mat) -> Packed {
+            let panels = n.div_ceil(NR);
+            let mut data: Vec<__m512> = Vec::with_capacity(panels * k * 2);
+            let base = Out(data.as_mut_ptr() as *mut f32);
+            let pack = move |p: usize| {
+                let (base, b) = (base, b);
+                // SAFETY: panel p of B and of the buffer (capacity panels·k·NR floats).
+                unsafe { pack_panel(k, (n - p * NR).min(NR), b, p * NR, base.0.add(p * k * NR)) }
+            };
+            // Panels in parallel when B is large (each panel is written by one thread).
+            if k * n >= 1 << 16 {
+                (0..panels).into_par_iter().for_each(pack);
+            } else {
+                (0..panels).for_each(pack);
+            }
+            // SAFETY: pack_panel wrote all k·NR floats of every panel (padding included).
+            data.set_len(panels * k * 2);
+            Packed { data, k }
+        }
+
+        fn panel(&self, p: usize, k0: usize) -> *const f32 {
+            // SAFETY (callers): p < panels and k0 < k.
+            unsafe { (self.data.as_ptr() as *const f32).add(p * self.k * NR + k0 * NR) }
+        }
+    }
+
+    /// A column-major tile of A (`rows` ≤ MR at each of kc columns `cs` apart) into `[kc][MR]`.
+    #[target_feature(enable = "avx512f,avx512vl")]
+    unsafe fn pack_tile(kc: usize, rows: usize, a: *const f32, cs: isize, dst: *mut f32) {
+        let m = (1u16 << rows) - 1; // rows ≤ 12
+        for kk in 0..kc {
+            let v = _mm512_maskz_loadu_ps(m, a.offset(kk as isize * cs));
+            _mm512_mask_storeu_ps(dst.add(kk * MR), m, v);
+        }
+    }
+
+    /// Columns `j0 .. j0 + cols` (cols ≤ NR) of B into `dst` as `[k][NR]`, zeros past `cols`.
+    #[target_feature(enable = "avx512f,avx512vl")]
+    unsafe fn pack_panel(k: usize, cols: usize, b: Mat, j0: usize, dst: *mut f32) {
+        let m0 = if cols >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << cols) - 1
+        };
+        let m1 = if cols >= 32 {
+            u16::MAX
+        } else if cols > 16 {
+            (1u16 << (cols - 16)) - 1
+        } else {
+            0
+        };
+        let first = b.ptr.offset(j0 as isize * b.cs);
+        if b.cs == 1 {
+            // Row-major B: each k is a contiguous run of `cols`.
+            for kk in 0..k {
+                let row = first.offset(kk as isize * b.rs);
+                let d = dst.add(kk * NR);
+                _mm512_storeu_ps(d, _mm512_maskz_loadu_ps(m0, row));
+                _mm512_storeu_ps(d.add(16), _mm512_maskz_loadu_ps(m1, row.add(16)));
+            }
+        } else {
+            // Column by column (a column-major B is then read contiguously).
+            for kk in 0..k {
+                let d = dst.add(kk * NR);
+                _mm512_storeu_ps(d, _mm512_setzero_ps());
+                _mm512_storeu_ps(d.add(16), _mm512_setzero_ps());
+            }
+            for j in 0..cols {
+                let col = first.offset(j as isize * b.cs);
+                for kk in 0..k {
+                    *dst.add(kk * NR + j) = *col.offset(kk as isize * b.rs);
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn sgemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: Mat,
+        b: Mat,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        let packed = Packed::new(k, n, b);
+        let c = Out(c);
+        split(m, k, n, NR, &|r0, r1, c0, c1| {
+            let (a, c) = (a, c);
+            // SAFETY: the block lies inside A, B and C; c0 is a multiple of NR.
+            unsafe { block(r0, r1, c0, c1, k, a, &packed, c.0, ldc, accumulate) }
+        });
+    }
+
+    /// C[r0..r1, c0..c1] over k in blocks of KC: for each row tile, every column panel (the
+    /// tile's rows of A stay in L1 across the panels).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block(
+        r0: usize,
+        r1: usize,
+        c0: usize,
+        c1: usize,
+        k: usize,
+        a: Mat,
+        packed: &Packed,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        // A column-major: a tile's rows at one k are adjacent, but successive k are a column
+        // apart, which the hardware prefetcher does not follow; such tiles are first copied
+        // into a contiguous [kc][MR] buffer.
+        let pack_a = a.cs != 1;
+        let mut buf = if pack_a {
+            vec![0f32; KC * MR]
+        } else {
+            Vec::new()
+        };
+        let mut k0 = 0;
+        while k0 < k {
+            let kc = (k - k0).min(KC);
+            let acc = accumulate || k0 > 0;
+            let mut i = r0;
+            while i < r1 {
+                let rows = (r1 - i).min(MR);
+                let mut ap = a.ptr.offset(i as isize * a.rs + k0 as isize * a.cs);
+                let mut a = a;
+                if pack_a {
+                    pack_tile(kc, rows, ap, a.cs, buf.as_mut_ptr());
+                    ap = buf.as_ptr();
+                    a = Mat {
+                        ptr: ap,
+                        rs: 1,
+                        cs: MR as isize,
+                    };
+                }
+                let mut j = c0;
+                while j < c1 {
+                    let cols = (c1 - j).min(NR);
+                    let bp = packed.panel(j / NR, k0);
+                    let cp = c.add(i * ldc + j);
+                    match rows {
+                        12 => tile::<12>(kc, ap, a, bp, cp, ldc, cols, acc),
+                        11 => tile::<11>(kc, ap, a, bp, cp, ldc, cols, acc),
+                        10 => tile::<10>(kc, ap, a, bp, cp, ldc, cols, acc),
+                        9 => tile::<9>(kc, ap, a, bp, cp, ldc, cols, acc),
+                        8 => tile::<8>(kc, ap, a, bp, cp, ldc, cols, acc),
+                        7 => tile::<7>(kc, ap, a, bp, cp, ldc, cols, acc),
+                        6 => tile::<6>(kc, ap, a, bp, cp, ldc, cols, acc),
+                        5 => tile::<5>(kc, ap, a, bp, cp, ldc, cols, acc),
+                        4 => tile::<4>(kc, ap, a, bp, cp, ldc, cols, acc),
+                        3 => tile::<3>(kc, ap, a, bp, cp, ldc, cols, acc),
+                        2 => tile::<2>(kc, ap, a, bp, cp, ldc, cols, acc),
+                        _ => tile::<1>(kc, ap, a, bp, cp, ldc, cols, acc),
+                    }
+                    j += NR;
+                }
+                i += MR;
+            }
+            k0 += kc;
+        }
+    }
+
+    /// One R×NR tile of C over kc steps of k: `C = tile` or `C += tile` (first `cols` columns).
+    #[target_feature(enable = "avx512f,avx512vl")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const R: usize>(
+        kc: usize,
+        ap: *const f32,
+        a: Mat,
+        bp: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        let mut lo = [_mm512_setzero_ps(); R];
+        let mut hi = [_mm512_setzero_ps(); R];
+        if a.cs == 1 {
+            // A row-major: row i's elements are consecutive.
+            let rs = a.rs;
+            for kk in 0..kc {
+                let b0 = _mm512_load_ps(bp.add(kk * NR));
+                let b1 = _mm512_load_ps(bp.add(kk * NR + 16));
+                for i in 0..R {
+                    let av = _mm512_set1_ps(*ap.offset(i as isize * rs + kk as isize));
+                    lo[i] = _mm512_fmadd_ps(av, b0, lo[i]);
+                    hi[i] = _mm512_fmadd_ps(av, b1, hi[i]);
+                }
+            }
+        } else {
+            // A column-major (rs = 1): the tile's R rows at one k are consecutive.
+            let cs = a.cs;
+            for kk in 0..kc {
+                let b0 = _mm512_load_ps(bp.add(kk * NR));
+                let b1 = _mm512_load_ps(bp.add(kk * NR + 16));
+                let col = ap.offset(kk as isize * cs);
+                for i in 0..R {
+                    let av = _mm512_set1_ps(*col.add(i));
+                    lo[i] = _mm512_fmadd_ps(av, b0, lo[i]);
+                    hi[i] = _mm512_fmadd_ps(av, b1, hi[i]);
+                }
+            }
+        }
+        let m0 = if cols >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << cols) - 1
+        };
+        let m1 = if cols >= 32 {
+            u16::MAX
+        } else if cols > 16 {
+            (1u16 << (cols - 16)) - 1
+        } else {
+            0
+        };
+        for i in 0..R {
+            let row = c.add(i * ldc);
+            let (mut x0, mut x1) = (lo[i], hi[i]);
+            if accumulate {
+                x0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, row), x0);
+                x1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, row.add(16)), x1);
+            }
+            _mm512_mask_storeu_ps(row, m0, x0);
+            _mm512_mask_storeu_ps(row.add(16), m1, x1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// C from a plain f64 triple loop.
+    fn reference(m: usize, k: usize, n: usize, a: &[f32], b: &[f32]) -> Vec<f64> {
+        let mut c = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k)
+                    .map(|l| a[i * k + l] as f64 * b[l * n + j] as f64)
+                    .sum();
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn products_of_every_layout_and_edge_size_match_f64() {
+        let mut rng = crate::task::Mt19937::new(3);
+        let mut u = || rng.next_u32() as f32 / u32::MAX as f32 - 0.5;
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (13, 7, 33),
+            (25, 600, 17),
+            (300, 1100, 113),
+            (5, 40, 130),
+            (64, 130, 512),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|_| u()).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| u()).collect();
+            let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect(); // [k, m]
+            let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect(); // [n, k]
+            let want = reference(m, k, n, &a, &b);
+            let tol = 1e-5 * (k as f64).sqrt();
+            for (a_mat, b_mat) in [
+                (
+                    Mat {
+                        ptr: a.as_ptr(),
+                        rs: k as isize,
+                        cs: 1,
+                    },
+                    Mat {
+                        ptr: b.as_ptr(),
+                        rs: n as isize,
+                        cs: 1,
+                    },
+                ),
+                (
+                    Mat {
+                        ptr: at.as_ptr(),
+                        rs: 1,
+                        cs: m as isize,
+                    },
+                    Mat {
+                        ptr: bt.as_ptr(),
+                        rs: 1,
+                        cs: k as isize,
+                    },
+                ),
+            ] {
+                for accumulate in [false, true] {
+                    let mut c = vec![1f32; m * n];
+                    // SAFETY: the buffers have the shapes given.
+                    unsafe { sgemm(m, k, n, a_mat, b_mat, c.as_mut_ptr(), n, accumulate) };
+                    for (i, (&got, &w)) in c.iter().zip(&want).enumerate() {
+                        let w = w + accumulate as u8 as f64;
+                        assert!(
+                            (got as f64 - w).abs() <= tol,
+                            "{m}×{k}×{n} [{i}]: {got} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let (m, k, n) = (500, 700, 113);
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 104_729) % 1000) as f32 * 1e-3 - 0.5)
+            .collect();
+        let run = |threads: usize| {
+            let mut c = vec![0f32; m * n];
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| unsafe {
+                sgemm(
+                    m,
+                    k,
+                    n,
+                    Mat {
+                        ptr: a.as_ptr(),
+                        rs: k as isize,
+                        cs: 1,
+                    },
+                    Mat {
+                        ptr: b.as_ptr(),
+                        rs: n as isize,
+                        cs: 1,
+                    },
+                    c.as_mut_ptr(),
+                    n,
+                    false,
+                )
+            });
+            c
+        };
+        assert_eq!(run(1), run(2));
+        assert_eq!(run(1), run(3));
+    }
+}

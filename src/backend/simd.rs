@@ -1,0 +1,538 @@
+//! Hand-vectorised inner loops of the CPU backend's tabulated passes (evaluation, training).
+//!
+//! The crate is built for baseline x86-64, so loops that matter are written with AVX-512
+//! intrinsics and chosen at run time when the CPU has AVX-512F, with a plain-Rust fallback that
+//! performs the same operations in the same order: every kernel here gives the same bits on
+//! every machine. Multiply and add stay separate (never fused), as the scalar code has them.
+//!
+//! Why hand-written: the gathers of the tabulated pass (`out = base + Σ w·row`) were
+//! load/store-bound as one `axpy` per term (each term re-read and re-wrote the output row),
+//! and the f64 loss was a chain of dependent additions with a libm call per element.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
+
+/// Whether the AVX-512 kernels run on this CPU (AVX-512F and VL; checked once).
+#[inline]
+pub fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::atomic::{AtomicU8, Ordering};
+        static HAS: AtomicU8 = AtomicU8::new(2);
+        match HAS.load(Ordering::Relaxed) {
+            0 => false,
+            1 => true,
+            _ => {
+                let has = std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512vl");
+                HAS.store(has as u8, Ordering::Relaxed);
+                has
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `out[i] += a·x[i]` (a multiply, then an add).
+#[inline]
+pub fn axpy(out: &mut [f32], a: f32, x: &[f32]) {
+    assert_eq!(out.len(), x.len(), "axpy: lengths");
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: AVX-512F/VL are present (checked at run time); lengths are equal.
+        return unsafe { axpy_avx512(out, a, x) };
+    }
+    out.iter_mut().zip(x).for_each(|(o, x)| *o += a * x);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl")]
+unsafe fn axpy_avx512(out: &mut [f32], a: f32, x: &[f32]) {
+    let n = out.len();
+    let (o, x) = (out.as_mut_ptr(), x.as_ptr());
+    let av = _mm512_set1_ps(a);
+    let mut c = 0;
+    while c < n {
+        let m = lane_mask(n - c);
+        let v = _mm512_add_ps(
+            _mm512_maskz_loadu_ps(m, o.add(c)),
+            _mm512_mul_ps(av, _mm512_maskz_loadu_ps(m, x.add(c))),
+        );
+        _mm512_mask_storeu_ps(o.add(c), m, v);
+        c += 16;
+    }
+}
+
+/// The mask of the first `min(left, 16)` lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn lane_mask(left: usize) -> u16 {
+    if left >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << left) - 1
+    }
+}
+
+/// View initialised floats as a write-only output for the kernels here.
+#[inline]
+pub fn as_uninit(x: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: MaybeUninit<f32> has f32's layout, and the kernels only write initialised values.
+    unsafe { &mut *(x as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
+/// ReLU as torch has it: `x ≤ 0 → +0`, NaN stays NaN.
+#[inline(always)]
+pub fn relu(x: f32) -> f32 {
+    if x <= 0.0 {
+        0.0
+    } else {
+        x
+    }
+}
+
+/// `pre = base + Σ_t w_t · table[o_t .. o_t + out.len()]`, the terms added in order, each as a
+/// multiply then an add (the same bits as `pre = base` followed by one [`axpy`] per term), the
+/// row kept in registers; writes `relu(pre)` when `relu`, else `pre`, to `out` (every element).
+/// Returns `(min |pre|, max |pre|)` over the row (0, 0 for an empty row; NaNs are skipped).
+#[inline]
+pub fn gather_sum(
+    out: &mut [MaybeUninit<f32>],
+    base: &[f32],
+    table: &[f32],
+    terms: &[(f32, usize)],
+    relu: bool,
+) -> (f32, f32) {
+    let n = out.len();
+    assert_eq!(base.len(), n, "gather_sum: base length");
+    assert!(
+        terms.iter().all(|&(_, o)| o + n <= table.len()),
+        "gather_sum: a row outside the table"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: AVX-512F/VL are present; every row lies inside `table` (asserted above).
+        return unsafe { gather_sum_avx512(out, base, table, terms, relu) };
+    }
+    let (mut lo, mut hi) = (f32::INFINITY, 0f32);
+    for (c, y) in out.iter_mut().enumerate() {
+        let mut acc = base[c];
+        for &(w, o) in terms {
+            acc += w * table[o + c];
+        }
+        let a = acc.abs();
+        lo = lo.min(a);
+        hi = hi.max(a);
+        y.write(if relu { self::relu(acc) } else { acc });
+    }
+    (if n == 0 { 0.0 } else { lo }, hi)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl")]
+unsafe fn gather_sum_avx512(
+    out: &mut [MaybeUninit<f32>],
+    base: &[f32],
+    table: &[f32],
+    terms: &[(f32, usize)],
+    relu: bool,
+) -> (f32, f32) {
+    let n = out.len();
+    let (t, b, o) = (table.as_ptr(), base.as_ptr(), out.as_mut_ptr() as *mut f32);
+    let zero = _mm512_setzero_ps();
+    let (mut lo, mut hi) = (_mm512_set1_ps(f32::INFINITY), zero);
+    // ReLU as torch: keep x where !(x ≤ 0) (so NaN too), else +0.
+    let act = |x: __m512| -> __m512 {
+        if relu {
+            _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_NLE_UQ>(x, zero), x)
+        } else {
+            x
+        }
+    };
+    let mut c = 0;
+    // Four registers (64 floats) at a time, then one (masked) at a time.
+    while c + 64 <= n {
+        let mut acc = [
+            _mm512_loadu_ps(b.add(c)),
+            _mm512_loadu_ps(b.add(c + 16)),
+            _mm512_loadu_ps(b.add(c + 32)),
+            _mm512_loadu_ps(b.add(c + 48)),
+        ];
+        for &(w, off) in terms {
+            let wv = _mm512_set1_ps(w);
+            let r = t.add(off + c);
+            for (l, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_add_ps(*a, _mm512_mul_ps(wv, _mm512_loadu_ps(r.add(16 * l))));
+            }
+        }
+        for (l, a) in acc.iter().enumerate() {
+            let x = _mm512_abs_ps(*a);
+            lo = _mm512_min_ps(x, lo); // NaN lanes leave lo/hi as they were
+            hi = _mm512_max_ps(x, hi);
+            _mm512_storeu_ps(o.add(c + 16 * l), act(*a));
+        }
+        c += 64;
+    }
+    while c < n {
+        let m = lane_mask(n - c);
+        let mut acc = _mm512_maskz_loadu_ps(m, b.add(c));
+        for &(w, off) in terms {
+            let x = _mm512_maskz_loadu_ps(m, t.add(off + c));
+            acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(w), x));
+        }
+        let x = _mm512_abs_ps(acc);
+        lo = _mm512_mask_min_ps(lo, m, x, lo);
+        hi = _mm512_mask_max_ps(hi, m, x, hi);
+        _mm512_mask_storeu_ps(o.add(c), m, act(acc));
+        c += 16;
+    }
+    let lo = if n == 0 {
+        0.0
+    } else {
+        _mm512_reduce_min_ps(lo)
+    };
+    (lo, _mm512_reduce_max_ps(hi))
+}
+
+/// `Σ a[i]·b[i]` in sixteen lanes (lane l takes the elements i ≡ l mod 16, multiply then add),
+/// the lanes then summed pairwise.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot: lengths");
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: AVX-512F/VL are present; lengths are equal.
+        return unsafe { dot_avx512(a, b) };
+    }
+    let mut acc = [0f32; 16];
+    for (ca, cb) in a.chunks(16).zip(b.chunks(16)) {
+        for ((s, &x), &y) in acc.iter_mut().zip(ca).zip(cb) {
+            *s += x * y;
+        }
+    }
+    reduce16(acc)
+}
+
+/// Pairwise sum of sixteen lanes (halves added lane by lane, as the vector code does).
+#[inline(always)]
+fn reduce16(mut acc: [f32; 16]) -> f32 {
+    let mut w = 8;
+    while w > 0 {
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+        w /= 2;
+    }
+    acc[0]
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl")]
+unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len();
+    let mut acc = _mm512_setzero_ps();
+    let mut c = 0;
+    while c < n {
+        let m = lane_mask(n - c);
+        let x = _mm512_maskz_loadu_ps(m, a.as_ptr().add(c));
+        let y = _mm512_maskz_loadu_ps(m, b.as_ptr().add(c));
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(x, y));
+        c += 16;
+    }
+    let mut lanes = [0f32; 16];
+    _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
+    reduce16(lanes)
+}
+
+// ---- the f64 loss: log-sum-exp of f32 logits ----
+
+const LN2_HI: f64 = 0.693_147_180_369_123_8; // 32 significant bits: k·LN2_HI is exact
+const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
+const ROUND: f64 = 6_755_399_441_055_744.0; // 1.5·2^52: adding it rounds to an integer
+/// 1/n! for n = 13 down to 0.
+const EXP_C: [f64; 14] = [
+    1.0 / 6_227_020_800.0,
+    1.0 / 479_001_600.0,
+    1.0 / 39_916_800.0,
+    1.0 / 3_628_800.0,
+    1.0 / 362_880.0,
+    1.0 / 40_320.0,
+    1.0 / 5_040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
+
+/// e^x in f64, within 2 ulp of libm's `exp` (tested), as straight-line arithmetic so that the
+/// vector version computes the same bits: `x = k·ln 2 + r` with |r| ≤ ln 2 / 2, e^r by its
+/// Taylor series to r¹³ (truncation < 5e-18), times 2^k. Below −708 (e^x < 3e-308, far under
+/// what a log-sum-exp with a term equal to 1 can see) the argument is clamped; NaN stays NaN.
+#[inline(always)]
+pub fn exp_f64(x: f64) -> f64 {
+    let x = x.clamp(-708.0, 709.0); // NaN stays NaN
+    let kr = x * std::f64::consts::LOG2_E + ROUND;
+    let k = kr - ROUND;
+    let r = (x - k * LN2_HI) - k * LN2_LO;
+    let mut p = EXP_C[0];
+    for &c in &EXP_C[1..] {
+        p = p * r + c;
+    }
+    // 2^k from the integer in kr's low mantissa bits (k in [−1022, 1023] after the clamp).
+    let scale = f64::from_bits((kr.to_bits() << 52).wrapping_add(1023 << 52));
+    p * scale
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl")]
+unsafe fn exp_f64_avx512(x: __m512d) -> __m512d {
+    // max/min return their second operand when one is NaN: NaN passes through.
+    let x = _mm512_min_pd(
+        _mm512_set1_pd(709.0),
+        _mm512_max_pd(_mm512_set1_pd(-708.0), x),
+    );
+    let kr = _mm512_add_pd(
+        _mm512_mul_pd(x, _mm512_set1_pd(std::f64::consts::LOG2_E)),
+        _mm512_set1_pd(ROUND),
+    );
+    let k = _mm512_sub_pd(kr, _mm512_set1_pd(ROUND));
+    let r = _mm512_sub_pd(
+        _mm512_sub_pd(x, _mm512_mul_pd(k, _mm512_set1_pd(LN2_HI))),
+        _mm512_mul_pd(k, _mm512_set1_pd(LN2_LO)),
+    );
+    let mut p = _mm512_set1_pd(EXP_C[0]);
+    for &c in &EXP_C[1..] {
+        p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(c));
+    }
+    let bits = _mm512_add_epi64(
+        _mm512_slli_epi64::<52>(_mm512_castpd_si512(kr)),
+        _mm512_set1_epi64(1023 << 52),
+    );
+    _mm512_mul_pd(p, _mm512_castsi512_pd(bits))
+}
+
+/// `log Σ exp(x)` of a row of f32 logits, in f64, max-subtracted (as torch's log_softmax):
+/// the exponentials are summed in eight lanes (lane l takes the elements i ≡ l mod 8), the
+/// lanes then added pairwise.
+pub fn log_sum_exp(row: &[f32]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: AVX-512F/VL are present.
+        return unsafe { log_sum_exp_avx512(row) };
+    }
+    let m = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+    let mut acc = [0f64; 8];
+    for c in row.chunks(8) {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += exp_f64(x as f64 - m);
+        }
+    }
+    m + reduce8(acc).ln()
+}
+
+#[inline(always)]
+fn reduce8(a: [f64; 8]) -> f64 {
+    ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl")]
+unsafe fn log_sum_exp_avx512(row: &[f32]) -> f64 {
+    let n = row.len();
+    let p = row.as_ptr();
+    // The maximum, in f32 (exact), with NaN propagated as f64::max would not: a NaN logit
+    // makes the row's loss NaN either way, through the exponentials below.
+    let mut mv = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut c = 0;
+    while c < n {
+        let k = lane_mask(n - c);
+        mv = _mm512_mask_max_ps(mv, k, mv, _mm512_maskz_loadu_ps(k, p.add(c)));
+        c += 16;
+    }
+    let m = _mm512_reduce_max_ps(mv) as f64;
+    let mvd = _mm512_set1_pd(m);
+    let mut acc = _mm512_setzero_pd();
+    let mut c = 0;
+    while c < n {
+        let k = (lane_mask(n - c) & 0xff) as u8;
+        let x = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(k, p.add(c)));
+        let e = exp_f64_avx512(_mm512_sub_pd(x, mvd));
+        acc = _mm512_add_pd(acc, _mm512_maskz_mov_pd(k, e));
+        c += 8;
+    }
+    let mut lanes = [0f64; 8];
+    _mm512_storeu_pd(lanes.as_mut_ptr(), acc);
+    m + reduce8(lanes).ln()
+}
+
+/// `grad[j] = (exp(x_j − lse) − [j = label])·scale`, rounded to f32: the gradient of the f64
+/// log-softmax loss (torch's backward of `log_softmax` then the cast back to float32).
+pub fn softmax_grad(row: &[f32], lse: f64, label: usize, scale: f64, grad: &mut [f32]) {
+    assert_eq!(row.len(), grad.len(), "softmax_grad: lengths");
+    let mut done = false;
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: AVX-512F/VL are present; lengths are equal.
+        unsafe { softmax_grad_avx512(row, lse, scale, grad) };
+        done = true;
+    }
+    if !done {
+        for (g, &x) in grad.iter_mut().zip(row) {
+            *g = (exp_f64(x as f64 - lse) * scale) as f32;
+        }
+    }
+    if let Some(g) = grad.get_mut(label) {
+        *g = ((exp_f64(row[label] as f64 - lse) - 1.0) * scale) as f32;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl")]
+unsafe fn softmax_grad_avx512(row: &[f32], lse: f64, scale: f64, grad: &mut [f32]) {
+    let n = row.len();
+    let (lv, sv) = (_mm512_set1_pd(lse), _mm512_set1_pd(scale));
+    let mut c = 0;
+    while c < n {
+        let k = (lane_mask(n - c) & 0xff) as u8;
+        let x = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(k, row.as_ptr().add(c)));
+        let g = _mm512_mul_pd(exp_f64_avx512(_mm512_sub_pd(x, lv)), sv);
+        _mm256_mask_storeu_ps(grad.as_mut_ptr().add(c), k, _mm512_cvtpd_ps(g));
+        c += 8;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plain_lse(row: &[f32]) -> f64 {
+        let m = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+        let mut acc = [0f64; 8];
+        for c in row.chunks(8) {
+            for (a, &x) in acc.iter_mut().zip(c) {
+                *a += exp_f64(x as f64 - m);
+            }
+        }
+        m + reduce8(acc).ln()
+    }
+
+    fn rows() -> Vec<Vec<f32>> {
+        let mut rng = crate::task::Mt19937::new(7);
+        let mut u = || (rng.next_u32() as f32 / u32::MAX as f32) * 2.0 - 1.0;
+        [1usize, 7, 8, 9, 16, 17, 113, 512, 515]
+            .iter()
+            .map(|&n| (0..n).map(|_| u() * 30.0).collect())
+            .collect()
+    }
+
+    #[test]
+    fn exp_f64_is_within_two_ulp_of_libm() {
+        let mut worst = 0f64;
+        let mut check = |x: f64| {
+            let (a, b) = (exp_f64(x), x.exp());
+            if b > 1e-300 {
+                worst = worst.max(((a - b) / b).abs());
+            } else {
+                assert!(a < 1e-300, "{x}: {a} vs {b}");
+            }
+        };
+        for i in 0..=200_000 {
+            check(-740.0 + 1449.0 * i as f64 / 200_000.0);
+        }
+        for i in 0..=20_000 {
+            check(-1.0 + 2.0 * i as f64 / 20_000.0);
+        }
+        assert!(worst <= 2.0 * f64::EPSILON, "max relative error {worst:e}");
+        assert!(exp_f64(f64::NAN).is_nan());
+        assert_eq!(exp_f64(0.0), 1.0);
+        assert!(exp_f64(f64::NEG_INFINITY) < 1e-300);
+    }
+
+    #[test]
+    fn vector_kernels_equal_the_plain_arithmetic_bit_for_bit() {
+        // On an AVX-512 machine this compares the intrinsics with the scalar order they claim;
+        // elsewhere both sides are the plain code.
+        for row in rows() {
+            let n = row.len();
+            assert_eq!(
+                log_sum_exp(&row).to_bits(),
+                plain_lse(&row).to_bits(),
+                "lse n={n}"
+            );
+            let lse = log_sum_exp(&row);
+            let mut g = vec![0f32; n];
+            softmax_grad(&row, lse, n / 2, 0.25, &mut g);
+            for (j, (&gj, &x)) in g.iter().zip(&row).enumerate() {
+                let onehot = if j == n / 2 { 1.0 } else { 0.0 };
+                let want = ((exp_f64(x as f64 - lse) - onehot) * 0.25) as f32;
+                assert_eq!(gj.to_bits(), want.to_bits(), "grad n={n} j={j}");
+            }
+            let b: Vec<f32> = row.iter().map(|x| x * 0.37 - 1.0).collect();
+            let mut acc = [0f32; 16];
+            for (i, (&x, &y)) in row.iter().zip(&b).enumerate() {
+                acc[i % 16] += x * y;
+            }
+            assert_eq!(
+                dot(&row, &b).to_bits(),
+                reduce16(acc).to_bits(),
+                "dot n={n}"
+            );
+            let mut out = b.clone();
+            axpy(&mut out, 0.3, &row);
+            for ((&o, &x), &y) in out.iter().zip(&row).zip(&b) {
+                assert_eq!(o.to_bits(), (y + 0.3 * x).to_bits(), "axpy n={n}");
+            }
+            // gather: base + three rows of a table
+            let table: Vec<f32> = row.iter().chain(&b).chain(&row).copied().collect();
+            let terms = [(0.5f32, 0), (-1.25, n), (0.125, 2 * n)];
+            let mut want = b.clone();
+            for &(w, o) in &terms {
+                for (y, &x) in want.iter_mut().zip(&table[o..o + n]) {
+                    *y += w * x;
+                }
+            }
+            let mut got = vec![0f32; n];
+            let (lo, hi) = gather_sum(as_uninit(&mut got), &b, &table, &terms, false);
+            assert_eq!(got, want, "gather n={n}");
+            let abs = want.iter().map(|x| x.abs());
+            assert_eq!(
+                lo,
+                abs.clone().fold(f32::INFINITY, f32::min),
+                "min |pre| n={n}"
+            );
+            assert_eq!(hi, abs.fold(0.0, f32::max), "max |pre| n={n}");
+            gather_sum(as_uninit(&mut got), &b, &table, &terms, true);
+            let relued: Vec<f32> = want.iter().map(|&x| relu(x)).collect();
+            assert_eq!(got, relued, "gather + relu n={n}");
+        }
+    }
+
+    #[test]
+    fn relu_in_the_gather_is_torchs_on_nan_and_signed_zero() {
+        let table = [f32::NAN, -0.0, -1.0, 2.0];
+        let base = [0.0, -0.0, 0.0, 0.0];
+        let mut out = [7f32; 4];
+        let terms: Vec<(f32, usize)> = vec![(1.0, 0)];
+        gather_sum(as_uninit(&mut out), &base, &table, &terms, true);
+        assert!(out[0].is_nan());
+        assert_eq!(out[1].to_bits(), 0f32.to_bits()); // +0, not -0
+        assert_eq!(out[2].to_bits(), 0f32.to_bits());
+        assert_eq!(out[3], 2.0);
+    }
+
+    #[test]
+    fn log_sum_exp_matches_a_direct_f64_sum() {
+        for row in rows() {
+            let m = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+            let direct = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+            let got = log_sum_exp(&row);
+            assert!((got - direct).abs() <= 4.0 * f64::EPSILON * direct.abs().max(1.0));
+        }
+        assert!(log_sum_exp(&[1.0, f32::NAN, 2.0]).is_nan());
+    }
+}
