@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use ndarray::parallel::prelude::*;
 use ndarray::{s, Array2, Array4, ArrayD, ArrayView2, ArrayViewMut2, Axis, Ix4, IxDyn};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// The CPU backend (stateless).
 #[derive(Clone, Copy, Debug, Default)]
@@ -70,10 +71,15 @@ fn std_layout(x: &ArrayD<f32>) -> std::borrow::Cow<'_, ArrayD<f32>> {
 
 /// `a @ b`, split across threads ([`super::gemm::sgemm`]).
 pub fn matmul(a: ArrayView2<f32>, b: ArrayView2<f32>) -> Array2<f32> {
+    matmul_bias(a, b, None)
+}
+
+/// `a @ b + bias` (the bias row added after the product, as torch's addmm).
+pub fn matmul_bias(a: ArrayView2<f32>, b: ArrayView2<f32>, bias: Option<&[f32]>) -> Array2<f32> {
     let mut out = Array2::<f32>::uninit((a.nrows(), b.ncols()));
     // SAFETY: without accumulation sgemm writes every element of `out` and reads none.
     unsafe {
-        product(a, b, out.as_mut_ptr().cast(), false);
+        product(a, b, out.as_mut_ptr().cast(), false, bias);
         out.assume_init()
     }
 }
@@ -90,12 +96,18 @@ pub fn matmul_acc(a: ArrayView2<f32>, b: ArrayView2<f32>, mut out: ArrayViewMut2
         .expect("matmul_acc: the output is in standard layout")
         .as_mut_ptr();
     // SAFETY: `out` is a standard-layout [M, N] buffer that sgemm reads and writes in place.
-    unsafe { product(a, b, ptr, true) }
+    unsafe { product(a, b, ptr, true, None) }
 }
 
 /// # Safety
 /// `c` points to a row-major [a.rows, b.cols] buffer not overlapping `a` or `b`.
-unsafe fn product(a: ArrayView2<f32>, b: ArrayView2<f32>, c: *mut f32, accumulate: bool) {
+unsafe fn product(
+    a: ArrayView2<f32>,
+    b: ArrayView2<f32>,
+    c: *mut f32,
+    accumulate: bool,
+    bias: Option<&[f32]>,
+) {
     use super::gemm::{sgemm, Mat};
     assert_eq!(a.ncols(), b.nrows(), "matmul: inner dimensions");
     let mat = |x: &ArrayView2<f32>| Mat {
@@ -112,6 +124,7 @@ unsafe fn product(a: ArrayView2<f32>, b: ArrayView2<f32>, c: *mut f32, accumulat
         c,
         b.ncols(),
         accumulate,
+        bias,
     );
 }
 
@@ -224,33 +237,10 @@ fn as4<'a>(x: &'a ArrayD<f32>, op: &str) -> Result<ndarray::ArrayView4<'a, f32>>
         .map_err(|_| shape_err(op, format!("expected 4 dims, found {:?}", x.shape())))
 }
 
-impl Backend for Cpu {
-    type Tensor = ArrayD<f32>;
-
-    fn upload(&self, a: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-        Ok(std_layout(a).into_owned())
-    }
-
-    fn download(&self, t: &ArrayD<f32>) -> Result<ArrayD<f32>> {
-        // The cache's copy of every activation: on both cores (a cached forward pass of the
-        // whole dataset copies 380 MB).
-        let t = std_layout(t);
-        let src = t.as_slice().expect("standard layout");
-        let mut out: Vec<f32> = Vec::with_capacity(src.len());
-        out.spare_capacity_mut()
-            .par_chunks_mut(CHUNK)
-            .zip(src.par_chunks(CHUNK))
-            .for_each(|(o, s)| {
-                for (o, &s) in o.iter_mut().zip(s) {
-                    o.write(s);
-                }
-            });
-        // SAFETY: the loop above wrote all src.len() elements.
-        unsafe { out.set_len(src.len()) };
-        Ok(ArrayD::from_shape_vec(t.raw_dim(), out).expect("same size"))
-    }
-
-    fn take_rows(&self, table: &ArrayD<f32>, index: &Array2<u32>) -> Result<ArrayD<f32>> {
+/// The operations on host arrays. The model reaches them through [`Backend`] (whose tensors
+/// share their storage with the activation cache); the tabulated passes call them directly.
+impl Cpu {
+    pub fn take_rows(&self, table: &ArrayD<f32>, index: &Array2<u32>) -> Result<ArrayD<f32>> {
         let table = std_layout(table);
         let (u, p) = (table.shape()[0], table.shape().get(1).copied().unwrap_or(0));
         let (b, pi) = index.dim();
@@ -281,11 +271,7 @@ impl Backend for Cpu {
         Ok(ArrayD::from_shape_vec(shape, out).expect("sizes"))
     }
 
-    fn shape(&self, t: &ArrayD<f32>) -> Vec<usize> {
-        t.shape().to_vec()
-    }
-
-    fn embed(&self, w_e: &ArrayD<f32>, tokens: &Array2<u32>) -> Result<ArrayD<f32>> {
+    pub fn embed(&self, w_e: &ArrayD<f32>, tokens: &Array2<u32>) -> Result<ArrayD<f32>> {
         let (v, d) = (w_e.shape()[0], w_e.shape()[1]);
         let (b, p) = tokens.dim();
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= v) {
@@ -309,7 +295,7 @@ impl Backend for Cpu {
         Ok(ArrayD::from_shape_vec(IxDyn(&[b, p, d]), out).expect("sizes match"))
     }
 
-    fn pos_embed(&self, w_pos: &ArrayD<f32>, batch: usize, pos: usize) -> Result<ArrayD<f32>> {
+    pub fn pos_embed(&self, w_pos: &ArrayD<f32>, batch: usize, pos: usize) -> Result<ArrayD<f32>> {
         let (n_ctx, d) = (w_pos.shape()[0], w_pos.shape()[1]);
         if pos > n_ctx {
             return Err(Error::invalid(
@@ -327,7 +313,7 @@ impl Backend for Cpu {
         Ok(ArrayD::from_shape_vec(IxDyn(&[batch, pos, d]), out).expect("sizes match"))
     }
 
-    fn add(&self, a: ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+    pub fn add(&self, a: ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         if a.shape() != b.shape() {
             return Err(shape_err(
                 "add",
@@ -348,7 +334,7 @@ impl Backend for Cpu {
         Ok(out)
     }
 
-    fn linear(
+    pub fn linear(
         &self,
         x: &ArrayD<f32>,
         w: &ArrayD<f32>,
@@ -362,28 +348,41 @@ impl Backend for Cpu {
                 format!("input {:?} vs weight {:?}", x.shape(), w.shape()),
             ));
         }
-        let w2 = w
-            .view()
-            .into_dimensionality::<ndarray::Ix2>()
-            .expect("2-D weight");
-        let mut out = matmul(rows(&x), w2);
-        if let Some(b) = b {
-            let b = b
-                .view()
-                .into_dimensionality::<ndarray::Ix1>()
-                .expect("1-D bias");
-            out.axis_chunks_iter_mut(Axis(0), ROWS)
-                .into_par_iter()
-                .for_each(|mut c| c += &b);
-        }
         let mut shape = x.shape().to_vec();
         *shape.last_mut().expect("non-empty") = n;
+        let out = self.linear_rows(rows(&x), w, b)?;
         Ok(out
             .into_shape_with_order(IxDyn(&shape))
             .expect("sizes match"))
     }
 
-    fn head_linear(
+    /// `x @ w + b` for x [N, K] (the bias added in the product's last step).
+    fn linear_rows(
+        &self,
+        x: ArrayView2<f32>,
+        w: &ArrayD<f32>,
+        b: Option<&ArrayD<f32>>,
+    ) -> Result<Array2<f32>> {
+        let w2 = w
+            .view()
+            .into_dimensionality::<ndarray::Ix2>()
+            .map_err(|_| shape_err("linear", format!("weight {:?}", w.shape())))?;
+        if x.ncols() != w2.nrows() {
+            return Err(shape_err(
+                "linear",
+                format!("input [.., {}] vs weight {:?}", x.ncols(), w.shape()),
+            ));
+        }
+        let b = b.map(std_layout);
+        let bias = match &b {
+            Some(b) if b.len() == w2.ncols() => Some(b.as_slice().expect("standard layout")),
+            Some(b) => return Err(shape_err("linear", format!("bias {:?}", b.shape()))),
+            None => None,
+        };
+        Ok(matmul_bias(x, w2, bias))
+    }
+
+    pub fn head_linear(
         &self,
         x: &ArrayD<f32>,
         w: &ArrayD<f32>,
@@ -431,7 +430,7 @@ impl Backend for Cpu {
         Ok(out)
     }
 
-    fn attn_scores(
+    pub fn attn_scores(
         &self,
         q: &ArrayD<f32>,
         k: &ArrayD<f32>,
@@ -466,11 +465,11 @@ impl Backend for Cpu {
         Ok(ArrayD::from_shape_vec(IxDyn(&[b, h, pq, pk]), out).expect("sizes match"))
     }
 
-    fn softmax(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+    pub fn softmax(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         Ok(map_rows(x, softmax_row))
     }
 
-    fn attn_z(&self, pattern: &ArrayD<f32>, v: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+    pub fn attn_z(&self, pattern: &ArrayD<f32>, v: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         let (b, h, pq, pk) = as4(pattern, "attn_z")?.dim();
         let e = as4(v, "attn_z")?.dim().3;
         let (pat, v) = (std_layout(pattern), std_layout(v));
@@ -495,7 +494,7 @@ impl Backend for Cpu {
         Ok(ArrayD::from_shape_vec(IxDyn(&[b, pq, h, e]), out).expect("sizes match"))
     }
 
-    fn attn_result(&self, z: &ArrayD<f32>, w_o: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+    pub fn attn_result(&self, z: &ArrayD<f32>, w_o: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         let z4 = as4(z, "attn_result")?;
         let (b, p, h, e) = z4.dim();
         let d = w_o.shape()[2];
@@ -517,13 +516,13 @@ impl Backend for Cpu {
         Ok(out.into_dyn())
     }
 
-    fn sum_heads(&self, x: &ArrayD<f32>, bias: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+    pub fn sum_heads(&self, x: &ArrayD<f32>, bias: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         let mut out = x.sum_axis(Axis(2));
         out += bias;
         Ok(out)
     }
 
-    fn repeat_heads(&self, x: &ArrayD<f32>, n_heads: usize) -> Result<ArrayD<f32>> {
+    pub fn repeat_heads(&self, x: &ArrayD<f32>, n_heads: usize) -> Result<ArrayD<f32>> {
         let (b, p, d) = (x.shape()[0], x.shape()[1], x.shape()[2]);
         let v = x.view().insert_axis(Axis(2));
         Ok(v.broadcast(IxDyn(&[b, p, n_heads, d]))
@@ -531,17 +530,7 @@ impl Backend for Cpu {
             .to_owned())
     }
 
-    fn reshape(&self, x: ArrayD<f32>, shape: &[usize]) -> Result<ArrayD<f32>> {
-        let x = if x.is_standard_layout() {
-            x
-        } else {
-            x.as_standard_layout().into_owned()
-        };
-        x.into_shape_with_order(IxDyn(shape))
-            .map_err(|e| shape_err("reshape", e.to_string()))
-    }
-
-    fn activation(&self, x: ArrayD<f32>, act: Activation) -> Result<ArrayD<f32>> {
+    pub fn activation(&self, x: ArrayD<f32>, act: Activation) -> Result<ArrayD<f32>> {
         let mut x = if x.is_standard_layout() {
             x
         } else {
@@ -572,7 +561,7 @@ impl Backend for Cpu {
         Ok(x)
     }
 
-    fn normalize(
+    pub fn normalize(
         &self,
         x: &ArrayD<f32>,
         center: bool,
@@ -611,7 +600,7 @@ impl Backend for Cpu {
         Ok((out, scale))
     }
 
-    fn normalize_with(
+    pub fn normalize_with(
         &self,
         x: &ArrayD<f32>,
         center: bool,
@@ -630,7 +619,7 @@ impl Backend for Cpu {
         Ok(out)
     }
 
-    fn affine(
+    pub fn affine(
         &self,
         x: &ArrayD<f32>,
         w: &ArrayD<f32>,
@@ -641,6 +630,212 @@ impl Backend for Cpu {
             out += b;
         }
         Ok(out)
+    }
+
+    /// `z.reshape(B, P, H·E) @ W_O + b_O` without copying z (see [`Backend::attn_out`]).
+    pub fn attn_out(
+        &self,
+        z: &ArrayD<f32>,
+        w_o_flat: &ArrayD<f32>,
+        b_o: &ArrayD<f32>,
+    ) -> Result<ArrayD<f32>> {
+        let (b, p, h, e) = as4(z, "attn_out")?.dim();
+        let z = std_layout(z);
+        let flat = z
+            .view()
+            .into_shape_with_order((b * p, h * e))
+            .expect("standard layout");
+        let out = self.linear_rows(flat, w_o_flat, Some(b_o))?;
+        let d = out.ncols();
+        Ok(out
+            .into_shape_with_order(IxDyn(&[b, p, d]))
+            .expect("sizes match"))
+    }
+
+    /// `a + b` into a new array (a is shared).
+    pub fn add_new(&self, a: &ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        if a.shape() != b.shape() {
+            return Err(shape_err(
+                "add",
+                format!("{:?} vs {:?}", a.shape(), b.shape()),
+            ));
+        }
+        let (a, b) = (std_layout(a), std_layout(b));
+        let mut out = ArrayD::<f32>::uninit(a.raw_dim());
+        out.as_slice_mut()
+            .expect("standard layout")
+            .par_chunks_mut(CHUNK)
+            .zip(a.as_slice().expect("standard layout").par_chunks(CHUNK))
+            .zip(b.as_slice().expect("standard layout").par_chunks(CHUNK))
+            .for_each(|((o, a), b)| {
+                for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+                    o.write(a + b);
+                }
+            });
+        // SAFETY: every element was written above.
+        Ok(unsafe { out.assume_init() })
+    }
+
+    /// ReLU into a new array (x is shared; the common activation's cached-forward case).
+    fn relu_new(&self, x: &ArrayD<f32>) -> ArrayD<f32> {
+        let x = std_layout(x);
+        let mut out = ArrayD::<f32>::uninit(x.raw_dim());
+        out.as_slice_mut()
+            .expect("standard layout")
+            .par_chunks_mut(CHUNK)
+            .zip(x.as_slice().expect("standard layout").par_chunks(CHUNK))
+            .for_each(|(o, x)| {
+                for (o, &x) in o.iter_mut().zip(x) {
+                    o.write(super::simd::relu(x));
+                }
+            });
+        // SAFETY: every element was written above.
+        unsafe { out.assume_init() }
+    }
+}
+
+/// The model's view of the CPU: tensors are reference-counted host arrays, so a hook point
+/// hands the activation cache the forward pass's own buffer (no copy), and an operation that
+/// would reuse its input's storage does so only when nothing else holds it.
+impl Backend for Cpu {
+    type Tensor = Arc<ArrayD<f32>>;
+
+    fn upload(&self, a: &ArrayD<f32>) -> Result<Self::Tensor> {
+        Ok(Arc::new(std_layout(a).into_owned()))
+    }
+
+    fn upload_shared(&self, a: Arc<ArrayD<f32>>) -> Result<Self::Tensor> {
+        if a.is_standard_layout() {
+            Ok(a)
+        } else {
+            Ok(Arc::new(a.as_standard_layout().into_owned()))
+        }
+    }
+
+    fn download_shared(&self, t: &Self::Tensor) -> Result<Arc<ArrayD<f32>>> {
+        Ok(t.clone())
+    }
+
+    fn download(&self, t: Self::Tensor) -> Result<ArrayD<f32>> {
+        Ok(Arc::try_unwrap(t).unwrap_or_else(|t| (*t).clone()))
+    }
+
+    fn shape(&self, t: &Self::Tensor) -> Vec<usize> {
+        t.shape().to_vec()
+    }
+
+    fn embed(&self, w_e: &Self::Tensor, tokens: &Array2<u32>) -> Result<Self::Tensor> {
+        Cpu::embed(self, w_e, tokens).map(Arc::new)
+    }
+
+    fn pos_embed(&self, w_pos: &Self::Tensor, batch: usize, pos: usize) -> Result<Self::Tensor> {
+        Cpu::pos_embed(self, w_pos, batch, pos).map(Arc::new)
+    }
+
+    fn take_rows(&self, table: &Self::Tensor, index: &Array2<u32>) -> Result<Self::Tensor> {
+        Cpu::take_rows(self, table, index).map(Arc::new)
+    }
+
+    fn add(&self, a: Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor> {
+        match Arc::try_unwrap(a) {
+            Ok(a) => Cpu::add(self, a, b),
+            Err(a) => self.add_new(&a, b),
+        }
+        .map(Arc::new)
+    }
+
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+    ) -> Result<Self::Tensor> {
+        Cpu::linear(self, x, w, b.map(|b| &**b)).map(Arc::new)
+    }
+
+    fn head_linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        Cpu::head_linear(self, x, w, b).map(Arc::new)
+    }
+
+    fn attn_scores(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        scale: f32,
+        causal_ignore: Option<f32>,
+    ) -> Result<Self::Tensor> {
+        Cpu::attn_scores(self, q, k, scale, causal_ignore).map(Arc::new)
+    }
+
+    fn softmax(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
+        Cpu::softmax(self, x).map(Arc::new)
+    }
+
+    fn attn_z(&self, pattern: &Self::Tensor, v: &Self::Tensor) -> Result<Self::Tensor> {
+        Cpu::attn_z(self, pattern, v).map(Arc::new)
+    }
+
+    fn attn_out(
+        &self,
+        z: &Self::Tensor,
+        w_o_flat: &Self::Tensor,
+        b_o: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        Cpu::attn_out(self, z, w_o_flat, b_o).map(Arc::new)
+    }
+
+    fn attn_result(&self, z: &Self::Tensor, w_o: &Self::Tensor) -> Result<Self::Tensor> {
+        Cpu::attn_result(self, z, w_o).map(Arc::new)
+    }
+
+    fn sum_heads(&self, x: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor> {
+        Cpu::sum_heads(self, x, b).map(Arc::new)
+    }
+
+    fn repeat_heads(&self, x: &Self::Tensor, n_heads: usize) -> Result<Self::Tensor> {
+        Cpu::repeat_heads(self, x, n_heads).map(Arc::new)
+    }
+
+    fn activation(&self, x: Self::Tensor, act: Activation) -> Result<Self::Tensor> {
+        match Arc::try_unwrap(x) {
+            Ok(x) => Cpu::activation(self, x, act),
+            Err(x) if act == Activation::Relu => Ok(self.relu_new(&x)),
+            Err(x) => Cpu::activation(self, (*x).clone(), act),
+        }
+        .map(Arc::new)
+    }
+
+    fn normalize(
+        &self,
+        x: &Self::Tensor,
+        center: bool,
+        eps: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        let (y, s) = Cpu::normalize(self, x, center, eps)?;
+        Ok((Arc::new(y), Arc::new(s)))
+    }
+
+    fn normalize_with(
+        &self,
+        x: &Self::Tensor,
+        center: bool,
+        scale: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        Cpu::normalize_with(self, x, center, scale).map(Arc::new)
+    }
+
+    fn affine(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+    ) -> Result<Self::Tensor> {
+        Cpu::affine(self, x, w, b.map(|b| &**b)).map(Arc::new)
     }
 }
 

@@ -39,8 +39,9 @@ unsafe impl Send for Mat {}
 unsafe impl Sync for Mat {}
 
 /// `C = A·B` (`accumulate` false; C may be uninitialised, it is only written) or
-/// `C += A·B`, for A [m, k], B [k, n], C row-major [m, n] with row stride `ldc`; rows (or, for
-/// short A, columns) split across rayon's threads.
+/// `C += A·B`, for A [m, k], B [k, n], C row-major [m, n] with row stride `ldc`, then
+/// `C += bias` (a row of n, added after the product as torch's addmm rounds it) when given;
+/// rows (or, for short A, columns) split across rayon's threads.
 ///
 /// # Safety
 /// `a`, `b` must be valid for the given shapes and strides, `c` for m rows of `ldc ≥ n`
@@ -55,14 +56,48 @@ pub unsafe fn sgemm(
     c: *mut f32,
     ldc: usize,
     accumulate: bool,
+    bias: Option<&[f32]>,
 ) {
     if m == 0 || n == 0 {
         return;
     }
+    if let Some(b) = bias {
+        assert_eq!(b.len(), n, "sgemm: bias length");
+    }
     #[cfg(target_arch = "x86_64")]
     if super::simd::has_avx512() && (a.cs == 1 || a.rs == 1) && k > 0 {
-        return avx512::sgemm(m, k, n, a, b, c, ldc, accumulate);
+        return avx512::sgemm(
+            m,
+            k,
+            n,
+            a,
+            b,
+            c,
+            ldc,
+            accumulate,
+            bias.map(|b| Mat {
+                ptr: b.as_ptr(),
+                rs: 0,
+                cs: 1,
+            }),
+        );
     }
+    fallback(m, k, n, a, b, c, ldc, accumulate, bias)
+}
+
+/// matrixmultiply's sgemm (CPUs without AVX-512), the bias added afterwards.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn fallback(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: Mat,
+    b: Mat,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    bias: Option<&[f32]>,
+) {
     let c = Out(c);
     let block = move |r0: usize, r1: usize, c0: usize, c1: usize| {
         let (a, b, c) = (a, b, c); // whole structs (Send + Sync), not their pointer fields
@@ -87,6 +122,14 @@ pub unsafe fn sgemm(
         }
     };
     split(m, k, n, 16, &|r0, r1, c0, c1| block(r0, r1, c0, c1));
+    if let Some(bias) = bias {
+        (0..m).into_par_iter().with_min_len(64).for_each(|i| {
+            let c = &c; // the whole wrapper (Sync), not its pointer field
+                        // SAFETY: row i of C (n elements at stride ldc), written by this task only.
+            let row = unsafe { std::slice::from_raw_parts_mut(c.0.add(i * ldc), n) };
+            row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+        });
+    }
 }
 
 /// Run `f` on blocks of C: one block of rows per thread when A is tall, else one block of
@@ -220,13 +263,15 @@ mod avx512 {
         c: *mut f32,
         ldc: usize,
         accumulate: bool,
+        bias: Option<Mat>,
     ) {
         let packed = Packed::new(k, n, b);
         let c = Out(c);
         split(m, k, n, NR, &|r0, r1, c0, c1| {
-            let (a, c) = (a, c);
+            let (a, c, bias) = (a, c, bias);
+            let bias = bias.map(|b| b.ptr.add(c0));
             // SAFETY: the block lies inside A, B and C; c0 is a multiple of NR.
-            unsafe { block(r0, r1, c0, c1, k, a, &packed, c.0, ldc, accumulate) }
+            unsafe { block(r0, r1, c0, c1, k, a, &packed, c.0, ldc, accumulate, bias) }
         });
     }
 
@@ -244,6 +289,7 @@ mod avx512 {
         c: *mut f32,
         ldc: usize,
         accumulate: bool,
+        bias: Option<*const f32>,
     ) {
         // A column-major: a tile's rows at one k are adjacent, but successive k are a column
         // apart, which the hardware prefetcher does not follow; such tiles are first copied
@@ -258,6 +304,8 @@ mod avx512 {
         while k0 < k {
             let kc = (k - k0).min(KC);
             let acc = accumulate || k0 > 0;
+            // The bias goes in with the last block of k.
+            let bias = if k0 + kc == k { bias } else { None };
             let mut i = r0;
             while i < r1 {
                 let rows = (r1 - i).min(MR);
@@ -277,19 +325,20 @@ mod avx512 {
                     let cols = (c1 - j).min(NR);
                     let bp = packed.panel(j / NR, k0);
                     let cp = c.add(i * ldc + j);
+                    let bias = bias.map(|b| b.add(j - c0));
                     match rows {
-                        12 => tile::<12>(kc, ap, a, bp, cp, ldc, cols, acc),
-                        11 => tile::<11>(kc, ap, a, bp, cp, ldc, cols, acc),
-                        10 => tile::<10>(kc, ap, a, bp, cp, ldc, cols, acc),
-                        9 => tile::<9>(kc, ap, a, bp, cp, ldc, cols, acc),
-                        8 => tile::<8>(kc, ap, a, bp, cp, ldc, cols, acc),
-                        7 => tile::<7>(kc, ap, a, bp, cp, ldc, cols, acc),
-                        6 => tile::<6>(kc, ap, a, bp, cp, ldc, cols, acc),
-                        5 => tile::<5>(kc, ap, a, bp, cp, ldc, cols, acc),
-                        4 => tile::<4>(kc, ap, a, bp, cp, ldc, cols, acc),
-                        3 => tile::<3>(kc, ap, a, bp, cp, ldc, cols, acc),
-                        2 => tile::<2>(kc, ap, a, bp, cp, ldc, cols, acc),
-                        _ => tile::<1>(kc, ap, a, bp, cp, ldc, cols, acc),
+                        12 => tile::<12>(kc, ap, a, bp, cp, ldc, cols, acc, bias),
+                        11 => tile::<11>(kc, ap, a, bp, cp, ldc, cols, acc, bias),
+                        10 => tile::<10>(kc, ap, a, bp, cp, ldc, cols, acc, bias),
+                        9 => tile::<9>(kc, ap, a, bp, cp, ldc, cols, acc, bias),
+                        8 => tile::<8>(kc, ap, a, bp, cp, ldc, cols, acc, bias),
+                        7 => tile::<7>(kc, ap, a, bp, cp, ldc, cols, acc, bias),
+                        6 => tile::<6>(kc, ap, a, bp, cp, ldc, cols, acc, bias),
+                        5 => tile::<5>(kc, ap, a, bp, cp, ldc, cols, acc, bias),
+                        4 => tile::<4>(kc, ap, a, bp, cp, ldc, cols, acc, bias),
+                        3 => tile::<3>(kc, ap, a, bp, cp, ldc, cols, acc, bias),
+                        2 => tile::<2>(kc, ap, a, bp, cp, ldc, cols, acc, bias),
+                        _ => tile::<1>(kc, ap, a, bp, cp, ldc, cols, acc, bias),
                     }
                     j += NR;
                 }
@@ -311,6 +360,7 @@ mod avx512 {
         ldc: usize,
         cols: usize,
         accumulate: bool,
+        bias: Option<*const f32>,
     ) {
         let mut lo = [_mm512_setzero_ps(); R];
         let mut hi = [_mm512_setzero_ps(); R];
@@ -352,12 +402,22 @@ mod avx512 {
         } else {
             0
         };
+        let bias = bias.map(|b| {
+            (
+                _mm512_maskz_loadu_ps(m0, b),
+                _mm512_maskz_loadu_ps(m1, b.add(16)),
+            )
+        });
         for i in 0..R {
             let row = c.add(i * ldc);
             let (mut x0, mut x1) = (lo[i], hi[i]);
             if accumulate {
                 x0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, row), x0);
                 x1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, row.add(16)), x1);
+            }
+            if let Some((b0, b1)) = bias {
+                x0 = _mm512_add_ps(x0, b0);
+                x1 = _mm512_add_ps(x1, b1);
             }
             _mm512_mask_storeu_ps(row, m0, x0);
             _mm512_mask_storeu_ps(row.add(16), m1, x1);
@@ -429,7 +489,7 @@ mod tests {
                 for accumulate in [false, true] {
                     let mut c = vec![1f32; m * n];
                     // SAFETY: the buffers have the shapes given.
-                    unsafe { sgemm(m, k, n, a_mat, b_mat, c.as_mut_ptr(), n, accumulate) };
+                    unsafe { sgemm(m, k, n, a_mat, b_mat, c.as_mut_ptr(), n, accumulate, None) };
                     for (i, (&got, &w)) in c.iter().zip(&want).enumerate() {
                         let w = w + accumulate as u8 as f64;
                         assert!(
@@ -438,6 +498,60 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn the_avx512_kernel_gives_matrixmultiplys_bits() {
+        // Both chain fused multiply-adds over k in blocks of 256 and add the blocks to C in
+        // order, so the products (and every activation of the forward pass) are the same bits
+        // on CPUs with and without AVX-512.
+        let mut rng = crate::task::Mt19937::new(11);
+        let mut u = || rng.next_u32() as f32 / u32::MAX as f32 - 0.5;
+        for &(m, k, n) in &[(37, 600, 113), (300, 128, 512), (7, 1000, 40)] {
+            let a: Vec<f32> = (0..m * k).map(|_| u()).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| u()).collect();
+            let bias: Vec<f32> = (0..n).map(|_| u()).collect();
+            let c0: Vec<f32> = (0..m * n).map(|_| u()).collect();
+            let a_mat = Mat {
+                ptr: a.as_ptr(),
+                rs: k as isize,
+                cs: 1,
+            };
+            let b_mat = Mat {
+                ptr: b.as_ptr(),
+                rs: n as isize,
+                cs: 1,
+            };
+            for accumulate in [false, true] {
+                let (mut x, mut y) = (c0.clone(), c0.clone());
+                // SAFETY: the buffers have the shapes given.
+                unsafe {
+                    sgemm(
+                        m,
+                        k,
+                        n,
+                        a_mat,
+                        b_mat,
+                        x.as_mut_ptr(),
+                        n,
+                        accumulate,
+                        Some(&bias),
+                    );
+                    fallback(
+                        m,
+                        k,
+                        n,
+                        a_mat,
+                        b_mat,
+                        y.as_mut_ptr(),
+                        n,
+                        accumulate,
+                        Some(&bias),
+                    );
+                }
+                assert_eq!(x, y, "{m}×{k}×{n} accumulate={accumulate}");
             }
         }
     }
@@ -475,6 +589,7 @@ mod tests {
                     c.as_mut_ptr(),
                     n,
                     false,
+                    None,
                 )
             });
             c

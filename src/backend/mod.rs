@@ -14,6 +14,7 @@ pub mod simd;
 
 use crate::error::Result;
 use ndarray::{Array2, ArrayD};
+use std::sync::Arc;
 
 pub use cpu::Cpu;
 pub use device::{Device, DeviceArg};
@@ -53,8 +54,15 @@ pub trait Backend: Sync {
     /// A tensor on this backend.
     type Tensor: Clone + Send + Sync;
 
+    /// A host array onto the backend (a copy).
     fn upload(&self, a: &ArrayD<f32>) -> Result<Self::Tensor>;
-    fn download(&self, t: &Self::Tensor) -> Result<ArrayD<f32>>;
+    /// A host array onto the backend; a backend whose tensors are host arrays keeps it as it is.
+    fn upload_shared(&self, a: Arc<ArrayD<f32>>) -> Result<Self::Tensor>;
+    /// The tensor on the host: shared, not copied, where the backend's tensors are host arrays
+    /// (the CPU's activation cache keeps the forward pass's own buffers).
+    fn download_shared(&self, t: &Self::Tensor) -> Result<Arc<ArrayD<f32>>>;
+    /// The tensor on the host as an array the caller owns.
+    fn download(&self, t: Self::Tensor) -> Result<ArrayD<f32>>;
     fn shape(&self, t: &Self::Tensor) -> Vec<usize>;
 
     /// `W_E[tokens]`: tokens [B, P] → [B, P, D].
@@ -64,7 +72,7 @@ pub trait Backend: Sync {
     /// `out[b, p, …] = table[index[b, p], p, …]`: per-(row, position) table entries gathered
     /// for a batch, table [U, P, …], index [B, P] → [B, P, …].
     fn take_rows(&self, table: &Self::Tensor, index: &Array2<u32>) -> Result<Self::Tensor>;
-    /// `a + b` (same shapes), reusing `a`'s storage.
+    /// `a + b` (same shapes), reusing `a`'s storage when nothing else holds it.
     fn add(&self, a: Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
     /// `x @ w + b` over the last axis (addmm): x [..., K], w [K, N], b `[N]` → [..., N].
     fn linear(
@@ -96,12 +104,20 @@ pub trait Backend: Sync {
     fn attn_z(&self, pattern: &Self::Tensor, v: &Self::Tensor) -> Result<Self::Tensor>;
     /// Per-head outputs `z[..,h,:] @ W_O[h]`: z [B, P, H, E], w_o [H, E, D] → [B, P, H, D].
     fn attn_result(&self, z: &Self::Tensor, w_o: &Self::Tensor) -> Result<Self::Tensor>;
+    /// The attention output `z.reshape(B, P, H·E) @ W_O + b_O` (b_O added once): z [B, P, H, E],
+    /// w_o_flat [H·E, D] → [B, P, D].
+    fn attn_out(
+        &self,
+        z: &Self::Tensor,
+        w_o_flat: &Self::Tensor,
+        b_o: &Self::Tensor,
+    ) -> Result<Self::Tensor>;
     /// Σ over the head axis plus a bias: [B, P, H, D] → [B, P, D].
     fn sum_heads(&self, x: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
     /// Repeat [B, P, D] along a new head axis → [B, P, H, D].
     fn repeat_heads(&self, x: &Self::Tensor, n_heads: usize) -> Result<Self::Tensor>;
-    fn reshape(&self, x: Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
-    /// The activation function, element-wise (row-wise for SoLU), reusing `x`'s storage.
+    /// The activation function, element-wise (row-wise for SoLU), reusing `x`'s storage when
+    /// nothing else holds it.
     fn activation(&self, x: Self::Tensor, act: Activation) -> Result<Self::Tensor>;
     /// `(x − mean) / sqrt(mean((x − mean)²) + eps)` over the last axis (no centring when
     /// `center` is false, i.e. RMS): returns (normalized, scale [..., 1]).

@@ -352,7 +352,7 @@ impl<B: Backend> HookedTransformer<B> {
     /// Logits [batch, pos, d_vocab_out] for tokens [batch, pos].
     pub fn forward(&self, tokens: &Array2<u32>) -> Result<ArrayD<f32>> {
         let out = self.forward_ctx(tokens, &mut HookCtx::none())?;
-        self.backend.download(&out)
+        self.backend.download(out)
     }
 
     /// Logits and the activations at every hook point accepted by `names_filter` (all if None).
@@ -368,7 +368,7 @@ impl<B: Backend> HookedTransformer<B> {
         };
         let out = self.forward_ctx(tokens, &mut ctx)?;
         let cache = ctx.cache.take().expect("set above").1;
-        Ok((self.backend.download(&out)?, cache))
+        Ok((self.backend.download(out)?, cache))
     }
 
     /// Logits with `hooks` applied for this call only.
@@ -383,7 +383,7 @@ impl<B: Backend> HookedTransformer<B> {
             names: None,
         };
         let out = self.forward_ctx(tokens, &mut ctx)?;
-        self.backend.download(&out)
+        self.backend.download(out)
     }
 
     /// Hooks and a cache together: the cache records activations after the hooks ran.
@@ -400,7 +400,7 @@ impl<B: Backend> HookedTransformer<B> {
         };
         let out = self.forward_ctx(tokens, &mut ctx)?;
         let cache = ctx.cache.take().expect("set above").1;
-        Ok((self.backend.download(&out)?, cache))
+        Ok((self.backend.download(out)?, cache))
     }
 
     /// Every hook point of this model, in firing order (TL's `hook_dict` order of use).
@@ -433,9 +433,9 @@ impl<B: Backend> HookedTransformer<B> {
         if !ctx.wants(name) {
             return Ok((x, false));
         }
-        let host = self.backend.download(&x)?;
+        let host = self.backend.download_shared(&x)?;
         match ctx.apply(name, host)? {
-            Some(act) => Ok((self.backend.upload(&act)?, true)),
+            Some(act) => Ok((self.backend.upload_shared(act)?, true)),
             None => Ok((x, false)),
         }
     }
@@ -637,9 +637,7 @@ impl<B: Backend> HookedTransformer<B> {
             )?;
             be.sum_heads(&r, &blk.b_o)?
         } else {
-            let zs = be.shape(&z);
-            let zf = be.reshape(z, &[zs[0], zs[1], zs[2] * zs[3]])?;
-            be.linear(&zf, &blk.w_o_flat, Some(&blk.b_o))?
+            be.attn_out(&z, &blk.w_o_flat, &blk.b_o)?
         };
         let attn_out = self.point(ctx, &format!("{p}.hook_attn_out"), attn_out)?;
         let (Some(ln2), Some(mlp)) = (&blk.ln2, &blk.mlp) else {

@@ -10,6 +10,7 @@
 use crate::error::{Error, Result};
 use indexmap::IndexMap;
 use ndarray::ArrayD;
+use std::sync::Arc;
 
 /// The closure of a hook: `(activation, hook name) → replacement?` (as TL's `hook(act, hook)`).
 pub type HookFn<'a> = Box<dyn FnMut(&ArrayD<f32>, &str) -> Option<ArrayD<f32>> + 'a>;
@@ -137,7 +138,8 @@ pub fn get_act_name(name: &str, layer: Option<i64>, layer_type: Option<&str>) ->
 /// Activations recorded by `run_with_cache`, in firing order.
 #[derive(Clone, Debug, Default)]
 pub struct ActivationCache {
-    acts: IndexMap<String, ArrayD<f32>>,
+    /// Shared with the forward pass that made them (no copy on the CPU).
+    acts: IndexMap<String, Arc<ArrayD<f32>>>,
     n_layers: usize,
 }
 
@@ -186,7 +188,7 @@ impl ActivationCache {
         }
     }
 
-    pub(crate) fn insert(&mut self, name: &str, a: ArrayD<f32>) {
+    pub(crate) fn insert(&mut self, name: &str, a: Arc<ArrayD<f32>>) {
         // Like a dict: a name that fires twice keeps its first position and its last value.
         self.acts.insert(name.to_string(), a);
     }
@@ -196,6 +198,7 @@ impl ActivationCache {
         let name = key.resolve(self.n_layers);
         self.acts
             .get(&name)
+            .map(|a| &**a)
             .ok_or_else(|| Error::missing("activation cache", name))
     }
 
@@ -205,7 +208,7 @@ impl ActivationCache {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &ArrayD<f32>)> {
-        self.acts.iter().map(|(k, v)| (k.as_str(), v))
+        self.acts.iter().map(|(k, v)| (k.as_str(), &**v))
     }
 
     pub fn len(&self) -> usize {
@@ -218,6 +221,9 @@ impl ActivationCache {
 
     pub fn into_map(self) -> IndexMap<String, ArrayD<f32>> {
         self.acts
+            .into_iter()
+            .map(|(k, v)| (k, Arc::try_unwrap(v).unwrap_or_else(|v| (*v).clone())))
+            .collect()
     }
 }
 
@@ -263,8 +269,8 @@ impl<'h, 'a> HookCtx<'h, 'a> {
     }
 
     /// Run the hooks on a host activation and record it; returns the replacement, if a hook
-    /// made one (the cache keeps the activation itself otherwise, without another copy).
-    pub fn apply(&mut self, name: &str, act: ArrayD<f32>) -> Result<Option<ArrayD<f32>>> {
+    /// made one. The cache keeps the (shared) activation itself, without a copy.
+    pub fn apply(&mut self, name: &str, act: Arc<ArrayD<f32>>) -> Result<Option<Arc<ArrayD<f32>>>> {
         let mut act = act;
         let mut replaced = false;
         for h in self.hooks.iter_mut().filter(|h| h.filter.matches(name)) {
@@ -276,16 +282,12 @@ impl<'h, 'a> HookCtx<'h, 'a> {
                         found: new.shape().to_vec(),
                     });
                 }
-                act = new;
+                act = Arc::new(new);
                 replaced = true;
             }
         }
         if let Some((f, cache)) = &mut self.cache {
             if f.is_none_or(|f| f(name)) {
-                if !replaced {
-                    cache.insert(name, act);
-                    return Ok(None);
-                }
                 cache.insert(name, act.clone());
             }
         }

@@ -115,6 +115,7 @@ pub(crate) fn backward(
 ) -> Result<(f64, StateDict)> {
     let cfg = &model.cfg;
     let sd = &model.state_dict;
+
     check_trainable(cfg)?;
     let n = labels.len();
     let p = pass.attn.n_pos();
