@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use ndarray::parallel::prelude::*;
 use ndarray::{s, Array2, Array4, ArrayD, ArrayView2, ArrayViewMut2, Axis, Ix4, IxDyn};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 /// The CPU backend (stateless).
@@ -126,6 +127,27 @@ unsafe fn product(
         accumulate,
         bias,
     );
+}
+
+/// A buffer of `len` floats that `fill` initialises completely (no zero-filling pass: the
+/// whole-dataset activations are 20–80 MB each).
+fn filled(len: usize, fill: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+    let mut v: Vec<MaybeUninit<f32>> = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit needs no initialisation.
+    unsafe { v.set_len(len) };
+    fill(&mut v);
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: `fill` wrote every element (callers copy a source into each chunk), and
+    // MaybeUninit<f32> has f32's layout.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast(), v.len(), v.capacity()) }
+}
+
+/// `dst = src` for uninitialised `dst`.
+#[inline]
+fn copy_into(dst: &mut [MaybeUninit<f32>], src: &[f32]) {
+    assert_eq!(dst.len(), src.len(), "copy_into: lengths");
+    // SAFETY: equal lengths; MaybeUninit<f32> has f32's layout; the slices do not overlap.
+    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr().cast(), src.len()) }
 }
 
 /// Elements per parallel task in element-wise ops.
@@ -257,15 +279,16 @@ impl Cpu {
         let src = table.as_slice().expect("standard layout");
         let index = index.as_standard_layout();
         let idx = index.as_slice().expect("standard layout");
-        let mut out = vec![0f32; b * pi * width];
-        out.par_chunks_mut(pi * width)
-            .zip(idx.par_chunks(pi.max(1)))
-            .for_each(|(o, ix)| {
-                for (j, (o, &i)) in o.chunks_mut(width).zip(ix).enumerate() {
-                    let r = (i as usize * p + j) * width;
-                    o.copy_from_slice(&src[r..r + width]);
-                }
-            });
+        let out = filled(b * pi * width, |out| {
+            out.par_chunks_mut((pi * width).max(1))
+                .zip(idx.par_chunks(pi.max(1)))
+                .for_each(|(o, ix)| {
+                    for (j, (o, &i)) in o.chunks_mut(width.max(1)).zip(ix).enumerate() {
+                        let r = (i as usize * p + j) * width;
+                        copy_into(o, &src[r..r + width]);
+                    }
+                })
+        });
         let mut shape = vec![b, pi];
         shape.extend_from_slice(&table.shape()[2..]);
         Ok(ArrayD::from_shape_vec(shape, out).expect("sizes"))
@@ -284,14 +307,15 @@ impl Cpu {
         let table = w_e.as_slice().expect("standard layout");
         let tokens = tokens.as_standard_layout();
         let toks = tokens.as_slice().expect("standard layout");
-        let mut out = vec![0f32; b * p * d];
-        out.par_chunks_mut(ROWS * d)
-            .zip(toks.par_chunks(ROWS))
-            .for_each(|(o, ts)| {
-                for (o, &t) in o.chunks_mut(d).zip(ts) {
-                    o.copy_from_slice(&table[t as usize * d..(t as usize + 1) * d]);
-                }
-            });
+        let out = filled(b * p * d, |out| {
+            out.par_chunks_mut((ROWS * d).max(1))
+                .zip(toks.par_chunks(ROWS))
+                .for_each(|(o, ts)| {
+                    for (o, &t) in o.chunks_mut(d.max(1)).zip(ts) {
+                        copy_into(o, &table[t as usize * d..(t as usize + 1) * d]);
+                    }
+                })
+        });
         Ok(ArrayD::from_shape_vec(IxDyn(&[b, p, d]), out).expect("sizes match"))
     }
 
@@ -305,11 +329,12 @@ impl Cpu {
         }
         let rows = w_pos.slice(s![..pos, ..]).as_standard_layout().into_owned();
         let block = rows.as_slice().expect("standard layout");
-        let mut out = vec![0f32; batch * pos * d];
-        if !block.is_empty() {
-            out.par_chunks_mut(block.len())
-                .for_each(|o| o.copy_from_slice(block));
-        }
+        let out = filled(batch * pos * d, |out| {
+            if !block.is_empty() {
+                out.par_chunks_mut(block.len())
+                    .for_each(|o| copy_into(o, block));
+            }
+        });
         Ok(ArrayD::from_shape_vec(IxDyn(&[batch, pos, d]), out).expect("sizes match"))
     }
 
