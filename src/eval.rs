@@ -8,6 +8,7 @@
 //! attention is then a per-input computation (H × P scores), and ln2/MLP/unembed run as batched
 //! matrix products over the last position alone. Tested against the general path.
 
+use crate::backend::gemm::{Mat, PackedB};
 use crate::backend::{simd, Activation, Backend, Cpu};
 use crate::error::{Error, Result};
 use crate::model::hooked::NormKind;
@@ -55,6 +56,9 @@ pub fn last_logits_fast(
     model: &HookedTransformer<Cpu>,
     tokens: &Array2<u32>,
 ) -> Result<Array2<f32>> {
+    if model.normalization() == NormKind::None {
+        return Ok(NormFreePass::new(model, tokens, false, 0, 0)?.logits);
+    }
     Ok(last_position(model, tokens, false)?.logits)
 }
 
@@ -148,6 +152,8 @@ pub(crate) struct NormFreePass {
     pub base_resid: Array2<f32>,
     /// W_L = W_out·W_U, computed in f64 and rounded once, [d_mlp, d_vocab_out].
     pub w_l: Option<Array2<f32>>,
+    /// `hook_post` at the last position of the first `post_rows` inputs (all with the
+    /// residual stream).
     pub mlp_post: Option<Array2<f32>>,
     pub resid_mid: Option<Array2<f32>>,
     pub resid_post: Option<Array2<f32>>,
@@ -368,7 +374,7 @@ pub fn last_position(
 ) -> Result<LastPosition> {
     let norm = model.normalization();
     if norm == NormKind::None {
-        let pass = NormFreePass::new(model, tokens, with_resid, 0)?;
+        let pass = NormFreePass::new(model, tokens, with_resid, tokens.nrows(), 0)?;
         return Ok(LastPosition {
             pattern: pass.attn.pattern,
             resid_mid: pass.resid_mid,
@@ -442,9 +448,9 @@ pub fn last_position(
 
 /// Per input i: `out[i] = act(base[base_idx[i]] + Σ_{h,j} pattern[i, h, j]·table[row(j, t_j)·H + h])`
 /// — the constant part plus the attention-weighted gather of a per-(row, head) table, in
-/// parallel, each output row kept in registers ([`simd::gather_sum`]); `act` is ReLU when
-/// `relu`, else the identity. Also returns, per input, whether the pre-activation row has an
-/// entry within `1e-4` of the row's largest magnitude of zero (see [`pre_like_tl`]).
+/// parallel ([`gather_rows`] per block of inputs); `act` is ReLU when `relu`, else the
+/// identity. Also returns, per input, whether the pre-activation row has an entry within
+/// `1e-4` of the row's largest magnitude of zero (see [`pre_like_tl`]).
 fn gather_heads(
     attn: &AttnPass,
     table: &Array2<f32>,
@@ -453,36 +459,60 @@ fn gather_heads(
     relu: bool,
 ) -> (Array2<f32>, Vec<bool>) {
     let n = attn.len();
-    let h = attn.pattern.dim().1;
     let width = table.ncols();
-    let tab = table.as_slice().expect("standard layout");
     let mut out = Array2::<f32>::uninit((n, width));
     let mut near = vec![false; n];
     out.as_slice_mut()
         .expect("standard layout")
-        .par_chunks_mut(width.max(1))
-        .zip(near.par_iter_mut())
+        .par_chunks_mut((BLOCK * width).max(1))
+        .zip(near.par_chunks_mut(BLOCK))
         .enumerate()
-        .with_min_len(16)
-        .for_each_init(Vec::new, |terms, (i, (row, near))| {
-            attn.terms(i, width, 0..h, terms);
-            let b = base.row(base_idx[i]);
-            let (lo, hi) = simd::gather_sum(
-                row,
-                b.as_slice().expect("standard layout"),
-                tab,
-                terms,
-                relu,
-            );
-            *near = lo < 1e-4 * hi;
+        .for_each(|(c, (o, nr))| {
+            gather_rows(attn, table, base, base_idx, c * BLOCK, o, nr, relu);
         });
-    // SAFETY: gather_sum wrote every element of every row.
+    // SAFETY: gather_rows wrote every element of every row.
     (unsafe { out.assume_init() }, near)
 }
 
+/// Inputs per block of the tabulated pass: a block's `post` rows (BLOCK × d_mlp) stay in
+/// L2 while the logits are computed from them.
+const BLOCK: usize = 64;
+
+/// [`gather_heads`] for the inputs `i0 .. i0 + near.len()` into `out` (their rows), on the
+/// calling thread.
+#[allow(clippy::too_many_arguments)]
+fn gather_rows(
+    attn: &AttnPass,
+    table: &Array2<f32>,
+    base: &Array2<f32>,
+    base_idx: &[usize],
+    i0: usize,
+    out: &mut [std::mem::MaybeUninit<f32>],
+    near: &mut [bool],
+    relu: bool,
+) {
+    let h = attn.pattern.dim().1;
+    let width = table.ncols();
+    let tab = table.as_slice().expect("standard layout");
+    let mut terms = Vec::with_capacity(h * attn.n_pos());
+    for (k, (row, near)) in out
+        .chunks_mut(width.max(1))
+        .zip(near.iter_mut())
+        .enumerate()
+    {
+        let i = i0 + k;
+        attn.terms(i, width, 0..h, &mut terms);
+        let b = base.row(base_idx[i]);
+        let b = b.as_slice().expect("standard layout");
+        let (lo, hi) = simd::gather_sum(row, b, tab, &terms, relu);
+        *near = lo < 1e-4 * hi;
+    }
+}
+
 /// Recompute, TL's way (`resid_mid = x + z·W_O + b_O`, `pre = resid_mid·W_in + b_in`, the
-/// same products as the general path), the `pre` rows of the inputs `near` flags (an entry
-/// within 1e-4 of the row's largest magnitude of zero), and write `relu(pre)` into `post`.
+/// same products as the general path), `pre` of the inputs `i0 + k` that `near[k]` flags (an
+/// entry within 1e-4 of the row's largest magnitude of zero), and write `relu(pre)` into their
+/// rows `k` of `post`.
 ///
 /// The tabulated `pre` differs from TL's by float32 rounding (~1e-6 of the row's scale), which
 /// is harmless everywhere except at a ReLU's kink: an entry that rounds to the other side of 0
@@ -492,8 +522,9 @@ fn gather_heads(
 /// general path's bit for bit.
 #[allow(clippy::too_many_arguments)]
 fn pre_like_tl(
-    post: &mut Array2<f32>,
+    mut post: ndarray::ArrayViewMut2<f32>,
     near: &[bool],
+    i0: usize,
     attn: &AttnPass,
     base_idx: &[usize],
     base_rows: &[usize],
@@ -503,21 +534,22 @@ fn pre_like_tl(
     b_in: ndarray::ArrayView1<f32>,
 ) {
     use crate::backend::cpu::matmul;
-    let near: Vec<usize> = (0..near.len()).filter(|&i| near[i]).collect();
-    if near.is_empty() {
+    let local: Vec<usize> = (0..near.len()).filter(|&k| near[k]).collect();
+    if local.is_empty() {
         return;
     }
-    let x_last: Vec<usize> = near.iter().map(|&i| base_rows[base_idx[i]]).collect();
-    let mut resid_mid = matmul(attn.z(&near).view(), w_o);
+    let inputs: Vec<usize> = local.iter().map(|&k| i0 + k).collect();
+    let x_last: Vec<usize> = inputs.iter().map(|&i| base_rows[base_idx[i]]).collect();
+    let mut resid_mid = matmul(attn.z(&inputs).view(), w_o);
     resid_mid += &b_o;
     resid_mid += &attn.x.select(Axis(0), &x_last);
     let mut exact = matmul(resid_mid.view(), w_in);
     exact += &b_in;
-    for (k, &i) in near.iter().enumerate() {
-        post.row_mut(i)
+    for (r, &k) in local.iter().enumerate() {
+        post.row_mut(k)
             .iter_mut()
-            .zip(exact.row(k))
-            .for_each(|(y, &x)| *y = if x <= 0.0 { 0.0 } else { x }); // NaN stays NaN
+            .zip(exact.row(r))
+            .for_each(|(y, &x)| *y = simd::relu(x));
     }
 }
 
@@ -537,6 +569,7 @@ impl NormFreePass {
         model: &HookedTransformer<Cpu>,
         tokens: &Array2<u32>,
         with_resid: bool,
+        post_rows: usize,
         kink_rows: usize,
     ) -> Result<NormFreePass> {
         use crate::backend::cpu::matmul;
@@ -601,41 +634,15 @@ impl NormFreePass {
             let w_in = f2("blocks.0.mlp.W_in")?;
             let w_out = f2("blocks.0.mlp.W_out")?;
             let b_out = f1("blocks.0.mlp.b_out")?;
-            let base_in = matmul(base_resid.view(), w_in) + f1("blocks.0.mlp.b_in")?;
+            let b_in = f1("blocks.0.mlp.b_in")?;
+            let base_in = matmul(base_resid.view(), w_in) + b_in;
             let ovi = matmul(ov.view(), w_in);
             let act = cfg
                 .act_fn
                 .as_deref()
                 .and_then(Activation::from_name)
                 .expect("checked at construction");
-            // ReLU is applied as the rows are gathered; other activations afterwards.
-            let relu = act == Activation::Relu;
-            let (pre, mut near) = gather(&ovi, &base_in, relu);
-            let mut post = if relu {
-                pre
-            } else {
-                be.activation(pre.into_dyn(), act)?
-                    .into_dimensionality()
-                    .expect("[N, d_mlp]")
-            };
-            near[kink_rows.min(n)..].iter_mut().for_each(|x| *x = false);
-            if relu && kink_rows > 0 {
-                // Where the activation's kink is closer than the tabulation's rounding, decide
-                // it with TL's order of operations (see `pre_like_tl`).
-                let w_o = w_o
-                    .view()
-                    .into_shape_with_order((h * e, d))
-                    .expect("W_O [H, E, D]");
-                let b_o = f1("blocks.0.attn.b_O")?;
-                let b_in = f1("blocks.0.mlp.b_in")?;
-                pre_like_tl(
-                    &mut post, &near, &attn, &base_idx, &base_rows, w_o, b_o, w_in, b_in,
-                );
-            }
-            if cfg.act_fn.as_deref() == Some("solu_ln") {
-                let (y, _) = be.normalize(&post.into_dyn(), true, cfg.eps as f32)?;
-                post = y.into_dimensionality().expect("[N, d_mlp]");
-            }
+            let solu_ln = cfg.act_fn.as_deref() == Some("solu_ln");
             base_u += &b_out.dot(&w_u);
             // W_L in f64, rounded once: its f32 rounding is then the only error the fused
             // product adds over TL's (post·W_out)·W_U.
@@ -643,8 +650,114 @@ impl NormFreePass {
                 .mapv(|x| x as f64)
                 .dot(&w_u.mapv(|x| x as f64))
                 .mapv(|x| x as f32);
-            let mut lg = gather(&ovu, &base_u, false).0;
-            crate::backend::cpu::matmul_acc(post.view(), w_l.view(), lg.view_mut());
+            let w_o = w_o
+                .view()
+                .into_shape_with_order((h * e, d))
+                .expect("W_O [H, E, D]");
+            let b_o = f1("blocks.0.attn.b_O")?;
+            let (m, v_out) = (cfg.d_mlp(), cfg.d_vocab_out());
+            // SAFETY: w_l is a standard-layout [m, v_out] array.
+            let w_l_packed = unsafe {
+                PackedB::new(
+                    m,
+                    v_out,
+                    Mat {
+                        ptr: w_l.as_ptr(),
+                        rs: v_out as isize,
+                        cs: 1,
+                    },
+                )
+            };
+            // Block by block of inputs (in parallel): pre = base_in + Σ pattern·OVI with the
+            // activation (ReLU as it is gathered), the kinks decided TL's way for the first
+            // `kink_rows` inputs, then logits = base_U + Σ pattern·OVU + post·W_L while the
+            // block's post is in cache. Only the first `keep` inputs' post is kept.
+            let keep = if with_resid { n } else { post_rows.min(n) };
+            let mut post_all = Array2::<f32>::uninit((keep, m));
+            let mut lg = Array2::<f32>::uninit((n, v_out));
+            let relu = act == Activation::Relu;
+            let post_s = post_all.as_slice_mut().expect("standard layout");
+            // Blocks never straddle `keep`: kept rows first, then the rest.
+            let (lg_keep, lg_rest) = lg
+                .as_slice_mut()
+                .expect("standard layout")
+                .split_at_mut(keep * v_out);
+            let kept = post_s
+                .par_chunks_mut((BLOCK * m).max(1))
+                .zip(lg_keep.par_chunks_mut((BLOCK * v_out).max(1)))
+                .enumerate()
+                .map(|(c, (p, l))| (c * BLOCK, Some(p), l));
+            let rest = lg_rest
+                .par_chunks_mut((BLOCK * v_out).max(1))
+                .enumerate()
+                .map(|(c, l)| (keep + c * BLOCK, None, l));
+            kept.chain(rest).try_for_each_init(
+                Vec::new,
+                |scratch, (i0, post, lgb)| -> Result<()> {
+                    let rows = lgb.len() / v_out.max(1);
+                    let post = match post {
+                        Some(p) => p,
+                        None => {
+                            scratch.resize(rows * m, std::mem::MaybeUninit::new(0.0));
+                            &mut scratch[..rows * m]
+                        }
+                    };
+                    let mut near = vec![false; rows];
+                    gather_rows(&attn, &ovi, &base_in, &base_idx, i0, post, &mut near, relu);
+                    // SAFETY: gather_rows wrote every element of the block's rows.
+                    let post: &mut [f32] = unsafe {
+                        std::slice::from_raw_parts_mut(post.as_mut_ptr().cast(), post.len())
+                    };
+                    let mut pb =
+                        ndarray::ArrayViewMut2::from_shape((rows, m), post).expect("block rows");
+                    if !relu {
+                        Cpu::activate_rows(pb.as_slice_mut().expect("rows"), m, act);
+                    } else if i0 < kink_rows {
+                        // Where the activation's kink is closer than the tabulation's
+                        // rounding, decide it with TL's order of operations.
+                        let k = (kink_rows - i0).min(rows);
+                        pre_like_tl(
+                            pb.slice_mut(ndarray::s![..k, ..]),
+                            &near[..k],
+                            i0,
+                            &attn,
+                            &base_idx,
+                            &base_rows,
+                            w_o,
+                            b_o,
+                            w_in,
+                            b_in,
+                        );
+                    }
+                    if solu_ln {
+                        let (y, _) =
+                            be.normalize(&pb.to_owned().into_dyn(), true, cfg.eps as f32)?;
+                        pb.assign(
+                            &y.into_dimensionality::<ndarray::Ix2>()
+                                .expect("[rows, d_mlp]"),
+                        );
+                    }
+                    gather_rows(&attn, &ovu, &base_u, &base_idx, i0, lgb, &mut near, false);
+                    // SAFETY: post is [rows, m] row-major; lgb is [rows, v_out] (just written).
+                    unsafe {
+                        w_l_packed.mul(
+                            rows,
+                            Mat {
+                                ptr: pb.as_ptr(),
+                                rs: m as isize,
+                                cs: 1,
+                            },
+                            lgb.as_mut_ptr().cast(),
+                            v_out,
+                            true,
+                            None,
+                        )
+                    };
+                    Ok(())
+                },
+            )?;
+            // SAFETY: every block wrote its post rows (kept ones) and its logits rows.
+            let (post, lg) = unsafe { (post_all.assume_init(), lg.assume_init()) };
             logits = lg;
             if let Some(r) = &mut resid_post {
                 *r += &matmul(post.view(), w_out);

@@ -562,7 +562,12 @@ impl Cpu {
             x.as_standard_layout().into_owned()
         };
         let k = *x.shape().last().unwrap_or(&1);
-        let data = x.as_slice_mut().expect("standard layout");
+        Cpu::activate_rows(x.as_slice_mut().expect("standard layout"), k, act);
+        Ok(x)
+    }
+
+    /// The activation in place on rows of width `k` (row-wise for SoLU), in parallel.
+    pub fn activate_rows(data: &mut [f32], k: usize, act: Activation) {
         if act == Activation::Solu {
             // x · softmax(x) over each row, in place.
             if k > 0 {
@@ -575,15 +580,12 @@ impl Cpu {
         } else if act == Activation::Relu {
             // The common case as its own loop, which vectorises (the per-element match in
             // `act_scalar` kept it scalar).
-            data.par_chunks_mut(CHUNK).for_each(|c| {
-                c.iter_mut()
-                    .for_each(|v| *v = if *v <= 0.0 { 0.0 } else { *v }) // NaN stays NaN
-            });
+            data.par_chunks_mut(CHUNK)
+                .for_each(|c| c.iter_mut().for_each(|v| *v = super::simd::relu(*v)));
         } else {
             data.par_chunks_mut(CHUNK)
                 .for_each(|c| c.iter_mut().for_each(|v| *v = act_scalar(act, *v)));
         }
-        Ok(x)
     }
 
     pub fn normalize(

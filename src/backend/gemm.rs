@@ -163,6 +163,101 @@ fn split(
     }
 }
 
+/// A right-hand operand B [k, n] prepared once for many products `A·B` computed one block of
+/// rows at a time on the calling thread (the tabulated pass multiplies each block of inputs
+/// while it is in cache). The arithmetic is [`sgemm`]'s.
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    #[cfg(target_arch = "x86_64")]
+    packed: Option<avx512::Packed>,
+    /// B row-major, for the fallback.
+    plain: Vec<f32>,
+}
+
+impl PackedB {
+    /// # Safety
+    /// `b` must be valid for [k, n] with its strides.
+    pub unsafe fn new(k: usize, n: usize, b: Mat) -> PackedB {
+        #[cfg(target_arch = "x86_64")]
+        if super::simd::has_avx512() && k > 0 && n > 0 {
+            return PackedB {
+                k,
+                n,
+                packed: Some(avx512::Packed::new(k, n, b)),
+                plain: Vec::new(),
+            };
+        }
+        let mut plain = Vec::with_capacity(k * n);
+        for i in 0..k {
+            for j in 0..n {
+                plain.push(*b.ptr.offset(i as isize * b.rs + j as isize * b.cs));
+            }
+        }
+        PackedB {
+            k,
+            n,
+            #[cfg(target_arch = "x86_64")]
+            packed: None,
+            plain,
+        }
+    }
+
+    /// `C (+)= A·B (+ bias)` for A [m, k] on this thread only (see [`sgemm`]).
+    ///
+    /// # Safety
+    /// As [`sgemm`]: `a` valid for [m, k], `c` for m rows of `ldc ≥ n`, no overlap.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn mul(
+        &self,
+        m: usize,
+        a: Mat,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+        bias: Option<&[f32]>,
+    ) {
+        let (k, n) = (self.k, self.n);
+        if m == 0 || n == 0 {
+            return;
+        }
+        if let Some(b) = bias {
+            assert_eq!(b.len(), n, "PackedB::mul: bias length");
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(p) = &self.packed {
+            assert!(
+                a.cs == 1 || a.rs == 1,
+                "PackedB::mul: A must be row- or column-major"
+            );
+            let bias = bias.map(|b| b.as_ptr());
+            return avx512::block(0, m, 0, n, k, a, p, c, ldc, accumulate, bias);
+        }
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.ptr,
+            a.rs,
+            a.cs,
+            self.plain.as_ptr(),
+            n as isize,
+            1,
+            if accumulate { 1.0 } else { 0.0 },
+            c,
+            ldc as isize,
+            1,
+        );
+        if let Some(bias) = bias {
+            for i in 0..m {
+                let row = std::slice::from_raw_parts_mut(c.add(i * ldc), n);
+                row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{split, Mat, Out, KC, MR, NR};
@@ -171,13 +266,13 @@ mod avx512 {
 
     /// B [k, n] copied into panels of NR columns, each `[k][NR]` (64-byte aligned, zero-padded
     /// past column n).
-    struct Packed {
+    pub struct Packed {
         data: Vec<__m512>,
         k: usize,
     }
 
     impl Packed {
-        unsafe fn new(k: usize, n: usize, b: Mat) -> Packed {
+        pub unsafe fn new(k: usize, n: usize, b: Mat) -> Packed {
             let panels = n.div_ceil(NR);
             let mut data: Vec<__m512> = Vec::with_capacity(panels * k * 2);
             let base = Out(data.as_mut_ptr() as *mut f32);
@@ -278,7 +373,7 @@ mod avx512 {
     /// C[r0..r1, c0..c1] over k in blocks of KC: for each row tile, every column panel (the
     /// tile's rows of A stay in L1 across the panels).
     #[allow(clippy::too_many_arguments)]
-    unsafe fn block(
+    pub unsafe fn block(
         r0: usize,
         r1: usize,
         c0: usize,

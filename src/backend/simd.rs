@@ -215,6 +215,45 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     reduce16(acc)
 }
 
+/// [`dot`]`(x, t)`, and `acc[i] += w·x[i]` in the same pass over `x` (the backward pass reads
+/// a table row for the dot product and updates the same row's gradient sum).
+#[inline]
+pub fn dot_axpy(x: &[f32], t: &[f32], acc: &mut [f32], w: f32) -> f32 {
+    assert!(
+        x.len() == t.len() && x.len() == acc.len(),
+        "dot_axpy: lengths"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: AVX-512F/VL are present; lengths are equal.
+        return unsafe { dot_axpy_avx512(x, t, acc, w) };
+    }
+    axpy(acc, w, x);
+    dot(x, t)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl")]
+unsafe fn dot_axpy_avx512(x: &[f32], t: &[f32], acc: &mut [f32], w: f32) -> f32 {
+    let n = x.len();
+    let wv = _mm512_set1_ps(w);
+    let mut d = _mm512_setzero_ps();
+    let mut c = 0;
+    while c < n {
+        let m = lane_mask(n - c);
+        let xv = _mm512_maskz_loadu_ps(m, x.as_ptr().add(c));
+        let tv = _mm512_maskz_loadu_ps(m, t.as_ptr().add(c));
+        d = _mm512_add_ps(d, _mm512_mul_ps(xv, tv));
+        let a = acc.as_mut_ptr().add(c);
+        let av = _mm512_add_ps(_mm512_maskz_loadu_ps(m, a), _mm512_mul_ps(wv, xv));
+        _mm512_mask_storeu_ps(a, m, av);
+        c += 16;
+    }
+    let mut lanes = [0f32; 16];
+    _mm512_storeu_ps(lanes.as_mut_ptr(), d);
+    reduce16(lanes)
+}
+
 /// Pairwise sum of sixteen lanes (halves added lane by lane, as the vector code does).
 #[inline(always)]
 fn reduce16(mut acc: [f32; 16]) -> f32 {
@@ -482,6 +521,12 @@ mod tests {
                 reduce16(acc).to_bits(),
                 "dot n={n}"
             );
+            let mut sums = b.clone();
+            let d = dot_axpy(&row, &b, &mut sums, -0.7);
+            assert_eq!(d.to_bits(), reduce16(acc).to_bits(), "dot_axpy n={n}");
+            for ((&s, &x), &y) in sums.iter().zip(&row).zip(&b) {
+                assert_eq!(s.to_bits(), (y + -0.7 * x).to_bits(), "dot_axpy sums n={n}");
+            }
             let mut out = b.clone();
             axpy(&mut out, 0.3, &row);
             for ((&o, &x), &y) in out.iter().zip(&row).zip(&b) {

@@ -103,7 +103,7 @@ pub(crate) fn forward(
             format!("{} inputs, {n_train} labels", tokens.nrows()),
         ));
     }
-    NormFreePass::new(model, tokens, false, n_train)
+    NormFreePass::new(model, tokens, false, n_train, n_train)
 }
 
 /// Loss and gradients of the first `labels.len()` inputs of `pass` (made by [`forward`] with
@@ -214,7 +214,15 @@ pub(crate) fn backward(
         });
     let s_mat = matmul(post.t(), dlogits.view()); // S = postᵀ·dlogits [d_mlp, V_out]
 
-    // ---- attention: d_pattern = d_resid_mid·OV = dlogits·OVU + d_pre·OVI, softmax backward ----
+    // ---- attention backward and the per-row sums, one pass over the inputs ----
+    // Per input: d_pattern = d_resid_mid·OV = dlogits·OVU + d_pre·OVI per (key, head) row,
+    // softmax backward → d_scores, dq. Per (position, token) row r the sums over the inputs
+    // that use it: BI = Σ pattern·d_pre and BL = Σ pattern·dlogits per head, DK = Σ d_score·q,
+    // and at the last position DQ = Σ dq, CI = Σ d_pre, CL = Σ dlogits (the residual path).
+    // The dot products and BI/BL read the same table rows, so they are one fused loop. The
+    // inputs are split into a fixed number of chunks, each summed in input order into its own
+    // accumulators, which are then added in chunk order: the sums do not depend on the thread
+    // count.
     let row_of = |i: usize, j: usize| rows.row(j, toks[i * p + j]);
     let (ovi_s, ovu_s) = (
         ovi.as_slice().expect("standard layout"),
@@ -229,134 +237,102 @@ pub(crate) fn backward(
         dlogits.as_slice().expect("standard layout"),
         d_pre.as_slice().expect("standard layout"),
     );
-    let mut ds = vec![0f32; n * h * p]; // d_scores of the last query, [N, H, P]
-    let mut dq = vec![0f32; n * hw];
-    ds.par_chunks_mut(h * p)
-        .zip(dq.par_chunks_mut(hw))
-        .enumerate()
-        .with_min_len(16)
-        .for_each(|(i, (dsr, dqr))| {
-            let (dl, dp) = (&dl_s[i * v_out..(i + 1) * v_out], &dp_s[i * m..(i + 1) * m]);
-            for hi in 0..h {
-                let pw = &pat[(i * h + hi) * p..(i * h + hi + 1) * p];
-                let dsh = &mut dsr[hi * p..(hi + 1) * p];
-                for (j, dpat) in dsh.iter_mut().enumerate() {
-                    let rh = row_of(i, j) * h + hi;
-                    *dpat = simd::dot(dl, &ovu_s[rh * v_out..(rh + 1) * v_out])
-                        + simd::dot(dp, &ovi_s[rh * m..(rh + 1) * m]);
-                }
-                let sum: f32 = (0..p).map(|j| pw[j] * dsh[j]).sum();
-                for j in 0..p {
-                    dsh[j] = pw[j] * (dsh[j] - sum) / scale;
-                    let r = (row_of(i, j) * h + hi) * e;
-                    axpy(&mut dqr[hi * e..(hi + 1) * e], dsh[j], &ks[r..r + e]);
-                }
-            }
-        });
-
-    // ---- per-row sums over the inputs that use each (position, token) row ----
-    // Per row r: BI = Σ pattern·d_pre and BL = Σ pattern·dlogits per head, DK = Σ d_score·q,
-    // and at the last position DQ = Σ dq, CI = Σ d_pre, CL = Σ dlogits (the residual path).
-    // A row's inputs are summed in input order in chunks of fixed size (rows like the last
-    // position's `=`, used by every input, would otherwise be one thread's work); the chunks
-    // are then added in order, so the sums do not depend on the thread count.
-    let mut members: Vec<Vec<u32>> = vec![Vec::new(); r_n];
-    for i in 0..n {
-        for j in 0..p {
-            members[row_of(i, j)].push(i as u32);
-        }
-    }
-    const CHUNK: usize = 256;
-    let tasks: Vec<(usize, usize)> = (0..r_n)
-        .flat_map(|r| (0..members[r].len().div_ceil(CHUNK).max(1)).map(move |c| (r, c)))
-        .collect();
-    // Layout of a row's sums: BI | BL | DK | DQ, then CI | CL for last-position rows.
-    let (o_bl, o_dk, o_dq) = (h * m, h * m + h * v_out, h * m + h * v_out + hw);
-    let width = o_dq + hw;
-    let base_width = m + v_out;
-    let partial: Vec<Vec<f32>> = tasks
-        .par_iter()
-        .map(|&(r, c)| {
-            let j = rows.pairs[r].0;
-            let mut acc = vec![0f32; width + if j == last { base_width } else { 0 }];
-            let (main, resid) = acc.split_at_mut(width);
-            let ms = &members[r]
-                [(c * CHUNK).min(members[r].len())..((c + 1) * CHUNK).min(members[r].len())];
-            for &i in ms {
-                let i = i as usize;
-                let (dl, dp) = (&dl_s[i * v_out..(i + 1) * v_out], &dp_s[i * m..(i + 1) * m]);
-                let qr = row_of(i, last) * hw;
-                for hi in 0..h {
-                    let pw = pat[(i * h + hi) * p + j];
-                    axpy(&mut main[hi * m..(hi + 1) * m], pw, dp);
-                    axpy(
-                        &mut main[o_bl + hi * v_out..o_bl + (hi + 1) * v_out],
-                        pw,
-                        dl,
-                    );
-                    let hs = hi * e..(hi + 1) * e;
-                    axpy(
-                        &mut main[o_dk + hi * e..o_dk + (hi + 1) * e],
-                        ds[(i * h + hi) * p + j],
-                        &qs[qr..qr + hw][hs],
-                    );
-                }
-                if j == last {
-                    axpy(&mut main[o_dq..], 1.0, &dq[i * hw..(i + 1) * hw]);
-                    axpy(&mut resid[..m], 1.0, dp);
-                    axpy(&mut resid[m..], 1.0, dl);
-                }
-            }
-            acc
-        })
-        .collect();
-    let mut bi = Array2::<f32>::zeros((r_n * h, m)); // Σ pattern·d_pre
-    let mut bl = Array2::<f32>::zeros((r_n * h, v_out)); // Σ pattern·dlogits
-    let mut dk_b = Array2::<f32>::zeros((r_n, hw)); // Σ d_score·q
-    let mut dq_b = Array2::<f32>::zeros((r_n, hw)); // Σ dq (last-position rows)
-    let mut ci = Array2::<f32>::zeros((base_rows.len(), m));
-    let mut cl = Array2::<f32>::zeros((base_rows.len(), v_out));
     let mut base_slot = vec![usize::MAX; r_n];
     for (l, &r) in base_rows.iter().enumerate() {
         base_slot[r] = l;
     }
-    let mut sums = vec![0f32; width + base_width];
-    let mut t = 0;
-    for r in 0..r_n {
-        sums.iter_mut().for_each(|x| *x = 0.0);
-        while t < tasks.len() && tasks[t].0 == r {
-            let part = &partial[t];
-            axpy(&mut sums[..part.len()], 1.0, part);
-            t += 1;
-        }
-        let (main, resid) = sums.split_at(width);
-        bi.slice_mut(s![r * h..(r + 1) * h, ..])
-            .as_slice_mut()
-            .expect("rows")
-            .copy_from_slice(&main[..h * m]);
-        bl.slice_mut(s![r * h..(r + 1) * h, ..])
-            .as_slice_mut()
-            .expect("rows")
-            .copy_from_slice(&main[o_bl..o_dk]);
-        dk_b.row_mut(r)
-            .as_slice_mut()
-            .expect("row")
-            .copy_from_slice(&main[o_dk..o_dq]);
-        dq_b.row_mut(r)
-            .as_slice_mut()
-            .expect("row")
-            .copy_from_slice(&main[o_dq..]);
-        if let Some(l) = base_slot.get(r).copied().filter(|&l| l != usize::MAX) {
-            ci.row_mut(l)
-                .as_slice_mut()
-                .expect("row")
-                .copy_from_slice(&resid[..m]);
-            cl.row_mut(l)
-                .as_slice_mut()
-                .expect("row")
-                .copy_from_slice(&resid[m..]);
+    let n_base = base_rows.len();
+    struct Sums {
+        bi: Vec<f32>,
+        bl: Vec<f32>,
+        dk: Vec<f32>,
+        dq: Vec<f32>,
+        ci: Vec<f32>,
+        cl: Vec<f32>,
+    }
+    let new_sums = || Sums {
+        bi: vec![0f32; r_n * h * m],
+        bl: vec![0f32; r_n * h * v_out],
+        dk: vec![0f32; r_n * hw],
+        dq: vec![0f32; r_n * hw],
+        ci: vec![0f32; n_base * m],
+        cl: vec![0f32; n_base * v_out],
+    };
+    const CHUNKS: usize = 2;
+    let per = n.div_ceil(CHUNKS);
+    let mut chunks: Vec<Sums> = (0..CHUNKS)
+        .into_par_iter()
+        .map(|c| {
+            let mut acc = new_sums();
+            let (mut dpat, mut ds, mut dq) = (vec![0f32; p], vec![0f32; h * p], vec![0f32; hw]);
+            for i in (c * per).min(n)..((c + 1) * per).min(n) {
+                let (dl, dp) = (&dl_s[i * v_out..(i + 1) * v_out], &dp_s[i * m..(i + 1) * m]);
+                let ql = row_of(i, last);
+                dq.iter_mut().for_each(|x| *x = 0.0);
+                for hi in 0..h {
+                    let pw = &pat[(i * h + hi) * p..(i * h + hi + 1) * p];
+                    for j in 0..p {
+                        let rh = row_of(i, j) * h + hi;
+                        dpat[j] = simd::dot_axpy(
+                            dl,
+                            &ovu_s[rh * v_out..(rh + 1) * v_out],
+                            &mut acc.bl[rh * v_out..(rh + 1) * v_out],
+                            pw[j],
+                        ) + simd::dot_axpy(
+                            dp,
+                            &ovi_s[rh * m..(rh + 1) * m],
+                            &mut acc.bi[rh * m..(rh + 1) * m],
+                            pw[j],
+                        );
+                    }
+                    let sum: f32 = (0..p).map(|j| pw[j] * dpat[j]).sum();
+                    let hs = hi * e..(hi + 1) * e;
+                    for j in 0..p {
+                        let dsj = pw[j] * (dpat[j] - sum) / scale;
+                        ds[hi * p + j] = dsj;
+                        let r = row_of(i, j);
+                        axpy(
+                            &mut dq[hs.clone()],
+                            dsj,
+                            &ks[(r * h + hi) * e..(r * h + hi + 1) * e],
+                        );
+                        axpy(
+                            &mut acc.dk[r * hw..(r + 1) * hw][hs.clone()],
+                            dsj,
+                            &qs[ql * hw..(ql + 1) * hw][hs.clone()],
+                        );
+                    }
+                }
+                axpy(&mut acc.dq[ql * hw..(ql + 1) * hw], 1.0, &dq);
+                let l = base_slot[ql];
+                axpy(&mut acc.ci[l * m..(l + 1) * m], 1.0, dp);
+                axpy(&mut acc.cl[l * v_out..(l + 1) * v_out], 1.0, dl);
+            }
+            acc
+        })
+        .collect();
+    let mut sums = chunks.remove(0);
+    for c in &chunks {
+        for (x, y) in [
+            (&mut sums.bi, &c.bi),
+            (&mut sums.bl, &c.bl),
+            (&mut sums.dk, &c.dk),
+            (&mut sums.dq, &c.dq),
+            (&mut sums.ci, &c.ci),
+            (&mut sums.cl, &c.cl),
+        ] {
+            x.par_chunks_mut(1 << 14)
+                .zip(y.par_chunks(1 << 14))
+                .for_each(|(x, y)| axpy(x, 1.0, y));
         }
     }
+    let arr = |v: Vec<f32>, r: usize, c: usize| Array2::from_shape_vec((r, c), v).expect("sizes");
+    let bi = arr(sums.bi, r_n * h, m);
+    let bl = arr(sums.bl, r_n * h, v_out);
+    let dk_b = arr(sums.dk, r_n, hw);
+    let dq_b = arr(sums.dq, r_n, hw);
+    let ci = arr(sums.ci, n_base, m);
+    let cl = arr(sums.cl, n_base, v_out);
 
     // ---- weight gradients from the row sums ----
     let g_wout = matmul(s_mat.view(), w_u.t());
