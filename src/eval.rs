@@ -450,7 +450,7 @@ pub fn last_position(
 /// — the constant part plus the attention-weighted gather of a per-(row, head) table, in
 /// parallel ([`gather_rows`] per block of inputs); `act` is ReLU when `relu`, else the
 /// identity. Also returns, per input, whether the pre-activation row has an entry within
-/// `1e-4` of the row's largest magnitude of zero (see [`pre_like_tl`]).
+/// `1e-4` of the row's largest magnitude of zero (see [`KinksTlWay`]).
 fn gather_heads(
     attn: &AttnPass,
     table: &Array2<f32>,
@@ -509,10 +509,11 @@ fn gather_rows(
     }
 }
 
-/// Recompute, TL's way (`resid_mid = x + z·W_O + b_O`, `pre = resid_mid·W_in + b_in`, the
-/// same products as the general path), `pre` of the inputs `i0 + k` that `near[k]` flags (an
-/// entry within 1e-4 of the row's largest magnitude of zero), and write `relu(pre)` into their
-/// rows `k` of `post`.
+/// ReLU kinks decided TL's way: [`KinksTlWay::apply`] recomputes, in TL's order of operations
+/// (`resid_mid = x + z·W_O + b_O`, `pre = resid_mid·W_in + b_in`, the same products as the
+/// general path; W_O and W_in packed once per pass), `pre` of the inputs `i0 + k` that
+/// `near[k]` flags (an entry within 1e-4 of the row's largest magnitude of zero), and writes
+/// `relu(pre)` into their rows `k` of `post`.
 ///
 /// The tabulated `pre` differs from TL's by float32 rounding (~1e-6 of the row's scale), which
 /// is harmless everywhere except at a ReLU's kink: an entry that rounds to the other side of 0
@@ -520,36 +521,86 @@ fn gather_rows(
 /// once in ten epochs and moved the loss of the following epochs by 2e-6 relative to PyTorch's
 /// (issue 4 asks for 1e-6). About 5% of the rows are recomputed; for them `pre` equals the
 /// general path's bit for bit.
-#[allow(clippy::too_many_arguments)]
-fn pre_like_tl(
-    mut post: ndarray::ArrayViewMut2<f32>,
-    near: &[bool],
-    i0: usize,
-    attn: &AttnPass,
-    base_idx: &[usize],
-    base_rows: &[usize],
-    w_o: ndarray::ArrayView2<f32>,
-    b_o: ndarray::ArrayView1<f32>,
-    w_in: ndarray::ArrayView2<f32>,
-    b_in: ndarray::ArrayView1<f32>,
-) {
-    use crate::backend::cpu::matmul;
-    let local: Vec<usize> = (0..near.len()).filter(|&k| near[k]).collect();
-    if local.is_empty() {
-        return;
+struct KinksTlWay {
+    w_o: PackedB,
+    w_in: PackedB,
+    b_o: Vec<f32>,
+    b_in: Vec<f32>,
+}
+
+impl KinksTlWay {
+    fn new(
+        w_o: ndarray::ArrayView2<f32>,
+        b_o: ndarray::ArrayView1<f32>,
+        w_in: ndarray::ArrayView2<f32>,
+        b_in: ndarray::ArrayView1<f32>,
+    ) -> KinksTlWay {
+        let pack = |w: ndarray::ArrayView2<f32>| {
+            // SAFETY: the view is valid for its shape and strides.
+            unsafe {
+                PackedB::new(
+                    w.nrows(),
+                    w.ncols(),
+                    Mat {
+                        ptr: w.as_ptr(),
+                        rs: w.strides()[0],
+                        cs: w.strides()[1],
+                    },
+                )
+            }
+        };
+        KinksTlWay {
+            w_o: pack(w_o),
+            w_in: pack(w_in),
+            b_o: b_o.to_vec(),
+            b_in: b_in.to_vec(),
+        }
     }
-    let inputs: Vec<usize> = local.iter().map(|&k| i0 + k).collect();
-    let x_last: Vec<usize> = inputs.iter().map(|&i| base_rows[base_idx[i]]).collect();
-    let mut resid_mid = matmul(attn.z(&inputs).view(), w_o);
-    resid_mid += &b_o;
-    resid_mid += &attn.x.select(Axis(0), &x_last);
-    let mut exact = matmul(resid_mid.view(), w_in);
-    exact += &b_in;
-    for (r, &k) in local.iter().enumerate() {
-        post.row_mut(k)
-            .iter_mut()
-            .zip(exact.row(r))
-            .for_each(|(y, &x)| *y = simd::relu(x));
+
+    #[allow(clippy::too_many_arguments)]
+    fn apply(
+        &self,
+        mut post: ndarray::ArrayViewMut2<f32>,
+        near: &[bool],
+        i0: usize,
+        attn: &AttnPass,
+        base_idx: &[usize],
+        base_rows: &[usize],
+    ) {
+        let local: Vec<usize> = (0..near.len()).filter(|&k| near[k]).collect();
+        if local.is_empty() {
+            return;
+        }
+        let inputs: Vec<usize> = local.iter().map(|&k| i0 + k).collect();
+        let (r, d, m) = (inputs.len(), self.b_o.len(), self.b_in.len());
+        let z = attn.z(&inputs);
+        let mut resid_mid = Array2::<f32>::zeros((r, d));
+        let mut pre = Array2::<f32>::zeros((r, m));
+        let mat = |a: &Array2<f32>| Mat {
+            ptr: a.as_ptr(),
+            rs: a.ncols() as isize,
+            cs: 1,
+        };
+        // SAFETY: standard-layout arrays of the shapes the products expect.
+        unsafe {
+            let c = resid_mid.as_mut_ptr();
+            self.w_o.mul(r, mat(&z), c, d, false, Some(&self.b_o));
+        }
+        for (mut row, &i) in resid_mid.outer_iter_mut().zip(&inputs) {
+            row += &attn.x.row(base_rows[base_idx[i]]);
+        }
+        // SAFETY: as above.
+        unsafe {
+            let c = pre.as_mut_ptr();
+            self.w_in
+                .mul(r, mat(&resid_mid), c, m, false, Some(&self.b_in));
+        }
+        for (row, &k) in pre.outer_iter().zip(&local) {
+            post.row_mut(k)
+                .iter_mut()
+                .zip(row)
+                .for_each(|(y, &x)| *y = simd::relu(x));
+        }
     }
 }
 
@@ -563,7 +614,7 @@ impl NormFreePass {
     /// fewer multiply-adds than z·W_O, resid·W_in, post·W_out, resid·W_U. Equal to TL's order of
     /// operations up to float32 rounding (tested against the general path and TL's logits).
     /// For the first `kink_rows` inputs (the trainer's train set), ReLU decisions near the kink
-    /// follow TL's order of operations (see [`pre_like_tl`]). Every input's values depend only
+    /// follow TL's order of operations (see [`KinksTlWay`]). Every input's values depend only
     /// on its own tokens, not on the rest of the batch.
     pub(crate) fn new(
         model: &HookedTransformer<Cpu>,
@@ -578,6 +629,7 @@ impl NormFreePass {
                 "the norm-free tabulated pass needs normalization_type None".into(),
             ));
         }
+
         let attn = AttnPass::new(model, tokens)?;
         let cfg = &model.cfg;
         let sd = &model.state_dict;
@@ -672,6 +724,7 @@ impl NormFreePass {
             // activation (ReLU as it is gathered), the kinks decided TL's way for the first
             // `kink_rows` inputs, then logits = base_U + Σ pattern·OVU + post·W_L while the
             // block's post is in cache. Only the first `keep` inputs' post is kept.
+            let kinks = KinksTlWay::new(w_o, b_o, w_in, b_in);
             let keep = if with_resid { n } else { post_rows.min(n) };
             let mut post_all = Array2::<f32>::uninit((keep, m));
             let mut lg = Array2::<f32>::uninit((n, v_out));
@@ -716,17 +769,13 @@ impl NormFreePass {
                         // Where the activation's kink is closer than the tabulation's
                         // rounding, decide it with TL's order of operations.
                         let k = (kink_rows - i0).min(rows);
-                        pre_like_tl(
+                        kinks.apply(
                             pb.slice_mut(ndarray::s![..k, ..]),
                             &near[..k],
                             i0,
                             &attn,
                             &base_idx,
                             &base_rows,
-                            w_o,
-                            b_o,
-                            w_in,
-                            b_in,
                         );
                     }
                     if solu_ln {
