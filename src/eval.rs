@@ -614,8 +614,10 @@ impl NormFreePass {
     /// fewer multiply-adds than z·W_O, resid·W_in, post·W_out, resid·W_U. Equal to TL's order of
     /// operations up to float32 rounding (tested against the general path and TL's logits).
     /// For the first `kink_rows` inputs (the trainer's train set), ReLU decisions near the kink
-    /// follow TL's order of operations (see [`KinksTlWay`]). Every input's values depend only
-    /// on its own tokens, not on the rest of the batch.
+    /// follow TL's order of operations (see [`KinksTlWay`]). The MLP and logits run in blocks
+    /// of [`BLOCK`] inputs so that a block's `post` is still in cache when `post·W_L` reads it;
+    /// `post` is kept for the first `post_rows` inputs only (all with `with_resid`). Every
+    /// input's values depend only on its own tokens, not on the rest of the batch.
     pub(crate) fn new(
         model: &HookedTransformer<Cpu>,
         tokens: &Array2<u32>,

@@ -15,7 +15,8 @@
 
 use rayon::prelude::*;
 
-/// Depth of one pass over k (B's packed block stays in L2: 4 panels × KC × 32 floats).
+/// Depth of one pass over k: matrixmultiply's, so both give the same bits (B's packed block
+/// of a few panels × KC × 32 floats stays in L2).
 const KC: usize = 256;
 /// Rows of C per register tile.
 const MR: usize = 12;
@@ -35,6 +36,7 @@ struct Out(*mut f32);
 // SAFETY: threads write disjoint blocks of C.
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
+// SAFETY: operands are only read while a product runs.
 unsafe impl Send for Mat {}
 unsafe impl Sync for Mat {}
 
