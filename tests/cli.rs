@@ -510,3 +510,66 @@ fn analyze_a_checkpoint_and_unwritable_outputs() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("/proc/tlens-cannot-write-here"), "{err}");
 }
+
+#[test]
+fn portable_code_gives_the_avx512_codes_bits() {
+    // TLENS_NO_AVX512 selects the code CPUs without AVX-512 run (matrixmultiply and plain
+    // loops); results must be bit-identical: evaluation, the activation cache, and training.
+    let dir = std::env::temp_dir().join(format!("tlens-portable-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |portable: bool, args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tlens"));
+        cmd.args(args);
+        if portable {
+            cmd.env("TLENS_NO_AVX512", "1");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let grokked = fixture("grokked_p113.pth");
+    let g = grokked.to_str().unwrap();
+    let eval = ["eval", g, "--checkpoint", "9999", "--json"];
+    assert_eq!(run(false, &eval), run(true, &eval));
+    let mut files = Vec::new();
+    for portable in [false, true] {
+        let acts = dir.join(format!("acts-{portable}.npz"));
+        let trained = dir.join(format!("run-{portable}.pth"));
+        run(
+            portable,
+            &[
+                "cache",
+                g,
+                "--out",
+                acts.to_str().unwrap(),
+                "--inputs",
+                "0,0;5,7;112,112;37,58",
+            ],
+        );
+        run(
+            portable,
+            &[
+                "train",
+                "--out",
+                trained.to_str().unwrap(),
+                "--p",
+                "23",
+                "--epochs",
+                "12",
+                "--checkpoint-every",
+                "4",
+            ],
+        );
+        files.push((
+            std::fs::read(&acts).unwrap(),
+            tlens::RunFile::open(&trained).unwrap().load().unwrap(),
+        ));
+    }
+    assert!(files[0].0 == files[1].0, "activation caches differ");
+    assert_eq!(files[0].1, files[1].1, "training runs differ");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -13,7 +13,9 @@
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
-/// Whether the AVX-512 kernels run on this CPU (AVX-512F and VL; checked once).
+/// Whether the AVX-512 kernels (here and in [`super::gemm`]) run: the CPU has AVX-512F and VL
+/// and `TLENS_NO_AVX512` is not set (checked once). Setting it selects the portable code, which
+/// gives the same bits, only slower (the CLI tests compare the two).
 #[inline]
 pub fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -24,7 +26,8 @@ pub fn has_avx512() -> bool {
             0 => false,
             1 => true,
             _ => {
-                let has = std::arch::is_x86_feature_detected!("avx512f")
+                let has = std::env::var_os("TLENS_NO_AVX512").is_none()
+                    && std::arch::is_x86_feature_detected!("avx512f")
                     && std::arch::is_x86_feature_detected!("avx512vl");
                 HAS.store(has as u8, Ordering::Relaxed);
                 has
@@ -44,6 +47,10 @@ pub fn axpy(out: &mut [f32], a: f32, x: &[f32]) {
         // SAFETY: AVX-512F/VL are present (checked at run time); lengths are equal.
         return unsafe { axpy_avx512(out, a, x) };
     }
+    axpy_plain(out, a, x)
+}
+
+fn axpy_plain(out: &mut [f32], a: f32, x: &[f32]) {
     out.iter_mut().zip(x).for_each(|(o, x)| *o += a * x);
 }
 
@@ -116,6 +123,17 @@ pub fn gather_sum(
         // SAFETY: AVX-512F/VL are present; every row lies inside `table` (asserted above).
         return unsafe { gather_sum_avx512(out, base, table, terms, relu) };
     }
+    gather_sum_plain(out, base, table, terms, relu)
+}
+
+fn gather_sum_plain(
+    out: &mut [MaybeUninit<f32>],
+    base: &[f32],
+    table: &[f32],
+    terms: &[(f32, usize)],
+    relu: bool,
+) -> (f32, f32) {
+    let n = out.len();
     let (mut lo, mut hi) = (f32::INFINITY, 0f32);
     for (c, y) in out.iter_mut().enumerate() {
         let mut acc = base[c];
@@ -206,6 +224,10 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: AVX-512F/VL are present; lengths are equal.
         return unsafe { dot_avx512(a, b) };
     }
+    dot_plain(a, b)
+}
+
+fn dot_plain(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     for (ca, cb) in a.chunks(16).zip(b.chunks(16)) {
         for ((s, &x), &y) in acc.iter_mut().zip(ca).zip(cb) {
@@ -228,8 +250,12 @@ pub fn dot_axpy(x: &[f32], t: &[f32], acc: &mut [f32], w: f32) -> f32 {
         // SAFETY: AVX-512F/VL are present; lengths are equal.
         return unsafe { dot_axpy_avx512(x, t, acc, w) };
     }
-    axpy(acc, w, x);
-    dot(x, t)
+    dot_axpy_plain(x, t, acc, w)
+}
+
+fn dot_axpy_plain(x: &[f32], t: &[f32], acc: &mut [f32], w: f32) -> f32 {
+    axpy_plain(acc, w, x);
+    dot_plain(x, t)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -364,6 +390,10 @@ pub fn log_sum_exp(row: &[f32]) -> f64 {
         // SAFETY: AVX-512F/VL are present.
         return unsafe { log_sum_exp_avx512(row) };
     }
+    log_sum_exp_plain(row)
+}
+
+fn log_sum_exp_plain(row: &[f32]) -> f64 {
     let m = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
     let mut acc = [0f64; 8];
     for c in row.chunks(8) {
@@ -413,18 +443,25 @@ unsafe fn log_sum_exp_avx512(row: &[f32]) -> f64 {
 /// log-softmax loss (torch's backward of `log_softmax` then the cast back to float32).
 pub fn softmax_grad(row: &[f32], lse: f64, label: usize, scale: f64, grad: &mut [f32]) {
     assert_eq!(row.len(), grad.len(), "softmax_grad: lengths");
-    let mut done = false;
     #[cfg(target_arch = "x86_64")]
     if has_avx512() {
         // SAFETY: AVX-512F/VL are present; lengths are equal.
         unsafe { softmax_grad_avx512(row, lse, scale, grad) };
-        done = true;
+        label_grad(row, lse, label, scale, grad);
+        return;
     }
-    if !done {
-        for (g, &x) in grad.iter_mut().zip(row) {
-            *g = (exp_f64(x as f64 - lse) * scale) as f32;
-        }
+    softmax_grad_plain(row, lse, label, scale, grad)
+}
+
+fn softmax_grad_plain(row: &[f32], lse: f64, label: usize, scale: f64, grad: &mut [f32]) {
+    for (g, &x) in grad.iter_mut().zip(row) {
+        *g = (exp_f64(x as f64 - lse) * scale) as f32;
     }
+    label_grad(row, lse, label, scale, grad);
+}
+
+/// The label's entry of [`softmax_grad`]: `(exp(x − lse) − 1)·scale`.
+fn label_grad(row: &[f32], lse: f64, label: usize, scale: f64, grad: &mut [f32]) {
     if let Some(g) = grad.get_mut(label) {
         *g = ((exp_f64(row[label] as f64 - lse) - 1.0) * scale) as f32;
     }
@@ -448,17 +485,6 @@ unsafe fn softmax_grad_avx512(row: &[f32], lse: f64, scale: f64, grad: &mut [f32
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn plain_lse(row: &[f32]) -> f64 {
-        let m = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
-        let mut acc = [0f64; 8];
-        for c in row.chunks(8) {
-            for (a, &x) in acc.iter_mut().zip(c) {
-                *a += exp_f64(x as f64 - m);
-            }
-        }
-        m + reduce8(acc).ln()
-    }
 
     fn rows() -> Vec<Vec<f32>> {
         let mut rng = crate::task::Mt19937::new(7);
@@ -500,7 +526,7 @@ mod tests {
             let n = row.len();
             assert_eq!(
                 log_sum_exp(&row).to_bits(),
-                plain_lse(&row).to_bits(),
+                log_sum_exp_plain(&row).to_bits(),
                 "lse n={n}"
             );
             let lse = log_sum_exp(&row);
@@ -554,6 +580,37 @@ mod tests {
             gather_sum(as_uninit(&mut got), &b, &table, &terms, true);
             let relued: Vec<f32> = want.iter().map(|&x| relu(x)).collect();
             assert_eq!(got, relued, "gather + relu n={n}");
+        }
+    }
+
+    #[test]
+    fn dispatched_kernels_equal_the_portable_ones_bit_for_bit() {
+        // The AVX-512 code (when this CPU has it) against the fallback a CPU without it runs.
+        for row in rows() {
+            let n = row.len();
+            let b: Vec<f32> = row.iter().map(|x| x * 0.61 + 0.25).collect();
+            assert_eq!(dot(&row, &b).to_bits(), dot_plain(&row, &b).to_bits());
+            let (mut s1, mut s2) = (b.clone(), b.clone());
+            let d1 = dot_axpy(&row, &b, &mut s1, 0.9);
+            let d2 = dot_axpy_plain(&row, &b, &mut s2, 0.9);
+            assert_eq!((d1.to_bits(), &s1), (d2.to_bits(), &s2), "dot_axpy n={n}");
+            let (mut a1, mut a2) = (b.clone(), b.clone());
+            axpy(&mut a1, -1.5, &row);
+            axpy_plain(&mut a2, -1.5, &row);
+            assert_eq!(a1, a2, "axpy n={n}");
+            let lse = log_sum_exp(&row);
+            let (mut g1, mut g2) = (vec![0f32; n], vec![0f32; n]);
+            softmax_grad(&row, lse, n / 3, 0.5, &mut g1);
+            softmax_grad_plain(&row, lse, n / 3, 0.5, &mut g2);
+            assert_eq!(g1, g2, "softmax_grad n={n}");
+            let table: Vec<f32> = row.iter().chain(&b).copied().collect();
+            let terms = [(0.75f32, 0), (-0.5, n), (2.0, 0)];
+            for relu in [false, true] {
+                let (mut o1, mut o2) = (vec![0f32; n], vec![0f32; n]);
+                let r1 = gather_sum(as_uninit(&mut o1), &b, &table, &terms, relu);
+                let r2 = gather_sum_plain(as_uninit(&mut o2), &b, &table, &terms, relu);
+                assert_eq!((o1, r1), (o2, r2), "gather n={n} relu={relu}");
+            }
         }
     }
 
