@@ -1,4 +1,5 @@
-//! The CPU backend: ndarray tensors, matrixmultiply sgemm, rayon across rows.
+//! The CPU backend: ndarray tensors (reference-counted, so the activation cache shares them), the
+//! sgemm of [`super::gemm`], rayon across rows.
 //!
 //! Arithmetic follows TL's float32 order where it matters (true division by `attn_scale`,
 //! max-subtracted softmax, addmm-style bias after the product); summation order inside the

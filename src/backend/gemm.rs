@@ -9,7 +9,7 @@
 //! 32-column panels, and keeps a 12×32 tile of C in 24 registers: measured numbers are in
 //! `benches/` and the README.
 //!
-//! Each element of C is one fused multiply-add chain over k in order, in blocks of [`KC`]
+//! Each element of C is one fused multiply-add chain over k in order, in blocks of `KC` = 256
 //! (within a block in registers, then added to C), so the result does not depend on how the
 //! work is split across threads.
 

@@ -1,7 +1,7 @@
 //! The demo's loss and its exact gradients for the model family the trainer supports: one layer,
 //! attention + ReLU MLP, no LayerNorm, standard positions, loss at the last position.
 //!
-//! The forward pass is the evaluation's tabulated pass ([`NormFreePass`]): q, k, v and the
+//! The forward pass is the evaluation's tabulated pass (`eval::NormFreePass`): q, k, v and the
 //! per-head products OV = v·W_O, OV·W_in, OV·W_U are tables over the (position, token) rows, and
 //! per input only the last query's pattern, `pre = base_in + Σ pattern·OVI`, and
 //! `logits = base_U + Σ pattern·OVU + post·W_L` (W_L = W_out·W_U) are computed. The backward
