@@ -87,10 +87,10 @@ pub struct Trainer {
     pool: std::sync::Arc<rayon::ThreadPool>,
     /// The train inputs followed by the test inputs (one forward pass evaluates both).
     train_then_test: Array2<u32>,
-    /// The forward pass of the weights it was computed with, over the train inputs (and the
-    /// test inputs when the test loss was due): the last step's test evaluation, whose train
-    /// rows the next step differentiates.
-    pending: Option<(StateDict, NormFreePass)>,
+    /// The forward pass and the model (weights) it was computed with, over the train inputs
+    /// (and the test inputs when the test loss was due): the last step's test evaluation,
+    /// whose train rows the next step differentiates.
+    pending: Option<(HookedTransformer, NormFreePass)>,
 }
 
 fn subset(tokens: &Array2<u32>, labels: &[u32], idx: &[i64]) -> (Array2<u32>, Vec<u32>) {
@@ -213,10 +213,13 @@ impl Trainer {
     /// run, which starts with a pass over the train inputs alone, stays bit-identical.
     fn step_inner(&mut self) -> Result<()> {
         let n_train = self.train.1.len();
-        let model = HookedTransformer::new(self.cfg.clone(), self.params.clone())?;
-        let pass = match self.pending.take() {
-            Some((weights, pass)) if weights == self.params => pass,
-            _ => grad::forward(&model, &self.train.0, n_train)?,
+        let (model, pass) = match self.pending.take() {
+            Some((model, pass)) if model.state_dict == self.params => (model, pass),
+            _ => {
+                let model = HookedTransformer::new(self.cfg.clone(), self.params.clone())?;
+                let pass = grad::forward(&model, &self.train.0, n_train)?;
+                (model, pass)
+            }
         };
         let (loss, grads) = grad::backward(&model, &pass, &self.train.1)?;
         drop((pass, model));
@@ -240,7 +243,7 @@ impl Trainer {
         } else if self.epoch.is_multiple_of(self.settings.eval_every) {
             self.test_losses.push(f64::NAN);
         }
-        self.pending = Some((self.params.clone(), pass));
+        self.pending = Some((model, pass));
         if (self.epoch + 1).is_multiple_of(self.settings.checkpoint_every) {
             self.checkpoint_epochs.push(self.epoch as i64);
             self.checkpoints.push(self.params.clone());
