@@ -101,36 +101,49 @@ pub(crate) unsafe fn fallback(
     bias: Option<&[f32]>,
 ) {
     let c = Out(c);
-    let block = move |r0: usize, r1: usize, c0: usize, c1: usize| {
+    split(m, k, n, 16, &|r0, r1, c0, c1| {
         let (a, b, c) = (a, b, c); // whole structs (Send + Sync), not their pointer fields
                                    // SAFETY: the block [r0, r1) × [c0, c1) lies inside A, B and C.
-        unsafe {
-            matrixmultiply::sgemm(
-                r1 - r0,
-                k,
-                c1 - c0,
-                1.0,
-                a.ptr.offset(r0 as isize * a.rs),
-                a.rs,
-                a.cs,
-                b.ptr.offset(c0 as isize * b.cs),
-                b.rs,
-                b.cs,
-                if accumulate { 1.0 } else { 0.0 },
-                c.0.add(r0 * ldc + c0),
-                ldc as isize,
-                1,
-            )
-        }
-    };
-    split(m, k, n, 16, &|r0, r1, c0, c1| block(r0, r1, c0, c1));
+        unsafe { plain_block(r0, r1, c0, c1, k, a, b, c.0, ldc, accumulate, bias) }
+    });
+}
+
+/// C[r0..r1, c0..c1] (+)= A·B with matrixmultiply on this thread, then the bias.
+#[allow(clippy::too_many_arguments)]
+unsafe fn plain_block(
+    r0: usize,
+    r1: usize,
+    c0: usize,
+    c1: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    bias: Option<&[f32]>,
+) {
+    matrixmultiply::sgemm(
+        r1 - r0,
+        k,
+        c1 - c0,
+        1.0,
+        a.ptr.offset(r0 as isize * a.rs),
+        a.rs,
+        a.cs,
+        b.ptr.offset(c0 as isize * b.cs),
+        b.rs,
+        b.cs,
+        if accumulate { 1.0 } else { 0.0 },
+        c.add(r0 * ldc + c0),
+        ldc as isize,
+        1,
+    );
     if let Some(bias) = bias {
-        (0..m).into_par_iter().with_min_len(64).for_each(|i| {
-            let c = &c; // the whole wrapper (Sync), not its pointer field
-                        // SAFETY: row i of C (n elements at stride ldc), written by this task only.
-            let row = unsafe { std::slice::from_raw_parts_mut(c.0.add(i * ldc), n) };
-            row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
-        });
+        for i in r0..r1 {
+            let row = std::slice::from_raw_parts_mut(c.add(i * ldc + c0), c1 - c0);
+            row.iter_mut().zip(&bias[c0..c1]).for_each(|(x, b)| *x += b);
+        }
     }
 }
 
@@ -237,28 +250,12 @@ impl PackedB {
             let bias = bias.map(|b| b.as_ptr());
             return avx512::block(0, m, 0, n, k, a, p, c, ldc, accumulate, bias);
         }
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            1.0,
-            a.ptr,
-            a.rs,
-            a.cs,
-            self.plain.as_ptr(),
-            n as isize,
-            1,
-            if accumulate { 1.0 } else { 0.0 },
-            c,
-            ldc as isize,
-            1,
-        );
-        if let Some(bias) = bias {
-            for i in 0..m {
-                let row = std::slice::from_raw_parts_mut(c.add(i * ldc), n);
-                row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
-            }
-        }
+        let b = Mat {
+            ptr: self.plain.as_ptr(),
+            rs: n as isize,
+            cs: 1,
+        };
+        plain_block(0, m, 0, n, k, a, b, c, ldc, accumulate, bias);
     }
 }
 
