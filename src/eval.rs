@@ -143,15 +143,10 @@ pub(crate) struct NormFreePass {
     pub attn: AttnPass,
     /// OV = v·W_O per (row, head), [R·H, D] (row r, head h at r·H + h).
     pub ov: Array2<f32>,
-    /// OV·W_in and OV·W_U per (row, head) (no OV·W_in for attn-only models).
-    pub ovi: Option<Array2<f32>>,
-    pub ovu: Array2<f32>,
     /// The pair rows at the last position.
     pub base_rows: Vec<usize>,
     /// The constant part of the last residual stream per last-position row: x + b_O, [L, D].
     pub base_resid: Array2<f32>,
-    /// W_L = W_out·W_U, computed in f64 and rounded once, [d_mlp, d_vocab_out].
-    pub w_l: Option<Array2<f32>>,
     /// `hook_post` at the last position of the first `post_rows` inputs (all with the
     /// residual stream).
     pub mlp_post: Option<Array2<f32>>,
@@ -260,6 +255,38 @@ impl AttnPass {
             k.as_slice().expect("standard layout"),
         );
         let at = |pos: usize, tok: u32, hi: usize| (rows.row(pos, tok) * h + hi) * e;
+        // A score depends on an input only through its last token's query row and the key's
+        // (position, token) row: when the inputs share few last tokens (the demo's all end in
+        // `=`), each (query row, key row, head) score is computed once and looked up.
+        // ndarray's (eight-way unrolled) dot: the summation order that keeps training within
+        // 4e-10 of PyTorch's first epochs.
+        let dot = |qo: usize, ko: usize| {
+            ndarray::ArrayView1::from(&qs[qo..qo + e])
+                .dot(&ndarray::ArrayView1::from(&ks[ko..ko + e]))
+                / scale
+        };
+        let mut q_slot = vec![usize::MAX; r_n];
+        let mut q_rows = Vec::new();
+        for t in toks.chunks(p) {
+            let r = rows.row(last, t[last]);
+            if q_slot[r] == usize::MAX {
+                q_slot[r] = q_rows.len();
+                q_rows.push(r);
+            }
+        }
+        let table: Option<Vec<f32>> = (q_rows.len() * r_n <= n * p).then(|| {
+            let mut tab = vec![0f32; q_rows.len() * r_n * h];
+            tab.par_chunks_mut((r_n * h).max(1))
+                .zip(&q_rows)
+                .for_each(|(t, &qr)| {
+                    for (kr, t) in t.chunks_mut(h.max(1)).enumerate() {
+                        for (hi, t) in t.iter_mut().enumerate() {
+                            *t = dot((qr * h + hi) * e, (kr * h + hi) * e);
+                        }
+                    }
+                });
+            tab
+        });
         let mut pattern = vec![0f32; n * h * p];
         pattern
             .par_chunks_mut((h * p).max(1))
@@ -267,17 +294,16 @@ impl AttnPass {
             .with_min_len(64)
             .for_each(|(pat, t)| {
                 for hi in 0..h {
-                    let qo = at(last, t[last], hi);
-                    let q = &qs[qo..qo + e];
                     let scores = &mut pat[hi * p..(hi + 1) * p];
                     // The last query attends to every key (j ≤ last), causal or not.
                     for (j, sc) in scores.iter_mut().enumerate() {
-                        let ko = at(j, t[j], hi);
-                        // ndarray's (eight-way unrolled) dot: the summation order that keeps
-                        // training within 4e-10 of PyTorch's first epochs.
-                        *sc = ndarray::ArrayView1::from(q)
-                            .dot(&ndarray::ArrayView1::from(&ks[ko..ko + e]))
-                            / scale;
+                        *sc = match &table {
+                            Some(tab) => {
+                                let qs = q_slot[rows.row(last, t[last])];
+                                tab[(qs * r_n + rows.row(j, t[j])) * h + hi]
+                            }
+                            None => dot(at(last, t[last], hi), at(j, t[j], hi)),
+                        };
                     }
                     let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let mut sum = 0.0;
@@ -604,6 +630,48 @@ impl KinksTlWay {
     }
 }
 
+/// Work done on the first [`BlockSink::rows`] inputs of a tabulated pass, block by block while
+/// each block's `post` and logits are still in cache (the trainer's loss and backward pass,
+/// `train::grad`, so that neither `post` nor the per-input gradients go through memory). The
+/// rows are split into [`BlockSink::chunks`] fixed ranges, each processed in input order by one
+/// task with its own accumulator: the results do not depend on the thread count.
+pub(crate) trait BlockSink: Sync {
+    type Acc: Send;
+    fn rows(&self) -> usize;
+    fn chunks(&self) -> usize;
+    /// The accumulator of the chunk of inputs `range`.
+    fn start(&self, t: &Tables, range: std::ops::Range<usize>) -> Self::Acc;
+    /// Inputs `i0 ..` with their `post` ([rows, d_mlp]) and logits ([rows, d_vocab_out]).
+    fn block(&self, t: &Tables, acc: &mut Self::Acc, i0: usize, post: &[f32], logits: &[f32]);
+}
+
+/// The tables of a [`NormFreePass`] that a [`BlockSink`] reads.
+pub(crate) struct Tables<'a> {
+    pub attn: &'a AttnPass,
+    pub ovi: &'a Array2<f32>,
+    pub ovu: &'a Array2<f32>,
+    pub w_l: &'a Array2<f32>,
+    /// The pair rows at the last position.
+    pub base_rows: &'a [usize],
+    /// Per input, the slot of its last-position row in `base_rows`.
+    pub base_idx: &'a [usize],
+}
+
+/// No per-block work (evaluation).
+pub(crate) struct NoSink;
+
+impl BlockSink for NoSink {
+    type Acc = ();
+    fn rows(&self) -> usize {
+        0
+    }
+    fn chunks(&self) -> usize {
+        1
+    }
+    fn start(&self, _: &Tables, _: std::ops::Range<usize>) {}
+    fn block(&self, _: &Tables, _: &mut (), _: usize, _: &[f32], _: &[f32]) {}
+}
+
 impl NormFreePass {
     /// The norm-free case, tabulated through the MLP: with no LayerNorm the residual stream is
     /// linear in the attention weights, so per (position, token, head) row the products
@@ -625,7 +693,30 @@ impl NormFreePass {
         post_rows: usize,
         kink_rows: usize,
     ) -> Result<NormFreePass> {
+        Self::with_sink(model, tokens, with_resid, post_rows, kink_rows, &NoSink).map(|(p, _)| p)
+    }
+
+    /// [`NormFreePass::new`], handing the first `sink.rows()` inputs' blocks to `sink` (their
+    /// `post` is then not kept: `post_rows` must be 0); returns its accumulators in chunk order.
+    pub(crate) fn with_sink<S: BlockSink>(
+        model: &HookedTransformer<Cpu>,
+        tokens: &Array2<u32>,
+        with_resid: bool,
+        post_rows: usize,
+        kink_rows: usize,
+        sink: &S,
+    ) -> Result<(NormFreePass, Vec<S::Acc>)> {
         use crate::backend::cpu::matmul;
+        let n_sink = sink.rows();
+        if n_sink > tokens.nrows() || (n_sink > 0 && (with_resid || post_rows > 0)) {
+            return Err(Error::invalid(
+                "tabulated pass",
+                format!(
+                    "{n_sink} rows handed on of {} inputs, with {post_rows} post rows kept",
+                    tokens.nrows()
+                ),
+            ));
+        }
         if model.normalization() != NormKind::None {
             return Err(Error::Unsupported(
                 "the norm-free tabulated pass needs normalization_type None".into(),
@@ -680,9 +771,15 @@ impl NormFreePass {
         };
         let resid_mid = with_resid.then(|| gather(&ov, &base_resid, false).0);
         let mut resid_post = resid_mid.clone();
-        let (mut mlp_post, mut ovi_t, mut w_l_t) = (None, None, None);
+        let mut mlp_post = None;
         let logits;
+        let mut accs = Vec::new();
         if cfg.attn_only {
+            if n_sink > 0 {
+                return Err(Error::Unsupported(
+                    "per-block work on an attention-only model".into(),
+                ));
+            }
             logits = gather(&ovu, &base_u, false).0;
         } else {
             let w_in = f2("blocks.0.mlp.W_in")?;
@@ -731,82 +828,148 @@ impl NormFreePass {
             let mut post_all = Array2::<f32>::uninit((keep, m));
             let mut lg = Array2::<f32>::uninit((n, v_out));
             let relu = act == Activation::Relu;
+            // One block: pre = base_in + Σ pattern·OVI (ReLU as it is gathered) into `post`,
+            // the kinks decided TL's way for the first `kink_rows` inputs, then logits =
+            // base_U + Σ pattern·OVU + post·W_L while the block's post is in cache.
+            type Uninit = std::mem::MaybeUninit<f32>;
+            let run_block = |i0: usize, post: &mut [Uninit], lgb: &mut [Uninit]| -> Result<()> {
+                let rows = lgb.len() / v_out.max(1);
+                let mut near = vec![false; rows];
+                gather_rows(&attn, &ovi, &base_in, &base_idx, i0, post, &mut near, relu);
+                // SAFETY: gather_rows wrote every element of the block's rows.
+                let post: &mut [f32] =
+                    unsafe { std::slice::from_raw_parts_mut(post.as_mut_ptr().cast(), post.len()) };
+                let mut pb =
+                    ndarray::ArrayViewMut2::from_shape((rows, m), post).expect("block rows");
+                if !relu {
+                    Cpu::activate_rows(pb.as_slice_mut().expect("rows"), m, act);
+                } else if i0 < kink_rows {
+                    // Where the activation's kink is closer than the tabulation's rounding,
+                    // decide it with TL's order of operations.
+                    let k = (kink_rows - i0).min(rows);
+                    kinks.apply(
+                        pb.slice_mut(ndarray::s![..k, ..]),
+                        &near[..k],
+                        i0,
+                        &attn,
+                        &base_idx,
+                        &base_rows,
+                    );
+                }
+                if solu_ln {
+                    let (y, _) = be.normalize(&pb.to_owned().into_dyn(), true, cfg.eps as f32)?;
+                    pb.assign(
+                        &y.into_dimensionality::<ndarray::Ix2>()
+                            .expect("[rows, d_mlp]"),
+                    );
+                }
+                gather_rows(&attn, &ovu, &base_u, &base_idx, i0, lgb, &mut near, false);
+                // SAFETY: post is [rows, m] row-major; lgb is [rows, v_out] (just written).
+                unsafe {
+                    w_l_packed.mul(
+                        rows,
+                        Mat {
+                            ptr: pb.as_ptr(),
+                            rs: m as isize,
+                            cs: 1,
+                        },
+                        lgb.as_mut_ptr().cast(),
+                        v_out,
+                        true,
+                        None,
+                    )
+                };
+                Ok(())
+            };
             let post_s = post_all.as_slice_mut().expect("standard layout");
-            // Blocks never straddle `keep`: kept rows first, then the rest.
-            let (lg_keep, lg_rest) = lg
+            let (lg_sink, lg_after) = lg
                 .as_slice_mut()
                 .expect("standard layout")
-                .split_at_mut(keep * v_out);
+                .split_at_mut(n_sink * v_out);
+            // After the sink's rows: the kept rows (none when there is a sink), then the rest;
+            // blocks never straddle `keep`.
+            let (lg_keep, lg_rest) = lg_after.split_at_mut(keep.saturating_sub(n_sink) * v_out);
+            let tables = Tables {
+                attn: &attn,
+                ovi: &ovi,
+                ovu: &ovu,
+                w_l: &w_l,
+                base_rows: &base_rows,
+                base_idx: &base_idx,
+            };
+            // The work: the sink's chunks (each one task, its blocks in order) and the other
+            // blocks, the chunks spread evenly through the list with the blocks after each, so
+            // that when rayon halves the list each half starts with its share of the chunks
+            // and ends with blocks the other threads can take.
+            enum Work<'a> {
+                Chunk(usize, &'a mut [Uninit]),
+                Block(usize, Option<&'a mut [Uninit]>, &'a mut [Uninit]),
+            }
+            let per = n_sink.div_ceil(sink.chunks().max(1)).max(1);
+            let chunks: Vec<Work> = lg_sink
+                .chunks_mut(per * v_out.max(1))
+                .enumerate()
+                .map(|(c, l)| Work::Chunk(c, l))
+                .collect();
             let kept = post_s
-                .par_chunks_mut((BLOCK * m).max(1))
-                .zip(lg_keep.par_chunks_mut((BLOCK * v_out).max(1)))
+                .chunks_mut((BLOCK * m).max(1))
+                .zip(lg_keep.chunks_mut((BLOCK * v_out).max(1)))
                 .enumerate()
-                .map(|(c, (p, l))| (c * BLOCK, Some(p), l));
+                .map(|(c, (p, l))| Work::Block(c * BLOCK, Some(p), l));
             let rest = lg_rest
-                .par_chunks_mut((BLOCK * v_out).max(1))
+                .chunks_mut((BLOCK * v_out).max(1))
                 .enumerate()
-                .map(|(c, l)| (keep + c * BLOCK, None, l));
-            kept.chain(rest).try_for_each_init(
-                Vec::new,
-                |scratch, (i0, post, lgb)| -> Result<()> {
-                    let rows = lgb.len() / v_out.max(1);
-                    let post = match post {
-                        Some(p) => p,
-                        None => {
-                            scratch.resize(rows * m, std::mem::MaybeUninit::new(0.0));
-                            &mut scratch[..rows * m]
+                .map(|(c, l)| Work::Block(keep.max(n_sink) + c * BLOCK, None, l));
+            let blocks: Vec<Work> = kept.chain(rest).collect();
+            let (n_chunks, n_blocks) = (chunks.len(), blocks.len());
+            let mut work = Vec::with_capacity(n_chunks + n_blocks);
+            let mut blocks = blocks.into_iter();
+            for (c, chunk) in chunks.into_iter().enumerate() {
+                work.push(chunk);
+                let share = (c + 1) * n_blocks / n_chunks - c * n_blocks / n_chunks;
+                work.extend(blocks.by_ref().take(share));
+            }
+            work.extend(blocks);
+            let done: Vec<Option<S::Acc>> = work
+                .into_par_iter()
+                .with_max_len(1)
+                .map_init(Vec::new, |post, item| -> Result<Option<S::Acc>> {
+                    match item {
+                        Work::Block(i0, kept, lgb) => {
+                            let rows = lgb.len() / v_out.max(1);
+                            let post = match kept {
+                                Some(p) => p,
+                                None => {
+                                    post.resize(rows * m, std::mem::MaybeUninit::new(0.0));
+                                    &mut post[..rows * m]
+                                }
+                            };
+                            run_block(i0, post, lgb)?;
+                            Ok(None)
                         }
-                    };
-                    let mut near = vec![false; rows];
-                    gather_rows(&attn, &ovi, &base_in, &base_idx, i0, post, &mut near, relu);
-                    // SAFETY: gather_rows wrote every element of the block's rows.
-                    let post: &mut [f32] = unsafe {
-                        std::slice::from_raw_parts_mut(post.as_mut_ptr().cast(), post.len())
-                    };
-                    let mut pb =
-                        ndarray::ArrayViewMut2::from_shape((rows, m), post).expect("block rows");
-                    if !relu {
-                        Cpu::activate_rows(pb.as_slice_mut().expect("rows"), m, act);
-                    } else if i0 < kink_rows {
-                        // Where the activation's kink is closer than the tabulation's
-                        // rounding, decide it with TL's order of operations.
-                        let k = (kink_rows - i0).min(rows);
-                        kinks.apply(
-                            pb.slice_mut(ndarray::s![..k, ..]),
-                            &near[..k],
-                            i0,
-                            &attn,
-                            &base_idx,
-                            &base_rows,
-                        );
+                        Work::Chunk(c, lgc) => {
+                            let end = ((c + 1) * per).min(n_sink);
+                            let mut acc = sink.start(&tables, c * per..end);
+                            for (b, lgb) in lgc.chunks_mut((BLOCK * v_out).max(1)).enumerate() {
+                                let i0 = c * per + b * BLOCK;
+                                let rows = lgb.len() / v_out.max(1);
+                                post.resize(rows * m, std::mem::MaybeUninit::new(0.0));
+                                run_block(i0, &mut post[..rows * m], lgb)?;
+                                // SAFETY: run_block wrote the block's post and logits rows.
+                                let (p, l) = unsafe {
+                                    (
+                                        std::slice::from_raw_parts(post.as_ptr().cast(), rows * m),
+                                        std::slice::from_raw_parts(lgb.as_ptr().cast(), lgb.len()),
+                                    )
+                                };
+                                sink.block(&tables, &mut acc, i0, p, l);
+                            }
+                            Ok(Some(acc))
+                        }
                     }
-                    if solu_ln {
-                        let (y, _) =
-                            be.normalize(&pb.to_owned().into_dyn(), true, cfg.eps as f32)?;
-                        pb.assign(
-                            &y.into_dimensionality::<ndarray::Ix2>()
-                                .expect("[rows, d_mlp]"),
-                        );
-                    }
-                    gather_rows(&attn, &ovu, &base_u, &base_idx, i0, lgb, &mut near, false);
-                    // SAFETY: post is [rows, m] row-major; lgb is [rows, v_out] (just written).
-                    unsafe {
-                        w_l_packed.mul(
-                            rows,
-                            Mat {
-                                ptr: pb.as_ptr(),
-                                rs: m as isize,
-                                cs: 1,
-                            },
-                            lgb.as_mut_ptr().cast(),
-                            v_out,
-                            true,
-                            None,
-                        )
-                    };
-                    Ok(())
-                },
-            )?;
+                })
+                .collect::<Result<_>>()?;
+            accs = done.into_iter().flatten().collect();
             // SAFETY: every block wrote its post rows (kept ones) and its logits rows.
             let (post, lg) = unsafe { (post_all.assume_init(), lg.assume_init()) };
             logits = lg;
@@ -815,22 +978,20 @@ impl NormFreePass {
                 *r += &b_out;
             }
             mlp_post = Some(post);
-            ovi_t = Some(ovi);
-            w_l_t = Some(w_l);
         }
-        Ok(NormFreePass {
-            attn,
-            ov,
-            ovi: ovi_t,
-            ovu,
-            base_rows,
-            base_resid,
-            w_l: w_l_t,
-            mlp_post,
-            resid_mid,
-            resid_post,
-            logits,
-        })
+        Ok((
+            NormFreePass {
+                attn,
+                ov,
+                base_rows,
+                base_resid,
+                mlp_post,
+                resid_mid,
+                resid_post,
+                logits,
+            },
+            accs,
+        ))
     }
 }
 

@@ -161,11 +161,16 @@ pub fn nll(row: &[f32], label: u32) -> f64 {
 }
 
 /// [`nll`] of one row and its gradient with respect to the logits times `scale`,
-/// `(softmax − onehot)·scale`, written to `grad` in f32. The softmax is `exp(x − lse)`, the
-/// exponential of torch's f64 log-softmax output, as its backward computes it.
-pub fn nll_and_grad(row: &[f32], label: u32, scale: f64, grad: &mut [f32]) -> f64 {
-    let lse = simd::log_sum_exp(row);
-    simd::softmax_grad(row, lse, label as usize, scale, grad);
+/// `(softmax − onehot)·scale`, written to `grad` in f32 (see [`simd::log_softmax_grad`];
+/// `scratch` holds the row's exponentials).
+pub fn nll_and_grad(
+    row: &[f32],
+    label: u32,
+    scale: f64,
+    grad: &mut [f32],
+    scratch: &mut Vec<f64>,
+) -> f64 {
+    let lse = simd::log_softmax_grad(row, label as usize, scale, grad, scratch);
     lse - row[label as usize] as f64
 }
 

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 /// Depth of one pass over k: matrixmultiply's, so both give the same bits (B's packed block
 /// of a few panels × KC × 32 floats stays in L2).
-const KC: usize = 256;
+pub(crate) const KC: usize = 256;
 /// Rows of C per register tile.
 const MR: usize = 12;
 /// Columns of C per register tile (two AVX-512 registers).
@@ -180,6 +180,64 @@ fn split(
     }
 }
 
+/// `C ← C + A·B` as one fused multiply-add chain per element continued from C's value:
+/// `c = fma(a[i, l], b[l, j], c)` for l in order, on the calling thread. A product over a long
+/// k split into consecutive pieces, each chained onto the last, gives the same bits as one
+/// chain; [`sgemm`]'s bits are then chains of `KC` from zero added to C in order (how the
+/// trainer accumulates `postᵀ·dlogits` block by block with the bits of one product).
+///
+/// # Safety
+/// As [`sgemm`]: `a` valid for [m, k], `b` for [k, n], `c` for m rows of `ldc ≥ n`, no overlap.
+pub unsafe fn sgemm_chain(m: usize, k: usize, n: usize, a: Mat, b: Mat, c: *mut f32, ldc: usize) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::has_avx512() && (a.cs == 1 || a.rs == 1) {
+        let packed = avx512::Packed::new(k, n, b);
+        return avx512::block(0, m, 0, n, k, a, &packed, c, ldc, false, None, true);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        return chain_fma(m, k, n, a, b, c, ldc);
+    }
+    chain_plain(m, k, n, a, b, c, ldc)
+}
+
+/// [`sgemm_chain`] without AVX-512: `f32::mul_add` (one rounding, as the vector FMA) row by
+/// row of C.
+#[inline(always)]
+unsafe fn chain_rows(m: usize, k: usize, n: usize, a: Mat, b: Mat, c: *mut f32, ldc: usize) {
+    for i in 0..m {
+        let row = std::slice::from_raw_parts_mut(c.add(i * ldc), n);
+        for l in 0..k {
+            let av = *a.ptr.offset(i as isize * a.rs + l as isize * a.cs);
+            let bl = b.ptr.offset(l as isize * b.rs);
+            if b.cs == 1 {
+                // contiguous: vectorised
+                let bl = std::slice::from_raw_parts(bl, n);
+                row.iter_mut()
+                    .zip(bl)
+                    .for_each(|(x, &bv)| *x = av.mul_add(bv, *x));
+            } else {
+                for (j, x) in row.iter_mut().enumerate() {
+                    *x = av.mul_add(*bl.offset(j as isize * b.cs), *x);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn chain_fma(m: usize, k: usize, n: usize, a: Mat, b: Mat, c: *mut f32, ldc: usize) {
+    chain_rows(m, k, n, a, b, c, ldc)
+}
+
+unsafe fn chain_plain(m: usize, k: usize, n: usize, a: Mat, b: Mat, c: *mut f32, ldc: usize) {
+    chain_rows(m, k, n, a, b, c, ldc)
+}
+
 /// A right-hand operand B [k, n] prepared once for many products `A·B` computed one block of
 /// rows at a time on the calling thread (the tabulated pass multiplies each block of inputs
 /// while it is in cache). The arithmetic is [`sgemm`]'s.
@@ -248,7 +306,7 @@ impl PackedB {
                 "PackedB::mul: A must be row- or column-major"
             );
             let bias = bias.map(|b| b.as_ptr());
-            return avx512::block(0, m, 0, n, k, a, p, c, ldc, accumulate, bias);
+            return avx512::block(0, m, 0, n, k, a, p, c, ldc, accumulate, bias, false);
         }
         let b = Mat {
             ptr: self.plain.as_ptr(),
@@ -367,7 +425,11 @@ mod avx512 {
             let (a, c, bias) = (a, c, bias);
             let bias = bias.map(|b| b.ptr.add(c0));
             // SAFETY: the block lies inside A, B and C; c0 is a multiple of NR.
-            unsafe { block(r0, r1, c0, c1, k, a, &packed, c.0, ldc, accumulate, bias) }
+            unsafe {
+                block(
+                    r0, r1, c0, c1, k, a, &packed, c.0, ldc, accumulate, bias, false,
+                )
+            }
         });
     }
 
@@ -386,6 +448,7 @@ mod avx512 {
         ldc: usize,
         accumulate: bool,
         bias: Option<*const f32>,
+        chain: bool,
     ) {
         // A column-major: a tile's rows at one k are adjacent, but successive k are a column
         // apart, which the hardware prefetcher does not follow; such tiles are first copied
@@ -423,18 +486,18 @@ mod avx512 {
                     let cp = c.add(i * ldc + j);
                     let bias = bias.map(|b| b.add(j - c0));
                     match rows {
-                        12 => tile::<12>(kc, ap, a, bp, cp, ldc, cols, acc, bias),
-                        11 => tile::<11>(kc, ap, a, bp, cp, ldc, cols, acc, bias),
-                        10 => tile::<10>(kc, ap, a, bp, cp, ldc, cols, acc, bias),
-                        9 => tile::<9>(kc, ap, a, bp, cp, ldc, cols, acc, bias),
-                        8 => tile::<8>(kc, ap, a, bp, cp, ldc, cols, acc, bias),
-                        7 => tile::<7>(kc, ap, a, bp, cp, ldc, cols, acc, bias),
-                        6 => tile::<6>(kc, ap, a, bp, cp, ldc, cols, acc, bias),
-                        5 => tile::<5>(kc, ap, a, bp, cp, ldc, cols, acc, bias),
-                        4 => tile::<4>(kc, ap, a, bp, cp, ldc, cols, acc, bias),
-                        3 => tile::<3>(kc, ap, a, bp, cp, ldc, cols, acc, bias),
-                        2 => tile::<2>(kc, ap, a, bp, cp, ldc, cols, acc, bias),
-                        _ => tile::<1>(kc, ap, a, bp, cp, ldc, cols, acc, bias),
+                        12 => tile::<12>(kc, ap, a, bp, cp, ldc, cols, acc, bias, chain),
+                        11 => tile::<11>(kc, ap, a, bp, cp, ldc, cols, acc, bias, chain),
+                        10 => tile::<10>(kc, ap, a, bp, cp, ldc, cols, acc, bias, chain),
+                        9 => tile::<9>(kc, ap, a, bp, cp, ldc, cols, acc, bias, chain),
+                        8 => tile::<8>(kc, ap, a, bp, cp, ldc, cols, acc, bias, chain),
+                        7 => tile::<7>(kc, ap, a, bp, cp, ldc, cols, acc, bias, chain),
+                        6 => tile::<6>(kc, ap, a, bp, cp, ldc, cols, acc, bias, chain),
+                        5 => tile::<5>(kc, ap, a, bp, cp, ldc, cols, acc, bias, chain),
+                        4 => tile::<4>(kc, ap, a, bp, cp, ldc, cols, acc, bias, chain),
+                        3 => tile::<3>(kc, ap, a, bp, cp, ldc, cols, acc, bias, chain),
+                        2 => tile::<2>(kc, ap, a, bp, cp, ldc, cols, acc, bias, chain),
+                        _ => tile::<1>(kc, ap, a, bp, cp, ldc, cols, acc, bias, chain),
                     }
                     j += NR;
                 }
@@ -457,9 +520,30 @@ mod avx512 {
         cols: usize,
         accumulate: bool,
         bias: Option<*const f32>,
+        chain: bool,
     ) {
+        let m0 = if cols >= 16 {
+            u16::MAX
+        } else {
+            (1u16 << cols) - 1
+        };
+        let m1 = if cols >= 32 {
+            u16::MAX
+        } else if cols > 16 {
+            (1u16 << (cols - 16)) - 1
+        } else {
+            0
+        };
         let mut lo = [_mm512_setzero_ps(); R];
         let mut hi = [_mm512_setzero_ps(); R];
+        if chain {
+            // Continue each element's chain from its value in C.
+            for i in 0..R {
+                let row = c.add(i * ldc);
+                lo[i] = _mm512_maskz_loadu_ps(m0, row);
+                hi[i] = _mm512_maskz_loadu_ps(m1, row.add(16));
+            }
+        }
         if a.cs == 1 {
             // A row-major: row i's elements are consecutive.
             let rs = a.rs;
@@ -486,18 +570,6 @@ mod avx512 {
                 }
             }
         }
-        let m0 = if cols >= 16 {
-            u16::MAX
-        } else {
-            (1u16 << cols) - 1
-        };
-        let m1 = if cols >= 32 {
-            u16::MAX
-        } else if cols > 16 {
-            (1u16 << (cols - 16)) - 1
-        } else {
-            0
-        };
         let bias = bias.map(|b| {
             (
                 _mm512_maskz_loadu_ps(m0, b),
@@ -507,7 +579,7 @@ mod avx512 {
         for i in 0..R {
             let row = c.add(i * ldc);
             let (mut x0, mut x1) = (lo[i], hi[i]);
-            if accumulate {
+            if accumulate && !chain {
                 x0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, row), x0);
                 x1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, row.add(16)), x1);
             }
@@ -650,6 +722,62 @@ mod tests {
                 assert_eq!(x, y, "{m}×{k}×{n} accumulate={accumulate}");
             }
         }
+    }
+
+    #[test]
+    fn chains_split_anywhere_and_windows_added_in_order_give_sgemms_bits() {
+        // sgemm = chains of KC from zero, added to C in order; each chain built from pieces
+        // with sgemm_chain (AVX-512 where present, else mul_add) must give the same bits.
+        let mut rng = crate::task::Mt19937::new(5);
+        let mut u = || rng.next_u32() as f32 / u32::MAX as f32 - 0.5;
+        let (m, k, n) = (40, 700, 113);
+        let a: Vec<f32> = (0..k * m).map(|_| u()).collect(); // A [m, k] stored column-major
+        let b: Vec<f32> = (0..k * n).map(|_| u()).collect();
+        let a_at = |l: usize| Mat {
+            ptr: a[l * m..].as_ptr(),
+            rs: 1,
+            cs: m as isize,
+        };
+        let b_at = |l: usize| Mat {
+            ptr: b[l * n..].as_ptr(),
+            rs: n as isize,
+            cs: 1,
+        };
+        let mut want = vec![0f32; m * n];
+        // SAFETY: the buffers have the shapes given.
+        unsafe { sgemm(m, k, n, a_at(0), b_at(0), want.as_mut_ptr(), n, false, None) };
+        let mut got = vec![0f32; m * n];
+        let mut l0 = 0;
+        while l0 < k {
+            let l1 = (l0 + KC).min(k);
+            let mut win = vec![0f32; m * n];
+            // uneven pieces: 1, 63, 100, … rows
+            let mut l = l0;
+            for piece in [1, 63, 100, 37, usize::MAX].iter().cycle() {
+                if l >= l1 {
+                    break;
+                }
+                let r = (*piece).min(l1 - l);
+                // SAFETY: rows l .. l + r of A's columns and B.
+                unsafe { sgemm_chain(m, r, n, a_at(l), b_at(l), win.as_mut_ptr(), n) };
+                l += r;
+            }
+            if l0 == 0 {
+                got = win;
+            } else {
+                got.iter_mut().zip(&win).for_each(|(g, w)| *g += w);
+            }
+            l0 = l1;
+        }
+        assert_eq!(got, want);
+        // and the portable chain gives the same bits as the dispatched one
+        let (mut x, mut y) = (vec![0.5f32; m * n], vec![0.5f32; m * n]);
+        // SAFETY: as above.
+        unsafe {
+            sgemm_chain(m, 300, n, a_at(0), b_at(0), x.as_mut_ptr(), n);
+            chain_plain(m, 300, n, a_at(0), b_at(0), y.as_mut_ptr(), n);
+        }
+        assert_eq!(x, y);
     }
 
     #[test]

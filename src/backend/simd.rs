@@ -439,47 +439,103 @@ unsafe fn log_sum_exp_avx512(row: &[f32]) -> f64 {
     m + reduce8(lanes).ln()
 }
 
-/// `grad[j] = (exp(x_j − lse) − [j = label])·scale`, rounded to f32: the gradient of the f64
-/// log-softmax loss (torch's backward of `log_softmax` then the cast back to float32).
-pub fn softmax_grad(row: &[f32], lse: f64, label: usize, scale: f64, grad: &mut [f32]) {
-    assert_eq!(row.len(), grad.len(), "softmax_grad: lengths");
+/// The gradient of the f64 log-softmax loss of one row of f32 logits: writes
+/// `grad[j] = (softmax_j − [j = label])·scale` rounded to f32 (torch's backward of
+/// `log_softmax`, then the cast back to float32) and returns `log Σ exp(x)` (the same bits as
+/// [`log_sum_exp`]). The softmax is `exp(x_j − max)·(1/Σ)` from the very exponentials the sum
+/// adds (kept in `scratch`), so each is computed once; it differs from torch's
+/// `exp(log_softmax)` by an f64 rounding, far below the f32 result's.
+pub fn log_softmax_grad(
+    row: &[f32],
+    label: usize,
+    scale: f64,
+    grad: &mut [f32],
+    scratch: &mut Vec<f64>,
+) -> f64 {
+    assert_eq!(row.len(), grad.len(), "log_softmax_grad: lengths");
+    scratch.resize(row.len(), 0.0);
     #[cfg(target_arch = "x86_64")]
     if has_avx512() {
-        // SAFETY: AVX-512F/VL are present; lengths are equal.
-        unsafe { softmax_grad_avx512(row, lse, scale, grad) };
-        label_grad(row, lse, label, scale, grad);
-        return;
+        // SAFETY: AVX-512F/VL are present; the three slices have the same length.
+        return unsafe { log_softmax_grad_avx512(row, label, scale, grad, scratch) };
     }
-    softmax_grad_plain(row, lse, label, scale, grad)
+    log_softmax_grad_plain(row, label, scale, grad, scratch)
 }
 
-fn softmax_grad_plain(row: &[f32], lse: f64, label: usize, scale: f64, grad: &mut [f32]) {
-    for (g, &x) in grad.iter_mut().zip(row) {
-        *g = (exp_f64(x as f64 - lse) * scale) as f32;
+fn log_softmax_grad_plain(
+    row: &[f32],
+    label: usize,
+    scale: f64,
+    grad: &mut [f32],
+    e: &mut [f64],
+) -> f64 {
+    let m = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+    let mut acc = [0f64; 8];
+    for (i, (&x, e)) in row.iter().zip(e.iter_mut()).enumerate() {
+        *e = exp_f64(x as f64 - m);
+        acc[i % 8] += *e;
     }
-    label_grad(row, lse, label, scale, grad);
+    let sum = reduce8(acc);
+    let inv = 1.0 / sum;
+    for (g, &e) in grad.iter_mut().zip(e.iter()) {
+        *g = ((e * inv) * scale) as f32;
+    }
+    label_grad(e, inv, label, scale, grad);
+    m + sum.ln()
 }
 
-/// The label's entry of [`softmax_grad`]: `(exp(x − lse) − 1)·scale`.
-fn label_grad(row: &[f32], lse: f64, label: usize, scale: f64, grad: &mut [f32]) {
+/// The label's entry: `(softmax − 1)·scale`.
+fn label_grad(e: &[f64], inv: f64, label: usize, scale: f64, grad: &mut [f32]) {
     if let Some(g) = grad.get_mut(label) {
-        *g = ((exp_f64(row[label] as f64 - lse) - 1.0) * scale) as f32;
+        *g = ((e[label] * inv - 1.0) * scale) as f32;
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl")]
-unsafe fn softmax_grad_avx512(row: &[f32], lse: f64, scale: f64, grad: &mut [f32]) {
+unsafe fn log_softmax_grad_avx512(
+    row: &[f32],
+    label: usize,
+    scale: f64,
+    grad: &mut [f32],
+    e: &mut [f64],
+) -> f64 {
     let n = row.len();
-    let (lv, sv) = (_mm512_set1_pd(lse), _mm512_set1_pd(scale));
+    let (p, ep) = (row.as_ptr(), e.as_mut_ptr());
+    // The maximum as in log_sum_exp_avx512.
+    let mut mv = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut c = 0;
+    while c < n {
+        let k = lane_mask(n - c);
+        mv = _mm512_mask_max_ps(mv, k, mv, _mm512_maskz_loadu_ps(k, p.add(c)));
+        c += 16;
+    }
+    let m = _mm512_reduce_max_ps(mv) as f64;
+    let mvd = _mm512_set1_pd(m);
+    let mut acc = _mm512_setzero_pd();
     let mut c = 0;
     while c < n {
         let k = (lane_mask(n - c) & 0xff) as u8;
-        let x = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(k, row.as_ptr().add(c)));
-        let g = _mm512_mul_pd(exp_f64_avx512(_mm512_sub_pd(x, lv)), sv);
+        let x = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(k, p.add(c)));
+        let v = exp_f64_avx512(_mm512_sub_pd(x, mvd));
+        _mm512_mask_storeu_pd(ep.add(c), k, v);
+        acc = _mm512_add_pd(acc, _mm512_maskz_mov_pd(k, v));
+        c += 8;
+    }
+    let mut lanes = [0f64; 8];
+    _mm512_storeu_pd(lanes.as_mut_ptr(), acc);
+    let sum = reduce8(lanes);
+    let inv = 1.0 / sum;
+    let (iv, sv) = (_mm512_set1_pd(inv), _mm512_set1_pd(scale));
+    let mut c = 0;
+    while c < n {
+        let k = (lane_mask(n - c) & 0xff) as u8;
+        let g = _mm512_mul_pd(_mm512_mul_pd(_mm512_maskz_loadu_pd(k, ep.add(c)), iv), sv);
         _mm256_mask_storeu_ps(grad.as_mut_ptr().add(c), k, _mm512_cvtpd_ps(g));
         c += 8;
     }
+    label_grad(e, inv, label, scale, grad);
+    m + sum.ln()
 }
 
 #[cfg(test)]
@@ -529,13 +585,24 @@ mod tests {
                 log_sum_exp_plain(&row).to_bits(),
                 "lse n={n}"
             );
-            let lse = log_sum_exp(&row);
             let mut g = vec![0f32; n];
-            softmax_grad(&row, lse, n / 2, 0.25, &mut g);
-            for (j, (&gj, &x)) in g.iter().zip(&row).enumerate() {
+            let lse = log_softmax_grad(&row, n / 2, 0.25, &mut g, &mut Vec::new());
+            assert_eq!(lse.to_bits(), log_sum_exp(&row).to_bits(), "lse n={n}");
+            let m = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+            let e: Vec<f64> = row.iter().map(|&x| exp_f64(x as f64 - m)).collect();
+            let mut acc = [0f64; 8];
+            e.iter().enumerate().for_each(|(i, &v)| acc[i % 8] += v);
+            let inv = 1.0 / reduce8(acc);
+            for (j, &gj) in g.iter().enumerate() {
                 let onehot = if j == n / 2 { 1.0 } else { 0.0 };
-                let want = ((exp_f64(x as f64 - lse) - onehot) * 0.25) as f32;
+                let want = ((e[j] * inv - onehot) * 0.25) as f32;
                 assert_eq!(gj.to_bits(), want.to_bits(), "grad n={n} j={j}");
+                // and torch's exp(log_softmax) to within the f32 rounding
+                let torch = ((exp_f64(row[j] as f64 - lse) - onehot) * 0.25) as f32;
+                assert!(
+                    (gj - torch).abs() <= f32::EPSILON * torch.abs(),
+                    "n={n} j={j}"
+                );
             }
             let b: Vec<f32> = row.iter().map(|x| x * 0.37 - 1.0).collect();
             let mut acc = [0f32; 16];
@@ -598,11 +665,14 @@ mod tests {
             axpy(&mut a1, -1.5, &row);
             axpy_plain(&mut a2, -1.5, &row);
             assert_eq!(a1, a2, "axpy n={n}");
-            let lse = log_sum_exp(&row);
             let (mut g1, mut g2) = (vec![0f32; n], vec![0f32; n]);
-            softmax_grad(&row, lse, n / 3, 0.5, &mut g1);
-            softmax_grad_plain(&row, lse, n / 3, 0.5, &mut g2);
-            assert_eq!(g1, g2, "softmax_grad n={n}");
+            let l1 = log_softmax_grad(&row, n / 3, 0.5, &mut g1, &mut Vec::new());
+            let l2 = log_softmax_grad_plain(&row, n / 3, 0.5, &mut g2, &mut vec![0.0; n]);
+            assert_eq!(
+                (l1.to_bits(), &g1),
+                (l2.to_bits(), &g2),
+                "log_softmax_grad n={n}"
+            );
             let table: Vec<f32> = row.iter().chain(&b).copied().collect();
             let terms = [(0.75f32, 0), (-0.5, n), (2.0, 0)];
             for relu in [false, true] {

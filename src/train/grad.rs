@@ -19,6 +19,14 @@
 //! saves: an epoch went from 39 to 43 ms.) The attention backward reads the same table rows
 //! (OVI, OVU) as the row sums BI, BL update, so both happen in one pass over the inputs.
 //!
+//! All the per-input work runs inside the forward pass (`forward` hands a `BlockSink` to
+//! the pass): each block of 64 training inputs is differentiated right after its logits, while
+//! its `post` rows and logits are still in cache, so neither `post` nor `dlogits` nor `d_pre`
+//! is ever stored for the whole batch; `backward` adds the chunks' sums and does the small
+//! weight products. S is accumulated with the bits of one `postᵀ·dlogits` product (each
+//! element a fused multiply-add chain over each window of 256 inputs, the windows added in
+//! order), so splitting the pass into blocks changed no result.
+//!
 //! Float32 like torch except where torch uses float64: the loss is computed in f64 and its
 //! gradient `(softmax − onehot)/N` is cast to f32 where torch's `.to(float64)` node casts it back.
 //! Biases are frozen (the demo sets `requires_grad = False` on every `b_`), so only `W_`
@@ -26,9 +34,10 @@
 //! order, added in chunk order, so gradients do not depend on the thread count.
 
 use crate::backend::cpu::{matmul, matmul_acc};
+use crate::backend::gemm::{sgemm_chain, Mat, PackedB, KC};
 use crate::backend::simd::{self, axpy};
 use crate::error::{Error, Result};
-use crate::eval::NormFreePass;
+use crate::eval::{BlockSink, NormFreePass, Tables};
 use crate::model::{HookedTransformer, HookedTransformerConfig, StateDict};
 use crate::tensor::Tensor;
 use ndarray::{s, Array2, ArrayView2, Axis, Ix2, Ix3, IxDyn};
@@ -90,56 +99,343 @@ pub fn loss_and_grads(
 ) -> Result<(f64, StateDict)> {
     check_trainable(cfg)?;
     let model = HookedTransformer::new(cfg.clone(), sd.clone())?;
-    let pass = forward(&model, tokens, labels.len())?;
-    backward(&model, &pass, labels)
+    let pass = forward(&model, tokens, labels)?;
+    backward(&model, pass)
 }
 
-/// The pass [`backward`] differentiates, over `tokens` whose first `n_train` rows are the
-/// training inputs (any further rows — the test set — are only evaluated).
+/// The forward pass over `tokens`, whose first `labels.len()` rows are the training inputs
+/// (any further rows — the test set — are only evaluated), with the per-input half of the
+/// backward pass already done block by block ([`TrainSink`]); [`backward`] finishes it.
+pub(crate) struct TrainPass {
+    pub pass: NormFreePass,
+    chunks: Vec<ChunkAcc>,
+}
+
 pub(crate) fn forward(
     model: &HookedTransformer,
     tokens: &Array2<u32>,
-    n_train: usize,
-) -> Result<NormFreePass> {
-    if n_train == 0 || n_train > tokens.nrows() {
-        return Err(Error::invalid(
-            "training batch",
-            format!("{} inputs, {n_train} labels", tokens.nrows()),
-        ));
-    }
-    NormFreePass::new(model, tokens, false, n_train, n_train)
-}
-
-/// Loss and gradients of the first `labels.len()` inputs of `pass` (made by [`forward`] with
-/// the same model).
-pub(crate) fn backward(
-    model: &HookedTransformer,
-    pass: &NormFreePass,
     labels: &[u32],
-) -> Result<(f64, StateDict)> {
-    let cfg = &model.cfg;
-    let sd = &model.state_dict;
-
-    check_trainable(cfg)?;
+) -> Result<TrainPass> {
+    check_trainable(&model.cfg)?;
     let n = labels.len();
-    let p = pass.attn.n_pos();
-    if n == 0 || n > pass.attn.len() {
+    if n == 0 || n > tokens.nrows() {
         return Err(Error::invalid(
             "training batch",
-            format!("{} inputs, {n} labels", pass.attn.len()),
+            format!("{} inputs, {n} labels", tokens.nrows()),
         ));
     }
-    let v_out = cfg.d_vocab_out();
+    let v_out = model.cfg.d_vocab_out();
     if let Some(&y) = labels.iter().find(|&&y| y as usize >= v_out) {
         return Err(Error::invalid(
             "labels",
             format!("label {y} out of range for d_vocab_out {v_out}"),
         ));
     }
-    let (d, h, e, m) = (cfg.d_model(), cfg.n_heads(), cfg.d_head(), cfg.d_mlp());
+    let sink = TrainSink {
+        labels,
+        inv_n: 1.0 / n as f64,
+        scale: model.layer_attn_scale(0),
+        h: model.cfg.n_heads(),
+        e: model.cfg.d_head(),
+        m: model.cfg.d_mlp(),
+        v_out,
+        w_lt: std::sync::OnceLock::new(),
+    };
+    let (pass, chunks) = NormFreePass::with_sink(model, tokens, false, 0, n, &sink)?;
+    Ok(TrainPass { pass, chunks })
+}
+
+/// Fixed ranges of the training inputs, each summed in input order by one task (the sums do
+/// not depend on the thread count).
+const CHUNKS: usize = 2;
+
+/// The per-input half of the backward pass, run on each block of training inputs while its
+/// `post` and logits are in cache: the loss and `dlogits = (softmax − onehot)/N` (f64, cast to
+/// f32), `S += postᵀ·dlogits`, `d_pre = (dlogits·W_Lᵀ)·[post > 0]`, and the attention backward
+/// with the per-row sums ([`TrainSink::input`]).
+struct TrainSink<'a> {
+    labels: &'a [u32],
+    inv_n: f64,
+    scale: f32,
+    h: usize,
+    e: usize,
+    m: usize,
+    v_out: usize,
+    /// W_Lᵀ packed once per pass (by whichever chunk starts first).
+    w_lt: std::sync::OnceLock<PackedB>,
+}
+
+/// Sums over the inputs that use each (position, token) row r: BI = Σ pattern·d_pre and
+/// BL = Σ pattern·dlogits per head, DK = Σ d_score·q, and at the last position DQ = Σ dq,
+/// CI = Σ d_pre, CL = Σ dlogits (the residual path).
+struct Sums {
+    bi: Vec<f32>,
+    bl: Vec<f32>,
+    dk: Vec<f32>,
+    dq: Vec<f32>,
+    ci: Vec<f32>,
+    cl: Vec<f32>,
+}
+
+/// One chunk's accumulators and scratch.
+struct ChunkAcc {
+    /// The chunk's inputs.
+    range: std::ops::Range<usize>,
+    /// Per-input losses, in input order.
+    losses: Vec<f64>,
+    /// S = postᵀ·dlogits [d_mlp, d_vocab_out] with the bits of one product over all the
+    /// inputs (`sgemm`: a fused multiply-add chain per element over each window of `KC`
+    /// inputs, the windows added in order): the chains of the windows that begin in this
+    /// chunk, complete ones first, then the one still open at the chunk's end.
+    windows: Vec<Vec<f32>>,
+    open: Option<(usize, Vec<f32>)>,
+    /// The chunk's first inputs when their window began in the previous chunk: their post and
+    /// dlogits rows, over which the merge continues that window's chain.
+    head_post: Vec<f32>,
+    head_dl: Vec<f32>,
+    sums: Sums,
+    dl: Vec<f32>,
+    dp: Vec<f32>,
+    exps: Vec<f64>,
+    /// d_pattern and dq of one input.
+    scratch: (Vec<f32>, Vec<f32>),
+}
+
+impl BlockSink for TrainSink<'_> {
+    type Acc = ChunkAcc;
+
+    fn rows(&self) -> usize {
+        self.labels.len()
+    }
+
+    fn chunks(&self) -> usize {
+        CHUNKS
+    }
+
+    fn start(&self, t: &Tables, range: std::ops::Range<usize>) -> ChunkAcc {
+        let (h, m, v) = (self.h, self.m, self.v_out);
+        let (r_n, n_base) = (t.attn.rows.len(), t.base_rows.len());
+        ChunkAcc {
+            range,
+            losses: Vec::new(),
+            windows: Vec::new(),
+            open: None,
+            head_post: Vec::new(),
+            head_dl: Vec::new(),
+            sums: Sums {
+                bi: vec![0f32; r_n * h * m],
+                bl: vec![0f32; r_n * h * v],
+                dk: vec![0f32; r_n * h * self.e],
+                dq: vec![0f32; r_n * h * self.e],
+                ci: vec![0f32; n_base * m],
+                cl: vec![0f32; n_base * v],
+            },
+            dl: Vec::new(),
+            dp: Vec::new(),
+            exps: Vec::new(),
+            scratch: (Vec::new(), Vec::new()),
+        }
+    }
+
+    fn block(&self, t: &Tables, acc: &mut ChunkAcc, i0: usize, post: &[f32], logits: &[f32]) {
+        let (m, v) = (self.m, self.v_out);
+        let rows = logits.len() / v;
+        acc.dl.resize(rows * v, 0.0);
+        acc.dp.resize(rows * m, 0.0);
+        for (r, (row, dl)) in logits.chunks(v).zip(acc.dl.chunks_mut(v)).enumerate() {
+            let y = self.labels[i0 + r];
+            let loss = crate::task::nll_and_grad(row, y, self.inv_n, dl, &mut acc.exps);
+            acc.losses.push(loss);
+        }
+        let w_lt = self.w_lt.get_or_init(|| {
+            // SAFETY: W_L is a standard-layout [d_mlp, d_vocab_out] array; its transpose is
+            // [d_vocab_out, d_mlp] with strides (1, d_vocab_out).
+            unsafe {
+                PackedB::new(
+                    v,
+                    m,
+                    Mat {
+                        ptr: t.w_l.as_ptr(),
+                        rs: 1,
+                        cs: v as isize,
+                    },
+                )
+            }
+        });
+        // S: each window's chain continued over the block's inputs in it.
+        let mut r = 0;
+        while r < rows {
+            let i = i0 + r;
+            let w0 = i / KC * KC;
+            let seg = (w0 + KC).min(i0 + rows) - i;
+            let (p_rows, d_rows) = (&post[r * m..(r + seg) * m], &acc.dl[r * v..(r + seg) * v]);
+            if w0 < acc.range.start {
+                acc.head_post.extend_from_slice(p_rows);
+                acc.head_dl.extend_from_slice(d_rows);
+            } else {
+                if acc.open.as_ref().is_none_or(|(s, _)| *s != w0) {
+                    acc.open = Some((w0, vec![0f32; m * v]));
+                }
+                let win = &mut acc.open.as_mut().expect("just opened").1;
+                chain(m, v, p_rows, d_rows, win);
+                if i + seg == w0 + KC || i + seg == self.labels.len() {
+                    let (_, w) = acc.open.take().expect("open");
+                    acc.windows.push(w);
+                }
+            }
+            r += seg;
+        }
+        // SAFETY: dl is [rows, v] and dp [rows, m] row-major.
+        unsafe {
+            w_lt.mul(
+                rows,
+                Mat {
+                    ptr: acc.dl.as_ptr(),
+                    rs: v as isize,
+                    cs: 1,
+                },
+                acc.dp.as_mut_ptr(),
+                m,
+                false,
+                None,
+            );
+        }
+        // relu passes the gradient where its output is > 0 (NaN included, as torch)
+        acc.dp
+            .iter_mut()
+            .zip(post)
+            .for_each(|(g, &x)| *g = if x <= 0.0 { 0.0 } else { *g });
+        for r in 0..rows {
+            self.input(
+                t,
+                &mut acc.sums,
+                &mut acc.scratch,
+                i0 + r,
+                &acc.dl[r * v..(r + 1) * v],
+                &acc.dp[r * m..(r + 1) * m],
+            );
+        }
+    }
+}
+
+/// `acc ← acc + postᵀ·dl` continuing each element's chain, for post [rows, m], dl [rows, v].
+fn chain(m: usize, v: usize, post: &[f32], dl: &[f32], acc: &mut [f32]) {
+    let rows = dl.len() / v;
+    assert!(
+        post.len() == rows * m && acc.len() == m * v,
+        "chain: shapes"
+    );
+    // SAFETY: postᵀ is [m, rows] with strides (1, m), dl [rows, v] row-major, acc [m, v].
+    unsafe {
+        sgemm_chain(
+            m,
+            rows,
+            v,
+            Mat {
+                ptr: post.as_ptr(),
+                rs: 1,
+                cs: m as isize,
+            },
+            Mat {
+                ptr: dl.as_ptr(),
+                rs: v as isize,
+                cs: 1,
+            },
+            acc.as_mut_ptr(),
+            v,
+        )
+    }
+}
+
+impl TrainSink<'_> {
+    /// The attention backward of input i and its share of the per-row sums. Per input:
+    /// d_pattern = d_resid_mid·OV = dlogits·OVU + d_pre·OVI per (key, head) row, softmax
+    /// backward → d_scores, dq. The dot products and BI/BL read the same table rows, so they
+    /// are one fused loop.
+    fn input(
+        &self,
+        t: &Tables,
+        acc: &mut Sums,
+        scratch: &mut (Vec<f32>, Vec<f32>),
+        i: usize,
+        dl: &[f32],
+        dp: &[f32],
+    ) {
+        let (h, e, m, v_out) = (self.h, self.e, self.m, self.v_out);
+        let attn = t.attn;
+        let (p, hw) = (attn.n_pos(), h * e);
+        let last = p - 1;
+        let (rows, toks) = (&attn.rows, attn.tokens());
+        let row_of = |j: usize| rows.row(j, toks[i * p + j]);
+        let (ovi, ovu) = (
+            t.ovi.as_slice().expect("standard layout"),
+            t.ovu.as_slice().expect("standard layout"),
+        );
+        let (ks, qs) = (
+            attn.k.as_slice().expect("standard layout"),
+            attn.q.as_slice().expect("standard layout"),
+        );
+        let pat = attn.pattern.as_slice().expect("standard layout");
+        let ql = row_of(last);
+        let (dpat, dq) = (&mut scratch.0, &mut scratch.1);
+        dpat.resize(p, 0.0);
+        dq.clear();
+        dq.resize(hw, 0.0);
+        for hi in 0..h {
+            let pw = &pat[(i * h + hi) * p..(i * h + hi + 1) * p];
+            for j in 0..p {
+                let rh = row_of(j) * h + hi;
+                dpat[j] = simd::dot_axpy(
+                    dl,
+                    &ovu[rh * v_out..(rh + 1) * v_out],
+                    &mut acc.bl[rh * v_out..(rh + 1) * v_out],
+                    pw[j],
+                ) + simd::dot_axpy(
+                    dp,
+                    &ovi[rh * m..(rh + 1) * m],
+                    &mut acc.bi[rh * m..(rh + 1) * m],
+                    pw[j],
+                );
+            }
+            let sum: f32 = (0..p).map(|j| pw[j] * dpat[j]).sum();
+            let hs = hi * e..(hi + 1) * e;
+            for j in 0..p {
+                let dsj = pw[j] * (dpat[j] - sum) / self.scale;
+                let r = row_of(j);
+                axpy(
+                    &mut dq[hs.clone()],
+                    dsj,
+                    &ks[(r * h + hi) * e..(r * h + hi + 1) * e],
+                );
+                axpy(
+                    &mut acc.dk[r * hw..(r + 1) * hw][hs.clone()],
+                    dsj,
+                    &qs[ql * hw..(ql + 1) * hw][hs.clone()],
+                );
+            }
+        }
+        axpy(&mut acc.dq[ql * hw..(ql + 1) * hw], 1.0, &dq[..]);
+        let l = t.base_idx[i];
+        axpy(&mut acc.ci[l * m..(l + 1) * m], 1.0, dp);
+        axpy(&mut acc.cl[l * v_out..(l + 1) * v_out], 1.0, dl);
+    }
+}
+
+/// Loss and gradients of the training inputs of a pass made by [`forward`] with `model`:
+/// the chunks' sums are added in chunk order, then multiplied with the small tables.
+pub(crate) fn backward(model: &HookedTransformer, tp: TrainPass) -> Result<(f64, StateDict)> {
+    let cfg = &model.cfg;
+    let sd = &model.state_dict;
+    check_trainable(cfg)?;
+    let TrainPass { pass, chunks } = tp;
+    let n: usize = chunks.iter().map(|c| c.losses.len()).sum();
+    if n == 0 {
+        return Err(Error::invalid("training batch", "no training inputs"));
+    }
+    let v_out = cfg.d_vocab_out();
+    let (d, h, e) = (cfg.d_model(), cfg.n_heads(), cfg.d_head());
+    let m = cfg.d_mlp();
     let hw = h * e;
-    let last = p - 1;
-    let scale = model.layer_attn_scale(0);
     let w_in = two(w(sd, "blocks.0.mlp.W_in")?);
     let w_out = two(w(sd, "blocks.0.mlp.W_out")?);
     let w_u = two(w(sd, "unembed.W_U")?);
@@ -167,170 +463,64 @@ pub(crate) fn backward(
         .expect("W_O [H,E,D]")
         .to_owned();
     let attn = &pass.attn;
-    let (ov, ovu, base_rows, base_resid) = (&pass.ov, &pass.ovu, &pass.base_rows, &pass.base_resid);
-    let ovi = pass.ovi.as_ref().expect("MLP model");
-    let w_l = pass.w_l.as_ref().expect("MLP model");
-    let post = pass
-        .mlp_post
-        .as_ref()
-        .expect("MLP model")
-        .slice(s![..n, ..]);
-    let logits = pass.logits.slice(s![..n, ..]);
+    let (ov, base_rows, base_resid) = (&pass.ov, &pass.base_rows, &pass.base_resid);
     let rows = &attn.rows;
     let r_n = rows.len();
-    let toks = attn.tokens();
-
-    // ---- loss and dlogits = (softmax − onehot)/N, in f64, cast to f32 ----
-    let inv_n = 1.0 / n as f64;
-    let mut dlogits = Array2::<f32>::zeros((n, v_out));
-    let losses: Vec<f64> = dlogits
-        .axis_iter_mut(Axis(0))
-        .into_par_iter()
-        .zip(logits.axis_iter(Axis(0)).into_par_iter())
-        .zip(labels.par_iter())
-        .map(|((mut g, row), &y)| {
-            crate::task::nll_and_grad(
-                row.as_slice().expect("standard layout"),
-                y,
-                inv_n,
-                g.as_slice_mut().expect("standard layout"),
-            )
-        })
-        .collect();
-    let loss = losses.iter().sum::<f64>() * inv_n;
-
-    // ---- backward through the MLP: the per-input products ----
-    let mut d_pre = matmul(dlogits.view(), w_l.t());
-    // relu passes the gradient where its output is > 0 (NaN included, as torch)
-    d_pre
-        .as_slice_mut()
-        .expect("standard layout")
-        .par_chunks_mut(1 << 14)
-        .zip(
-            post.as_slice()
-                .expect("standard layout")
-                .par_chunks(1 << 14),
-        )
-        .for_each(|(g, x)| {
-            g.iter_mut()
-                .zip(x)
-                .for_each(|(g, &x)| *g = if x <= 0.0 { 0.0 } else { *g })
-        });
-    let s_mat = matmul(post.t(), dlogits.view()); // S = postᵀ·dlogits [d_mlp, V_out]
-
-    // ---- attention backward and the per-row sums, one pass over the inputs ----
-    // Per input: d_pattern = d_resid_mid·OV = dlogits·OVU + d_pre·OVI per (key, head) row,
-    // softmax backward → d_scores, dq. Per (position, token) row r the sums over the inputs
-    // that use it: BI = Σ pattern·d_pre and BL = Σ pattern·dlogits per head, DK = Σ d_score·q,
-    // and at the last position DQ = Σ dq, CI = Σ d_pre, CL = Σ dlogits (the residual path).
-    // The dot products and BI/BL read the same table rows, so they are one fused loop. The
-    // inputs are split into a fixed number of chunks, each summed in input order into its own
-    // accumulators, which are then added in chunk order: the sums do not depend on the thread
-    // count.
-    let row_of = |i: usize, j: usize| rows.row(j, toks[i * p + j]);
-    let (ovi_s, ovu_s) = (
-        ovi.as_slice().expect("standard layout"),
-        ovu.as_slice().expect("standard layout"),
-    );
-    let (ks, qs) = (
-        attn.k.as_slice().expect("standard layout"),
-        attn.q.as_slice().expect("standard layout"),
-    );
-    let pat = attn.pattern.as_slice().expect("standard layout");
-    let (dl_s, dp_s) = (
-        dlogits.as_slice().expect("standard layout"),
-        d_pre.as_slice().expect("standard layout"),
-    );
-    let mut base_slot = vec![usize::MAX; r_n];
-    for (l, &r) in base_rows.iter().enumerate() {
-        base_slot[r] = l;
-    }
     let n_base = base_rows.len();
-    struct Sums {
-        bi: Vec<f32>,
-        bl: Vec<f32>,
-        dk: Vec<f32>,
-        dq: Vec<f32>,
-        ci: Vec<f32>,
-        cl: Vec<f32>,
-    }
-    let new_sums = || Sums {
-        bi: vec![0f32; r_n * h * m],
-        bl: vec![0f32; r_n * h * v_out],
-        dk: vec![0f32; r_n * hw],
-        dq: vec![0f32; r_n * hw],
-        ci: vec![0f32; n_base * m],
-        cl: vec![0f32; n_base * v_out],
+
+    let loss = chunks.iter().flat_map(|c| &c.losses).sum::<f64>() / n as f64;
+    // S: the windows in order, each added to the sum (the first one is the sum); a window
+    // begun in one chunk is finished over the next chunk's head rows.
+    let mut s_sum: Option<Vec<f32>> = None;
+    let mut pending: Option<Vec<f32>> = None;
+    let add = |s_sum: &mut Option<Vec<f32>>, w: Vec<f32>| match s_sum {
+        None => *s_sum = Some(w),
+        Some(s) => s.iter_mut().zip(&w).for_each(|(x, y)| *x += y),
     };
-    const CHUNKS: usize = 2;
-    let per = n.div_ceil(CHUNKS);
-    let mut chunks: Vec<Sums> = (0..CHUNKS)
-        .into_par_iter()
-        .map(|c| {
-            let mut acc = new_sums();
-            let (mut dpat, mut ds, mut dq) = (vec![0f32; p], vec![0f32; h * p], vec![0f32; hw]);
-            for i in (c * per).min(n)..((c + 1) * per).min(n) {
-                let (dl, dp) = (&dl_s[i * v_out..(i + 1) * v_out], &dp_s[i * m..(i + 1) * m]);
-                let ql = row_of(i, last);
-                dq.iter_mut().for_each(|x| *x = 0.0);
-                for hi in 0..h {
-                    let pw = &pat[(i * h + hi) * p..(i * h + hi + 1) * p];
-                    for j in 0..p {
-                        let rh = row_of(i, j) * h + hi;
-                        dpat[j] = simd::dot_axpy(
-                            dl,
-                            &ovu_s[rh * v_out..(rh + 1) * v_out],
-                            &mut acc.bl[rh * v_out..(rh + 1) * v_out],
-                            pw[j],
-                        ) + simd::dot_axpy(
-                            dp,
-                            &ovi_s[rh * m..(rh + 1) * m],
-                            &mut acc.bi[rh * m..(rh + 1) * m],
-                            pw[j],
-                        );
-                    }
-                    let sum: f32 = (0..p).map(|j| pw[j] * dpat[j]).sum();
-                    let hs = hi * e..(hi + 1) * e;
-                    for j in 0..p {
-                        let dsj = pw[j] * (dpat[j] - sum) / scale;
-                        ds[hi * p + j] = dsj;
-                        let r = row_of(i, j);
-                        axpy(
-                            &mut dq[hs.clone()],
-                            dsj,
-                            &ks[(r * h + hi) * e..(r * h + hi + 1) * e],
-                        );
-                        axpy(
-                            &mut acc.dk[r * hw..(r + 1) * hw][hs.clone()],
-                            dsj,
-                            &qs[ql * hw..(ql + 1) * hw][hs.clone()],
-                        );
-                    }
-                }
-                axpy(&mut acc.dq[ql * hw..(ql + 1) * hw], 1.0, &dq);
-                let l = base_slot[ql];
-                axpy(&mut acc.ci[l * m..(l + 1) * m], 1.0, dp);
-                axpy(&mut acc.cl[l * v_out..(l + 1) * v_out], 1.0, dl);
+    let mut sums: Option<Sums> = None;
+    for c in chunks {
+        if !c.head_dl.is_empty() {
+            let mut p = pending
+                .take()
+                .expect("the head's window is open in the previous chunk");
+            chain(m, v_out, &c.head_post, &c.head_dl, &mut p);
+            let head_end = c.range.start + c.head_dl.len() / v_out;
+            if head_end % KC == 0 || head_end == n {
+                add(&mut s_sum, p);
+            } else {
+                pending = Some(p);
             }
-            acc
-        })
-        .collect();
-    let mut sums = chunks.remove(0);
-    for c in &chunks {
+        }
+        for w in c.windows {
+            add(&mut s_sum, w);
+        }
+        if let Some((_, w)) = c.open {
+            pending = Some(w);
+        }
+        let Some(sums) = &mut sums else {
+            sums = Some(c.sums);
+            continue;
+        };
         for (x, y) in [
-            (&mut sums.bi, &c.bi),
-            (&mut sums.bl, &c.bl),
-            (&mut sums.dk, &c.dk),
-            (&mut sums.dq, &c.dq),
-            (&mut sums.ci, &c.ci),
-            (&mut sums.cl, &c.cl),
+            (&mut sums.bi, &c.sums.bi),
+            (&mut sums.bl, &c.sums.bl),
+            (&mut sums.dk, &c.sums.dk),
+            (&mut sums.dq, &c.sums.dq),
+            (&mut sums.ci, &c.sums.ci),
+            (&mut sums.cl, &c.sums.cl),
         ] {
             x.par_chunks_mut(1 << 14)
                 .zip(y.par_chunks(1 << 14))
                 .for_each(|(x, y)| axpy(x, 1.0, y));
         }
     }
+    assert!(pending.is_none(), "S: the last window ends with the inputs");
+    let (s_sum, sums) = (
+        s_sum.expect("at least one window"),
+        sums.expect("at least one chunk"),
+    );
     let arr = |v: Vec<f32>, r: usize, c: usize| Array2::from_shape_vec((r, c), v).expect("sizes");
+    let s_mat = arr(s_sum, m, v_out);
     let bi = arr(sums.bi, r_n * h, m);
     let bl = arr(sums.bl, r_n * h, v_out);
     let dk_b = arr(sums.dk, r_n, hw);
@@ -350,7 +540,7 @@ pub(crate) fn backward(
         .into_shape_with_order(d)
         .expect("b_out [d_model]");
     if b_out.iter().any(|&b| b != 0.0) {
-        let colsum = dlogits.sum_axis(Axis(0));
+        let colsum = cl.sum_axis(Axis(0)); // Σ dlogits over the inputs
         g_wu += &b_out.insert_axis(Axis(1)).dot(&colsum.insert_axis(Axis(0)));
     }
     // D[(r, h)] = Σ pattern·d_resid_mid = BL·W_Uᵀ + BI·W_inᵀ  [R·H, D]

@@ -11,7 +11,7 @@ pub use grad::{check_trainable, loss_and_grads};
 pub use init::{init_weights, torch_normal};
 
 use crate::error::{Error, Result};
-use crate::eval::{last_logits_fast, NormFreePass};
+use crate::eval::last_logits_fast;
 use crate::model::{HookedTransformer, HookedTransformerConfig, StateDict};
 use crate::run::TrainingRun;
 use crate::task;
@@ -90,7 +90,7 @@ pub struct Trainer {
     /// The forward pass and the model (weights) it was computed with, over the train inputs
     /// (and the test inputs when the test loss was due): the last step's test evaluation,
     /// whose train rows the next step differentiates.
-    pending: Option<(HookedTransformer, NormFreePass)>,
+    pending: Option<(HookedTransformer, grad::TrainPass)>,
 }
 
 fn subset(tokens: &Array2<u32>, labels: &[u32], idx: &[i64]) -> (Array2<u32>, Vec<u32>) {
@@ -217,12 +217,12 @@ impl Trainer {
             Some((model, pass)) if model.state_dict == self.params => (model, pass),
             _ => {
                 let model = HookedTransformer::new(self.cfg.clone(), self.params.clone())?;
-                let pass = grad::forward(&model, &self.train.0, n_train)?;
+                let pass = grad::forward(&model, &self.train.0, &self.train.1)?;
                 (model, pass)
             }
         };
-        let (loss, grads) = grad::backward(&model, &pass, &self.train.1)?;
-        drop((pass, model));
+        let (loss, grads) = grad::backward(&model, pass)?;
+        drop(model);
         self.train_losses.push(loss);
         let lr = self.lr();
         self.opt.step(&mut self.params, &grads, lr)?;
@@ -234,10 +234,10 @@ impl Trainer {
         } else {
             &self.train.0
         };
-        let pass = grad::forward(&model, inputs, n_train)?;
+        let pass = grad::forward(&model, inputs, &self.train.1)?;
         if test_due {
             self.test_losses.push(task::loss(
-                pass.logits.slice(ndarray::s![n_train.., ..]),
+                pass.pass.logits.slice(ndarray::s![n_train.., ..]),
                 &self.test.1,
             ));
         } else if self.epoch.is_multiple_of(self.settings.eval_every) {
