@@ -107,6 +107,18 @@ fn sorted(idx: &[i64]) -> Vec<i64> {
     v
 }
 
+/// Inputs a·p + b in bands of [`BAND`] first tokens, each band by second token: within a band,
+/// consecutive inputs share their second token's table rows and the band's first-token rows
+/// stay in cache (measured with cachegrind on a 2 MB L2: half the misses of the gathers).
+fn banded(idx: &[i64], p: usize) -> Vec<i64> {
+    let p = p as i64;
+    let mut v = idx.to_vec();
+    v.sort_unstable_by_key(|&i| (i / p / BAND, i % p, i / p));
+    v
+}
+
+const BAND: i64 = 32;
+
 impl Trainer {
     /// A fresh run: the demo's model config for `settings.p`, TL's init, the demo split.
     pub fn new(settings: TrainConfig) -> Result<Trainer> {
@@ -148,11 +160,13 @@ impl Trainer {
             .start_handler(|_| flush_subnormals())
             .build()
             .map_err(|e| Error::invalid("thread pool", e.to_string()))?;
-        // Both sets in dataset order (the losses are means, so the order only moves their
-        // last bits): consecutive inputs then share their first token's table rows, which keeps
-        // the tabulated pass's gathers and the gradient sums in cache.
+        // The train set in dataset order: consecutive inputs share their first token's table
+        // rows, which keeps the tabulated pass's gathers and the gradient sums in cache (the
+        // loss is a mean, so the order only moves its last bits; the gradient sums follow it).
+        // The test set, only evaluated, in bands (its loss is an f64 mean: the order moves
+        // nothing but its last bits).
         let train = subset(&tokens, &labels, &sorted(&train_indices));
-        let test = subset(&tokens, &labels, &sorted(&test_indices));
+        let test = subset(&tokens, &labels, &banded(&test_indices, settings.p));
         let train_then_test =
             ndarray::concatenate(Axis(0), &[train.0.view(), test.0.view()]).expect("same width");
         Ok(Trainer {
