@@ -356,29 +356,53 @@ pub fn exp_f64(x: f64) -> f64 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl")]
 unsafe fn exp_f64_avx512(x: __m512d) -> __m512d {
+    exp_f64_avx512_n([x])[0]
+}
+
+/// [`exp_f64`] of N vectors, each step done for all N before the next: the polynomial is a
+/// chain of 26 dependent operations, and N independent chains side by side keep the FP units
+/// busy (one chain at a time left the loss's exponentials 3–4× slower than their operation
+/// count). Every vector gets exactly the single-vector arithmetic.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl")]
+#[inline]
+unsafe fn exp_f64_avx512_n<const N: usize>(x: [__m512d; N]) -> [__m512d; N] {
     // max/min return their second operand when one is NaN: NaN passes through.
-    let x = _mm512_min_pd(
-        _mm512_set1_pd(709.0),
-        _mm512_max_pd(_mm512_set1_pd(-708.0), x),
-    );
-    let kr = _mm512_add_pd(
-        _mm512_mul_pd(x, _mm512_set1_pd(std::f64::consts::LOG2_E)),
-        _mm512_set1_pd(ROUND),
-    );
-    let k = _mm512_sub_pd(kr, _mm512_set1_pd(ROUND));
-    let r = _mm512_sub_pd(
-        _mm512_sub_pd(x, _mm512_mul_pd(k, _mm512_set1_pd(LN2_HI))),
-        _mm512_mul_pd(k, _mm512_set1_pd(LN2_LO)),
-    );
-    let mut p = _mm512_set1_pd(EXP_C[0]);
-    for &c in &EXP_C[1..] {
-        p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(c));
+    let x = x.map(|x| {
+        _mm512_min_pd(
+            _mm512_set1_pd(709.0),
+            _mm512_max_pd(_mm512_set1_pd(-708.0), x),
+        )
+    });
+    let kr = x.map(|x| {
+        _mm512_add_pd(
+            _mm512_mul_pd(x, _mm512_set1_pd(std::f64::consts::LOG2_E)),
+            _mm512_set1_pd(ROUND),
+        )
+    });
+    let mut r = [_mm512_setzero_pd(); N];
+    for i in 0..N {
+        let k = _mm512_sub_pd(kr[i], _mm512_set1_pd(ROUND));
+        r[i] = _mm512_sub_pd(
+            _mm512_sub_pd(x[i], _mm512_mul_pd(k, _mm512_set1_pd(LN2_HI))),
+            _mm512_mul_pd(k, _mm512_set1_pd(LN2_LO)),
+        );
     }
-    let bits = _mm512_add_epi64(
-        _mm512_slli_epi64::<52>(_mm512_castpd_si512(kr)),
-        _mm512_set1_epi64(1023 << 52),
-    );
-    _mm512_mul_pd(p, _mm512_castsi512_pd(bits))
+    let mut p = [_mm512_set1_pd(EXP_C[0]); N];
+    for &c in &EXP_C[1..] {
+        for i in 0..N {
+            p[i] = _mm512_add_pd(_mm512_mul_pd(p[i], r[i]), _mm512_set1_pd(c));
+        }
+    }
+    let mut out = [_mm512_setzero_pd(); N];
+    for i in 0..N {
+        let bits = _mm512_add_epi64(
+            _mm512_slli_epi64::<52>(_mm512_castpd_si512(kr[i])),
+            _mm512_set1_epi64(1023 << 52),
+        );
+        out[i] = _mm512_mul_pd(p[i], _mm512_castsi512_pd(bits));
+    }
+    out
 }
 
 /// `log Σ exp(x)` of a row of f32 logits, in f64, max-subtracted (as torch's log_softmax):
@@ -427,6 +451,16 @@ unsafe fn log_sum_exp_avx512(row: &[f32]) -> f64 {
     let mvd = _mm512_set1_pd(m);
     let mut acc = _mm512_setzero_pd();
     let mut c = 0;
+    // Four vectors at a time (their exponentials side by side), added in order.
+    while c + 32 <= n {
+        let x: [__m512d; 4] = std::array::from_fn(|v| {
+            _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p.add(c + 8 * v))), mvd)
+        });
+        for e in exp_f64_avx512_n(x) {
+            acc = _mm512_add_pd(acc, e);
+        }
+        c += 32;
+    }
     while c < n {
         let k = (lane_mask(n - c) & 0xff) as u8;
         let x = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(k, p.add(c)));
@@ -514,6 +548,16 @@ unsafe fn log_softmax_grad_avx512(
     let mvd = _mm512_set1_pd(m);
     let mut acc = _mm512_setzero_pd();
     let mut c = 0;
+    while c + 32 <= n {
+        let x: [__m512d; 4] = std::array::from_fn(|v| {
+            _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p.add(c + 8 * v))), mvd)
+        });
+        for (v, e) in exp_f64_avx512_n(x).into_iter().enumerate() {
+            _mm512_storeu_pd(ep.add(c + 8 * v), e);
+            acc = _mm512_add_pd(acc, e);
+        }
+        c += 32;
+    }
     while c < n {
         let k = (lane_mask(n - c) & 0xff) as u8;
         let x = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(k, p.add(c)));
