@@ -280,6 +280,59 @@ unsafe fn dot_axpy_avx512(x: &[f32], t: &[f32], acc: &mut [f32], w: f32) -> f32 
     reduce16(lanes)
 }
 
+/// [`dot_axpy`] of N table rows against the same `x` in one pass: `out[k] = x·t[k]` and
+/// `acc[k] += w[k]·x`, each with exactly [`dot_axpy`]'s arithmetic. The N dot products are
+/// independent chains of additions side by side (one at a time, each waits on its last add).
+pub fn dot_axpy_n<const N: usize>(
+    x: &[f32],
+    t: [&[f32]; N],
+    mut acc: [&mut [f32]; N],
+    w: [f32; N],
+) -> [f32; N] {
+    assert!(
+        t.iter().all(|t| t.len() == x.len()) && acc.iter().all(|a| a.len() == x.len()),
+        "dot_axpy_n: lengths"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: AVX-512F/VL are present; lengths are equal.
+        return unsafe { dot_axpy_n_avx512(x, t, acc, w) };
+    }
+    std::array::from_fn(|k| dot_axpy_plain(x, t[k], acc[k], w[k]))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl")]
+unsafe fn dot_axpy_n_avx512<const N: usize>(
+    x: &[f32],
+    t: [&[f32]; N],
+    acc: [&mut [f32]; N],
+    w: [f32; N],
+) -> [f32; N] {
+    let n = x.len();
+    let wv = w.map(|w| _mm512_set1_ps(w));
+    let mut d = [_mm512_setzero_ps(); N];
+    let accp = acc.map(|a| a.as_mut_ptr());
+    let mut c = 0;
+    while c < n {
+        let m = lane_mask(n - c);
+        let xv = _mm512_maskz_loadu_ps(m, x.as_ptr().add(c));
+        for k in 0..N {
+            let tv = _mm512_maskz_loadu_ps(m, t[k].as_ptr().add(c));
+            d[k] = _mm512_add_ps(d[k], _mm512_mul_ps(xv, tv));
+            let a = accp[k].add(c);
+            let av = _mm512_add_ps(_mm512_maskz_loadu_ps(m, a), _mm512_mul_ps(wv[k], xv));
+            _mm512_mask_storeu_ps(a, m, av);
+        }
+        c += 16;
+    }
+    d.map(|d| {
+        let mut lanes = [0f32; 16];
+        _mm512_storeu_ps(lanes.as_mut_ptr(), d);
+        reduce16(lanes)
+    })
+}
+
 /// Pairwise sum of sixteen lanes (halves added lane by lane, as the vector code does).
 #[inline(always)]
 fn reduce16(mut acc: [f32; 16]) -> f32 {
@@ -705,6 +758,16 @@ mod tests {
             let d1 = dot_axpy(&row, &b, &mut s1, 0.9);
             let d2 = dot_axpy_plain(&row, &b, &mut s2, 0.9);
             assert_eq!((d1.to_bits(), &s1), (d2.to_bits(), &s2), "dot_axpy n={n}");
+            let t2: Vec<f32> = b.iter().map(|x| x * -0.3 + 0.5).collect();
+            let (mut s3, mut s4, mut s5, mut s6) = (b.clone(), t2.clone(), b.clone(), t2.clone());
+            let dn = dot_axpy_n(&row, [&b, &t2], [&mut s3, &mut s4], [0.9, -0.4]);
+            let d5 = dot_axpy_plain(&row, &b, &mut s5, 0.9);
+            let d6 = dot_axpy_plain(&row, &t2, &mut s6, -0.4);
+            assert_eq!(
+                (dn.map(f32::to_bits), &s3, &s4),
+                ([d5.to_bits(), d6.to_bits()], &s5, &s6),
+                "dot_axpy_n n={n}"
+            );
             let (mut a1, mut a2) = (b.clone(), b.clone());
             axpy(&mut a1, -1.5, &row);
             axpy_plain(&mut a2, -1.5, &row);

@@ -383,19 +383,40 @@ impl TrainSink<'_> {
         dq.resize(hw, 0.0);
         for hi in 0..h {
             let pw = &pat[(i * h + hi) * p..(i * h + hi + 1) * p];
-            for j in 0..p {
-                let rh = row_of(j) * h + hi;
-                dpat[j] = simd::dot_axpy(
+            if let Ok(pw3) = <[f32; 3]>::try_from(pw) {
+                // The three keys' rows side by side (distinct rows: one per position).
+                let rh: [usize; 3] = std::array::from_fn(|j| row_of(j) * h + hi);
+                let span = |w: usize| rh.map(|r| r * w..(r + 1) * w);
+                let du = simd::dot_axpy_n(
                     dl,
-                    &ovu[rh * v_out..(rh + 1) * v_out],
-                    &mut acc.bl[rh * v_out..(rh + 1) * v_out],
-                    pw[j],
-                ) + simd::dot_axpy(
-                    dp,
-                    &ovi[rh * m..(rh + 1) * m],
-                    &mut acc.bi[rh * m..(rh + 1) * m],
-                    pw[j],
+                    span(v_out).map(|s| &ovu[s]),
+                    acc.bl.get_disjoint_mut(span(v_out)).expect("distinct rows"),
+                    pw3,
                 );
+                let di = simd::dot_axpy_n(
+                    dp,
+                    span(m).map(|s| &ovi[s]),
+                    acc.bi.get_disjoint_mut(span(m)).expect("distinct rows"),
+                    pw3,
+                );
+                for j in 0..3 {
+                    dpat[j] = du[j] + di[j];
+                }
+            } else {
+                for j in 0..p {
+                    let rh = row_of(j) * h + hi;
+                    dpat[j] = simd::dot_axpy(
+                        dl,
+                        &ovu[rh * v_out..(rh + 1) * v_out],
+                        &mut acc.bl[rh * v_out..(rh + 1) * v_out],
+                        pw[j],
+                    ) + simd::dot_axpy(
+                        dp,
+                        &ovi[rh * m..(rh + 1) * m],
+                        &mut acc.bi[rh * m..(rh + 1) * m],
+                        pw[j],
+                    );
+                }
             }
             let sum: f32 = (0..p).map(|j| pw[j] * dpat[j]).sum();
             let hs = hi * e..(hi + 1) * e;
