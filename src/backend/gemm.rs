@@ -357,6 +357,12 @@ mod avx512 {
         }
     }
 
+    /// Lane masks of the two registers of a panel's first `cols` (≤ NR) columns.
+    fn panel_masks(cols: usize) -> (u16, u16) {
+        let first = |c: usize| if c >= 16 { u16::MAX } else { (1u16 << c) - 1 };
+        (first(cols), first(cols.saturating_sub(16)))
+    }
+
     /// A column-major tile of A (`rows` ≤ MR at each of kc columns `cs` apart) into `[kc][MR]`.
     #[target_feature(enable = "avx512f,avx512vl")]
     unsafe fn pack_tile(kc: usize, rows: usize, a: *const f32, cs: isize, dst: *mut f32) {
@@ -370,18 +376,7 @@ mod avx512 {
     /// Columns `j0 .. j0 + cols` (cols ≤ NR) of B into `dst` as `[k][NR]`, zeros past `cols`.
     #[target_feature(enable = "avx512f,avx512vl")]
     unsafe fn pack_panel(k: usize, cols: usize, b: Mat, j0: usize, dst: *mut f32) {
-        let m0 = if cols >= 16 {
-            u16::MAX
-        } else {
-            (1u16 << cols) - 1
-        };
-        let m1 = if cols >= 32 {
-            u16::MAX
-        } else if cols > 16 {
-            (1u16 << (cols - 16)) - 1
-        } else {
-            0
-        };
+        let (m0, m1) = panel_masks(cols);
         let first = b.ptr.offset(j0 as isize * b.cs);
         if b.cs == 1 {
             // Row-major B: each k is a contiguous run of `cols`.
@@ -522,18 +517,7 @@ mod avx512 {
         bias: Option<*const f32>,
         chain: bool,
     ) {
-        let m0 = if cols >= 16 {
-            u16::MAX
-        } else {
-            (1u16 << cols) - 1
-        };
-        let m1 = if cols >= 32 {
-            u16::MAX
-        } else if cols > 16 {
-            (1u16 << (cols - 16)) - 1
-        } else {
-            0
-        };
+        let (m0, m1) = panel_masks(cols);
         let mut lo = [_mm512_setzero_ps(); R];
         let mut hi = [_mm512_setzero_ps(); R];
         if chain {

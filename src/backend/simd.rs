@@ -471,14 +471,22 @@ pub fn log_sum_exp(row: &[f32]) -> f64 {
 }
 
 fn log_sum_exp_plain(row: &[f32]) -> f64 {
+    let (m, sum) = exp_sum_plain(row, None);
+    m + sum.ln()
+}
+
+/// [`exp_sum_avx512`]'s arithmetic, element by element.
+fn exp_sum_plain(row: &[f32], mut keep: Option<&mut [f64]>) -> (f64, f64) {
     let m = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
     let mut acc = [0f64; 8];
-    for c in row.chunks(8) {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a += exp_f64(x as f64 - m);
+    for (i, &x) in row.iter().enumerate() {
+        let e = exp_f64(x as f64 - m);
+        if let Some(k) = keep.as_deref_mut() {
+            k[i] = e;
         }
+        acc[i % 8] += e;
     }
-    m + reduce8(acc).ln()
+    (m, reduce8(acc))
 }
 
 #[inline(always)]
@@ -486,9 +494,11 @@ fn reduce8(a: [f64; 8]) -> f64 {
     ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
 }
 
+/// The row's maximum m and `Σ exp(x − m)` (lane l adds the elements i ≡ l mod 8, the lanes then
+/// added pairwise), each `exp(x − m)` also written to `keep` when given (`row.len()` f64s).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl")]
-unsafe fn log_sum_exp_avx512(row: &[f32]) -> f64 {
+unsafe fn exp_sum_avx512(row: &[f32], keep: Option<*mut f64>) -> (f64, f64) {
     let n = row.len();
     let p = row.as_ptr();
     // The maximum, in f32 (exact), with NaN propagated as f64::max would not: a NaN logit
@@ -509,7 +519,10 @@ unsafe fn log_sum_exp_avx512(row: &[f32]) -> f64 {
         let x: [__m512d; 4] = std::array::from_fn(|v| {
             _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p.add(c + 8 * v))), mvd)
         });
-        for e in exp_f64_avx512_n(x) {
+        for (v, e) in exp_f64_avx512_n(x).into_iter().enumerate() {
+            if let Some(ep) = keep {
+                _mm512_storeu_pd(ep.add(c + 8 * v), e);
+            }
             acc = _mm512_add_pd(acc, e);
         }
         c += 32;
@@ -518,12 +531,22 @@ unsafe fn log_sum_exp_avx512(row: &[f32]) -> f64 {
         let k = (lane_mask(n - c) & 0xff) as u8;
         let x = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(k, p.add(c)));
         let e = exp_f64_avx512(_mm512_sub_pd(x, mvd));
+        if let Some(ep) = keep {
+            _mm512_mask_storeu_pd(ep.add(c), k, e);
+        }
         acc = _mm512_add_pd(acc, _mm512_maskz_mov_pd(k, e));
         c += 8;
     }
     let mut lanes = [0f64; 8];
     _mm512_storeu_pd(lanes.as_mut_ptr(), acc);
-    m + reduce8(lanes).ln()
+    (m, reduce8(lanes))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl")]
+unsafe fn log_sum_exp_avx512(row: &[f32]) -> f64 {
+    let (m, sum) = exp_sum_avx512(row, None);
+    m + sum.ln()
 }
 
 /// The gradient of the f64 log-softmax loss of one row of f32 logits: writes
@@ -556,13 +579,7 @@ fn log_softmax_grad_plain(
     grad: &mut [f32],
     e: &mut [f64],
 ) -> f64 {
-    let m = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
-    let mut acc = [0f64; 8];
-    for (i, (&x, e)) in row.iter().zip(e.iter_mut()).enumerate() {
-        *e = exp_f64(x as f64 - m);
-        acc[i % 8] += *e;
-    }
-    let sum = reduce8(acc);
+    let (m, sum) = exp_sum_plain(row, Some(e));
     let inv = 1.0 / sum;
     for (g, &e) in grad.iter_mut().zip(e.iter()) {
         *g = ((e * inv) * scale) as f32;
@@ -588,40 +605,8 @@ unsafe fn log_softmax_grad_avx512(
     e: &mut [f64],
 ) -> f64 {
     let n = row.len();
-    let (p, ep) = (row.as_ptr(), e.as_mut_ptr());
-    // The maximum as in log_sum_exp_avx512.
-    let mut mv = _mm512_set1_ps(f32::NEG_INFINITY);
-    let mut c = 0;
-    while c < n {
-        let k = lane_mask(n - c);
-        mv = _mm512_mask_max_ps(mv, k, mv, _mm512_maskz_loadu_ps(k, p.add(c)));
-        c += 16;
-    }
-    let m = _mm512_reduce_max_ps(mv) as f64;
-    let mvd = _mm512_set1_pd(m);
-    let mut acc = _mm512_setzero_pd();
-    let mut c = 0;
-    while c + 32 <= n {
-        let x: [__m512d; 4] = std::array::from_fn(|v| {
-            _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p.add(c + 8 * v))), mvd)
-        });
-        for (v, e) in exp_f64_avx512_n(x).into_iter().enumerate() {
-            _mm512_storeu_pd(ep.add(c + 8 * v), e);
-            acc = _mm512_add_pd(acc, e);
-        }
-        c += 32;
-    }
-    while c < n {
-        let k = (lane_mask(n - c) & 0xff) as u8;
-        let x = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(k, p.add(c)));
-        let v = exp_f64_avx512(_mm512_sub_pd(x, mvd));
-        _mm512_mask_storeu_pd(ep.add(c), k, v);
-        acc = _mm512_add_pd(acc, _mm512_maskz_mov_pd(k, v));
-        c += 8;
-    }
-    let mut lanes = [0f64; 8];
-    _mm512_storeu_pd(lanes.as_mut_ptr(), acc);
-    let sum = reduce8(lanes);
+    let ep = e.as_mut_ptr();
+    let (m, sum) = exp_sum_avx512(row, Some(ep));
     let inv = 1.0 / sum;
     let (iv, sv) = (_mm512_set1_pd(inv), _mm512_set1_pd(scale));
     let mut c = 0;
