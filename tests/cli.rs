@@ -512,16 +512,19 @@ fn analyze_a_checkpoint_and_unwritable_outputs() {
 }
 
 #[test]
-fn portable_code_gives_the_avx512_codes_bits() {
-    // TLENS_NO_AVX512 selects the code CPUs without AVX-512 run (matrixmultiply and plain
-    // loops); results must be bit-identical: evaluation, the activation cache, and training.
+fn every_simd_level_gives_the_same_bits() {
+    // TLENS_SIMD caps the kernels at the code CPUs without AVX-512 run (AVX2) or without AVX2
+    // (matrixmultiply and plain loops); results must be bit-identical at every level:
+    // evaluation, the activation cache, and training. (Levels above the CPU's fall back to
+    // its own, so on an AVX2 machine "default" and "avx2" are the same run.)
     let dir = std::env::temp_dir().join(format!("tlens-portable-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let run = |portable: bool, args: &[&str]| {
+    let levels = ["default", "avx2", "portable"];
+    let run = |level: &str, args: &[&str]| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tlens"));
         cmd.args(args);
-        if portable {
-            cmd.env("TLENS_NO_AVX512", "1");
+        if level != "default" {
+            cmd.env("TLENS_SIMD", level);
         }
         let out = cmd.output().unwrap();
         assert!(
@@ -534,13 +537,16 @@ fn portable_code_gives_the_avx512_codes_bits() {
     let grokked = fixture("grokked_p113.pth");
     let g = grokked.to_str().unwrap();
     let eval = ["eval", g, "--checkpoint", "9999", "--json"];
-    assert_eq!(run(false, &eval), run(true, &eval));
+    let want = run("default", &eval);
+    for level in &levels[1..] {
+        assert_eq!(run(level, &eval), want, "eval at {level}");
+    }
     let mut files = Vec::new();
-    for portable in [false, true] {
-        let acts = dir.join(format!("acts-{portable}.npz"));
-        let trained = dir.join(format!("run-{portable}.pth"));
+    for level in levels {
+        let acts = dir.join(format!("acts-{level}.npz"));
+        let trained = dir.join(format!("run-{level}.pth"));
         run(
-            portable,
+            level,
             &[
                 "cache",
                 g,
@@ -551,7 +557,7 @@ fn portable_code_gives_the_avx512_codes_bits() {
             ],
         );
         run(
-            portable,
+            level,
             &[
                 "train",
                 "--out",
@@ -569,7 +575,9 @@ fn portable_code_gives_the_avx512_codes_bits() {
             tlens::RunFile::open(&trained).unwrap().load().unwrap(),
         ));
     }
-    assert!(files[0].0 == files[1].0, "activation caches differ");
-    assert_eq!(files[0].1, files[1].1, "training runs differ");
+    for (level, f) in levels.iter().zip(&files).skip(1) {
+        assert!(f.0 == files[0].0, "activation caches differ at {level}");
+        assert_eq!(f.1, files[0].1, "training runs differ at {level}");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }

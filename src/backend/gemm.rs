@@ -67,8 +67,9 @@ pub unsafe fn sgemm(
         assert_eq!(b.len(), n, "sgemm: bias length");
     }
     #[cfg(target_arch = "x86_64")]
-    if super::simd::has_avx512() && (a.cs == 1 || a.rs == 1) && k > 0 {
-        return avx512::sgemm(
+    if let Some(kernel) = tiled::Kernel::current().filter(|_| (a.cs == 1 || a.rs == 1) && k > 0) {
+        return tiled::sgemm(
+            kernel,
             m,
             k,
             n,
@@ -193,9 +194,9 @@ pub unsafe fn sgemm_chain(m: usize, k: usize, n: usize, a: Mat, b: Mat, c: *mut 
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if super::simd::has_avx512() && (a.cs == 1 || a.rs == 1) {
-        let packed = avx512::Packed::new(k, n, b);
-        return avx512::block(0, m, 0, n, k, a, &packed, c, ldc, false, None, true);
+    if let Some(kernel) = tiled::Kernel::current().filter(|_| a.cs == 1 || a.rs == 1) {
+        let packed = tiled::Packed::new(kernel, k, n, b);
+        return tiled::block(kernel, 0, m, 0, n, k, a, &packed, c, ldc, false, None, true);
     }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("fma") {
@@ -245,7 +246,7 @@ pub struct PackedB {
     k: usize,
     n: usize,
     #[cfg(target_arch = "x86_64")]
-    packed: Option<avx512::Packed>,
+    packed: Option<(tiled::Kernel, tiled::Packed)>,
     /// B row-major, for the fallback.
     plain: Vec<f32>,
 }
@@ -255,11 +256,11 @@ impl PackedB {
     /// `b` must be valid for [k, n] with its strides.
     pub unsafe fn new(k: usize, n: usize, b: Mat) -> PackedB {
         #[cfg(target_arch = "x86_64")]
-        if super::simd::has_avx512() && k > 0 && n > 0 {
+        if let Some(kernel) = tiled::Kernel::current().filter(|_| k > 0 && n > 0) {
             return PackedB {
                 k,
                 n,
-                packed: Some(avx512::Packed::new(k, n, b)),
+                packed: Some((kernel, tiled::Packed::new(kernel, k, n, b))),
                 plain: Vec::new(),
             };
         }
@@ -300,13 +301,15 @@ impl PackedB {
             assert_eq!(b.len(), n, "PackedB::mul: bias length");
         }
         #[cfg(target_arch = "x86_64")]
-        if let Some(p) = &self.packed {
+        if let Some((kernel, p)) = &self.packed {
             assert!(
                 a.cs == 1 || a.rs == 1,
                 "PackedB::mul: A must be row- or column-major"
             );
             let bias = bias.map(|b| b.as_ptr());
-            return avx512::block(0, m, 0, n, k, a, p, c, ldc, accumulate, bias, false);
+            return tiled::block(
+                *kernel, 0, m, 0, n, k, a, p, c, ldc, accumulate, bias, false,
+            );
         }
         let b = Mat {
             ptr: self.plain.as_ptr(),
@@ -318,27 +321,78 @@ impl PackedB {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+mod tiled {
     use super::{split, Mat, Out, KC, MR, NR};
+    use crate::backend::simd::{level, Level};
     use rayon::prelude::*;
     use std::arch::x86_64::*;
 
-    /// B [k, n] copied into panels of NR columns, each `[k][NR]` (64-byte aligned, zero-padded
-    /// past column n).
+    /// The register kernel a product runs with: both compute every element of C with the same
+    /// fused multiply-add chain, so they give the same bits.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Kernel {
+        /// 12 rows × 32 columns of C in 24 AVX-512 registers.
+        Avx512,
+        /// 6 rows × 16 columns of C in 12 AVX2 registers (12 × 8 for a last narrow panel).
+        Avx2,
+    }
+
+    impl Kernel {
+        /// The kernel for this process's [`level`], if any.
+        pub fn current() -> Option<Kernel> {
+            match level() {
+                Level::Avx512 => Some(Kernel::Avx512),
+                Level::Avx2 => Some(Kernel::Avx2),
+                Level::Portable => None,
+            }
+        }
+
+        /// Columns of B per packed panel: one row of a panel is the kernel's register tile
+        /// width, so the kernel reads its panel contiguously.
+        fn panel_width(self) -> usize {
+            match self {
+                Kernel::Avx512 => NR,
+                Kernel::Avx2 => NR2,
+            }
+        }
+
+        /// Every kernel this CPU can run, whatever the level (for tests).
+        #[cfg(test)]
+        pub fn supported() -> Vec<Kernel> {
+            let mut k = Vec::new();
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+                k.push(Kernel::Avx512);
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                k.push(Kernel::Avx2);
+            }
+            k
+        }
+    }
+
+    /// Columns of C per AVX2 register tile (two registers).
+    const NR2: usize = 16;
+
+    /// B [k, n] copied into panels of `nr` columns (the kernel's [`Kernel::panel_width`]), each
+    /// `[k][nr]` (64-byte aligned, zero-padded past column n).
     pub struct Packed {
         data: Vec<__m512>,
         k: usize,
+        nr: usize,
     }
 
     impl Packed {
-        pub unsafe fn new(k: usize, n: usize, b: Mat) -> Packed {
-            let panels = n.div_ceil(NR);
-            let mut data: Vec<__m512> = Vec::with_capacity(panels * k * 2);
+        pub unsafe fn new(kernel: Kernel, k: usize, n: usize, b: Mat) -> Packed {
+            let nr = kernel.panel_width();
+            let panels = n.div_ceil(nr);
+            let len = (panels * k * nr).div_ceil(16); // in 16-float units
+            let mut data: Vec<__m512> = Vec::with_capacity(len);
             let base = Out(data.as_mut_ptr() as *mut f32);
             let pack = move |p: usize| {
                 let (base, b) = (base, b);
-                // SAFETY: panel p of B and of the buffer (capacity panels·k·NR floats).
-                unsafe { pack_panel(k, (n - p * NR).min(NR), b, p * NR, base.0.add(p * k * NR)) }
+                let cols = (n - p * nr).min(nr);
+                // SAFETY: panel p of B and of the buffer (capacity ≥ panels·k·nr floats).
+                unsafe { pack_panel(k, cols, nr, b, p * nr, base.0.add(p * k * nr)) }
             };
             // Panels in parallel when B is large (each panel is written by one thread).
             if k * n >= 1 << 16 {
@@ -346,14 +400,21 @@ mod avx512 {
             } else {
                 (0..panels).for_each(pack);
             }
-            // SAFETY: pack_panel wrote all k·NR floats of every panel (padding included).
-            data.set_len(panels * k * 2);
-            Packed { data, k }
+            // SAFETY: pack_panel wrote all k·nr floats of every panel (padding included); a
+            // last partial 16-float unit is only padding for alignment.
+            if !(panels * k * nr).is_multiple_of(16) {
+                (data.as_mut_ptr() as *mut f32)
+                    .add(panels * k * nr)
+                    .write_bytes(0, 16 - (panels * k * nr) % 16);
+            }
+            data.set_len(len);
+            Packed { data, k, nr }
         }
 
         fn panel(&self, p: usize, k0: usize) -> *const f32 {
+            let nr = self.nr;
             // SAFETY (callers): p < panels and k0 < k.
-            unsafe { (self.data.as_ptr() as *const f32).add(p * self.k * NR + k0 * NR) }
+            unsafe { (self.data.as_ptr() as *const f32).add(p * self.k * nr + k0 * nr) }
         }
     }
 
@@ -364,39 +425,36 @@ mod avx512 {
     }
 
     /// A column-major tile of A (`rows` ≤ MR at each of kc columns `cs` apart) into `[kc][MR]`.
-    #[target_feature(enable = "avx512f,avx512vl")]
     unsafe fn pack_tile(kc: usize, rows: usize, a: *const f32, cs: isize, dst: *mut f32) {
-        let m = (1u16 << rows) - 1; // rows ≤ 12
-        for kk in 0..kc {
-            let v = _mm512_maskz_loadu_ps(m, a.offset(kk as isize * cs));
-            _mm512_mask_storeu_ps(dst.add(kk * MR), m, v);
+        if rows == MR {
+            for kk in 0..kc {
+                let v = (a.offset(kk as isize * cs) as *const [f32; MR]).read_unaligned();
+                (dst.add(kk * MR) as *mut [f32; MR]).write(v);
+            }
+        } else {
+            for kk in 0..kc {
+                std::ptr::copy_nonoverlapping(a.offset(kk as isize * cs), dst.add(kk * MR), rows);
+            }
         }
     }
 
-    /// Columns `j0 .. j0 + cols` (cols ≤ NR) of B into `dst` as `[k][NR]`, zeros past `cols`.
-    #[target_feature(enable = "avx512f,avx512vl")]
-    unsafe fn pack_panel(k: usize, cols: usize, b: Mat, j0: usize, dst: *mut f32) {
-        let (m0, m1) = panel_masks(cols);
+    /// Columns `j0 .. j0 + cols` (cols ≤ nr) of B into `dst` as `[k][nr]`, zeros past `cols`.
+    unsafe fn pack_panel(k: usize, cols: usize, nr: usize, b: Mat, j0: usize, dst: *mut f32) {
         let first = b.ptr.offset(j0 as isize * b.cs);
         if b.cs == 1 {
             // Row-major B: each k is a contiguous run of `cols`.
             for kk in 0..k {
-                let row = first.offset(kk as isize * b.rs);
-                let d = dst.add(kk * NR);
-                _mm512_storeu_ps(d, _mm512_maskz_loadu_ps(m0, row));
-                _mm512_storeu_ps(d.add(16), _mm512_maskz_loadu_ps(m1, row.add(16)));
+                let d = dst.add(kk * nr);
+                std::ptr::copy_nonoverlapping(first.offset(kk as isize * b.rs), d, cols);
+                std::ptr::write_bytes(d.add(cols), 0, nr - cols);
             }
         } else {
             // Column by column (a column-major B is then read contiguously).
-            for kk in 0..k {
-                let d = dst.add(kk * NR);
-                _mm512_storeu_ps(d, _mm512_setzero_ps());
-                _mm512_storeu_ps(d.add(16), _mm512_setzero_ps());
-            }
+            std::ptr::write_bytes(dst, 0, k * nr);
             for j in 0..cols {
                 let col = first.offset(j as isize * b.cs);
                 for kk in 0..k {
-                    *dst.add(kk * NR + j) = *col.offset(kk as isize * b.rs);
+                    *dst.add(kk * nr + j) = *col.offset(kk as isize * b.rs);
                 }
             }
         }
@@ -404,6 +462,7 @@ mod avx512 {
 
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn sgemm(
+        kernel: Kernel,
         m: usize,
         k: usize,
         n: usize,
@@ -414,7 +473,7 @@ mod avx512 {
         accumulate: bool,
         bias: Option<Mat>,
     ) {
-        let packed = Packed::new(k, n, b);
+        let packed = Packed::new(kernel, k, n, b);
         let c = Out(c);
         split(m, k, n, NR, &|r0, r1, c0, c1| {
             let (a, c, bias) = (a, c, bias);
@@ -422,7 +481,7 @@ mod avx512 {
             // SAFETY: the block lies inside A, B and C; c0 is a multiple of NR.
             unsafe {
                 block(
-                    r0, r1, c0, c1, k, a, &packed, c.0, ldc, accumulate, bias, false,
+                    kernel, r0, r1, c0, c1, k, a, &packed, c.0, ldc, accumulate, bias, false,
                 )
             }
         });
@@ -432,6 +491,7 @@ mod avx512 {
     /// tile's rows of A stay in L1 across the panels).
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn block(
+        kernel: Kernel,
         r0: usize,
         r1: usize,
         c0: usize,
@@ -474,27 +534,29 @@ mod avx512 {
                         cs: MR as isize,
                     };
                 }
+                let nr = packed.nr;
                 let mut j = c0;
                 while j < c1 {
-                    let cols = (c1 - j).min(NR);
-                    let bp = packed.panel(j / NR, k0);
+                    let cols = (c1 - j).min(nr);
+                    let bp = packed.panel(j / nr, k0);
                     let cp = c.add(i * ldc + j);
                     let bias = bias.map(|b| b.add(j - c0));
-                    match rows {
-                        12 => tile::<12>(kc, ap, a, bp, cp, ldc, cols, acc, bias, chain),
-                        11 => tile::<11>(kc, ap, a, bp, cp, ldc, cols, acc, bias, chain),
-                        10 => tile::<10>(kc, ap, a, bp, cp, ldc, cols, acc, bias, chain),
-                        9 => tile::<9>(kc, ap, a, bp, cp, ldc, cols, acc, bias, chain),
-                        8 => tile::<8>(kc, ap, a, bp, cp, ldc, cols, acc, bias, chain),
-                        7 => tile::<7>(kc, ap, a, bp, cp, ldc, cols, acc, bias, chain),
-                        6 => tile::<6>(kc, ap, a, bp, cp, ldc, cols, acc, bias, chain),
-                        5 => tile::<5>(kc, ap, a, bp, cp, ldc, cols, acc, bias, chain),
-                        4 => tile::<4>(kc, ap, a, bp, cp, ldc, cols, acc, bias, chain),
-                        3 => tile::<3>(kc, ap, a, bp, cp, ldc, cols, acc, bias, chain),
-                        2 => tile::<2>(kc, ap, a, bp, cp, ldc, cols, acc, bias, chain),
-                        _ => tile::<1>(kc, ap, a, bp, cp, ldc, cols, acc, bias, chain),
+                    let t = Tile {
+                        kc,
+                        ap,
+                        a,
+                        bp,
+                        c: cp,
+                        ldc,
+                        accumulate: acc,
+                        bias,
+                        chain,
+                    };
+                    match kernel {
+                        Kernel::Avx512 => t.avx512(rows, cols),
+                        Kernel::Avx2 => t.avx2(rows, cols),
                     }
-                    j += NR;
+                    j += nr;
                 }
                 i += MR;
             }
@@ -502,77 +564,232 @@ mod avx512 {
         }
     }
 
-    /// One R×NR tile of C over kc steps of k: `C = tile` or `C += tile` (first `cols` columns).
-    #[target_feature(enable = "avx512f,avx512vl")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tile<const R: usize>(
+    /// One tile of C (≤ MR rows × ≤ NR columns) over kc steps of k: `C = A·B`, `C += A·B`
+    /// (`accumulate`), or each element's chain continued from C (`chain`); then `+ bias`.
+    #[derive(Clone, Copy)]
+    struct Tile {
         kc: usize,
+        /// A's first row at this k block, with A's strides in `a`.
         ap: *const f32,
         a: Mat,
+        /// The panel at this k block (`[kc][NR]`).
         bp: *const f32,
         c: *mut f32,
         ldc: usize,
-        cols: usize,
         accumulate: bool,
         bias: Option<*const f32>,
         chain: bool,
-    ) {
-        let (m0, m1) = panel_masks(cols);
-        let mut lo = [_mm512_setzero_ps(); R];
-        let mut hi = [_mm512_setzero_ps(); R];
-        if chain {
-            // Continue each element's chain from its value in C.
+    }
+
+    impl Tile {
+        unsafe fn avx512(self, rows: usize, cols: usize) {
+            match rows {
+                12 => self.tile512::<12>(cols),
+                11 => self.tile512::<11>(cols),
+                10 => self.tile512::<10>(cols),
+                9 => self.tile512::<9>(cols),
+                8 => self.tile512::<8>(cols),
+                7 => self.tile512::<7>(cols),
+                6 => self.tile512::<6>(cols),
+                5 => self.tile512::<5>(cols),
+                4 => self.tile512::<4>(cols),
+                3 => self.tile512::<3>(cols),
+                2 => self.tile512::<2>(cols),
+                _ => self.tile512::<1>(cols),
+            }
+        }
+
+        /// The tile as two 6 × 16 parts (rows 0–5 and 6–11 of a 16-column panel), or, when
+        /// the panel has at most 8 columns (the last one of 113 logits), as one 12 × 8 part
+        /// (half the padded columns' work).
+        unsafe fn avx2(self, rows: usize, cols: usize) {
+            if cols <= 8 {
+                return match rows {
+                    12 => self.tile256::<12, 1>(cols),
+                    11 => self.tile256::<11, 1>(cols),
+                    10 => self.tile256::<10, 1>(cols),
+                    9 => self.tile256::<9, 1>(cols),
+                    8 => self.tile256::<8, 1>(cols),
+                    7 => self.tile256::<7, 1>(cols),
+                    6 => self.tile256::<6, 1>(cols),
+                    5 => self.tile256::<5, 1>(cols),
+                    4 => self.tile256::<4, 1>(cols),
+                    3 => self.tile256::<3, 1>(cols),
+                    2 => self.tile256::<2, 1>(cols),
+                    _ => self.tile256::<1, 1>(cols),
+                };
+            }
+            for r0 in [0, 6] {
+                if r0 >= rows {
+                    break;
+                }
+                let part = Tile {
+                    ap: self.ap.offset(r0 as isize * self.a.rs),
+                    c: self.c.add(r0 * self.ldc),
+                    ..self
+                };
+                match (rows - r0).min(6) {
+                    6 => part.tile256::<6, 2>(cols),
+                    5 => part.tile256::<5, 2>(cols),
+                    4 => part.tile256::<4, 2>(cols),
+                    3 => part.tile256::<3, 2>(cols),
+                    2 => part.tile256::<2, 2>(cols),
+                    _ => part.tile256::<1, 2>(cols),
+                }
+            }
+        }
+
+        /// R rows × the panel's first `cols` (≤ 32) columns in AVX-512 registers.
+        #[target_feature(enable = "avx512f,avx512vl")]
+        unsafe fn tile512<const R: usize>(self, cols: usize) {
+            let Tile {
+                kc,
+                ap,
+                a,
+                bp,
+                c,
+                ldc,
+                ..
+            } = self;
+            let (m0, m1) = panel_masks(cols);
+            let mut lo = [_mm512_setzero_ps(); R];
+            let mut hi = [_mm512_setzero_ps(); R];
+            if self.chain {
+                // Continue each element's chain from its value in C.
+                for i in 0..R {
+                    let row = c.add(i * ldc);
+                    lo[i] = _mm512_maskz_loadu_ps(m0, row);
+                    hi[i] = _mm512_maskz_loadu_ps(m1, row.add(16));
+                }
+            }
+            if a.cs == 1 {
+                // A row-major: row i's elements are consecutive.
+                let rs = a.rs;
+                for kk in 0..kc {
+                    let b0 = _mm512_load_ps(bp.add(kk * NR));
+                    let b1 = _mm512_load_ps(bp.add(kk * NR + 16));
+                    for i in 0..R {
+                        let av = _mm512_set1_ps(*ap.offset(i as isize * rs + kk as isize));
+                        lo[i] = _mm512_fmadd_ps(av, b0, lo[i]);
+                        hi[i] = _mm512_fmadd_ps(av, b1, hi[i]);
+                    }
+                }
+            } else {
+                // A column-major (rs = 1): the tile's R rows at one k are consecutive.
+                let cs = a.cs;
+                for kk in 0..kc {
+                    let b0 = _mm512_load_ps(bp.add(kk * NR));
+                    let b1 = _mm512_load_ps(bp.add(kk * NR + 16));
+                    let col = ap.offset(kk as isize * cs);
+                    for i in 0..R {
+                        let av = _mm512_set1_ps(*col.add(i));
+                        lo[i] = _mm512_fmadd_ps(av, b0, lo[i]);
+                        hi[i] = _mm512_fmadd_ps(av, b1, hi[i]);
+                    }
+                }
+            }
+            let bias = self.bias.map(|b| {
+                (
+                    _mm512_maskz_loadu_ps(m0, b),
+                    _mm512_maskz_loadu_ps(m1, b.add(16)),
+                )
+            });
             for i in 0..R {
                 let row = c.add(i * ldc);
-                lo[i] = _mm512_maskz_loadu_ps(m0, row);
-                hi[i] = _mm512_maskz_loadu_ps(m1, row.add(16));
+                let (mut x0, mut x1) = (lo[i], hi[i]);
+                if self.accumulate && !self.chain {
+                    x0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, row), x0);
+                    x1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, row.add(16)), x1);
+                }
+                if let Some((b0, b1)) = bias {
+                    x0 = _mm512_add_ps(x0, b0);
+                    x1 = _mm512_add_ps(x1, b1);
+                }
+                _mm512_mask_storeu_ps(row, m0, x0);
+                _mm512_mask_storeu_ps(row.add(16), m1, x1);
             }
         }
-        if a.cs == 1 {
-            // A row-major: row i's elements are consecutive.
-            let rs = a.rs;
-            for kk in 0..kc {
-                let b0 = _mm512_load_ps(bp.add(kk * NR));
-                let b1 = _mm512_load_ps(bp.add(kk * NR + 16));
-                for i in 0..R {
-                    let av = _mm512_set1_ps(*ap.offset(i as isize * rs + kk as isize));
-                    lo[i] = _mm512_fmadd_ps(av, b0, lo[i]);
-                    hi[i] = _mm512_fmadd_ps(av, b1, hi[i]);
+
+        /// R rows × the panel's first `cols` (≤ 8·W) columns in R·W AVX2 registers (W of 8
+        /// columns each): the same arithmetic as [`Tile::tile512`], element by element.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn tile256<const R: usize, const W: usize>(self, cols: usize) {
+            let Tile {
+                kc,
+                ap,
+                a,
+                bp,
+                c,
+                ldc,
+                ..
+            } = self;
+            let mask: [__m256i; W] = std::array::from_fn(|w| {
+                let left = cols.saturating_sub(8 * w).min(8);
+                _mm256_cmpgt_epi32(
+                    _mm256_set1_epi32(left as i32),
+                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                )
+            });
+            let full = cols == 8 * W;
+            let load = |p: *const f32, w: usize| {
+                if full {
+                    _mm256_loadu_ps(p.add(8 * w))
+                } else {
+                    _mm256_maskload_ps(p.add(8 * w), mask[w])
+                }
+            };
+            let mut acc = [[_mm256_setzero_ps(); W]; R];
+            if self.chain {
+                for (i, r) in acc.iter_mut().enumerate() {
+                    *r = std::array::from_fn(|w| load(c.add(i * ldc), w));
                 }
             }
-        } else {
-            // A column-major (rs = 1): the tile's R rows at one k are consecutive.
-            let cs = a.cs;
-            for kk in 0..kc {
-                let b0 = _mm512_load_ps(bp.add(kk * NR));
-                let b1 = _mm512_load_ps(bp.add(kk * NR + 16));
-                let col = ap.offset(kk as isize * cs);
-                for i in 0..R {
-                    let av = _mm512_set1_ps(*col.add(i));
-                    lo[i] = _mm512_fmadd_ps(av, b0, lo[i]);
-                    hi[i] = _mm512_fmadd_ps(av, b1, hi[i]);
+            if a.cs == 1 {
+                let rs = a.rs;
+                for kk in 0..kc {
+                    let b: [__m256; W] =
+                        std::array::from_fn(|w| _mm256_load_ps(bp.add(kk * NR2 + 8 * w)));
+                    for (i, r) in acc.iter_mut().enumerate() {
+                        let av = _mm256_set1_ps(*ap.offset(i as isize * rs + kk as isize));
+                        for w in 0..W {
+                            r[w] = _mm256_fmadd_ps(av, b[w], r[w]);
+                        }
+                    }
+                }
+            } else {
+                let cs = a.cs;
+                for kk in 0..kc {
+                    let b: [__m256; W] =
+                        std::array::from_fn(|w| _mm256_load_ps(bp.add(kk * NR2 + 8 * w)));
+                    let col = ap.offset(kk as isize * cs);
+                    for (i, r) in acc.iter_mut().enumerate() {
+                        let av = _mm256_set1_ps(*col.add(i));
+                        for w in 0..W {
+                            r[w] = _mm256_fmadd_ps(av, b[w], r[w]);
+                        }
+                    }
                 }
             }
-        }
-        let bias = bias.map(|b| {
-            (
-                _mm512_maskz_loadu_ps(m0, b),
-                _mm512_maskz_loadu_ps(m1, b.add(16)),
-            )
-        });
-        for i in 0..R {
-            let row = c.add(i * ldc);
-            let (mut x0, mut x1) = (lo[i], hi[i]);
-            if accumulate && !chain {
-                x0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, row), x0);
-                x1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, row.add(16)), x1);
+            let bias = self
+                .bias
+                .map(|b| -> [__m256; W] { std::array::from_fn(|w| load(b, w)) });
+            for (i, r) in acc.iter().enumerate() {
+                let row = c.add(i * ldc);
+                for w in 0..W {
+                    let mut x = r[w];
+                    if self.accumulate && !self.chain {
+                        x = _mm256_add_ps(load(row, w), x);
+                    }
+                    if let Some(b) = bias {
+                        x = _mm256_add_ps(x, b[w]);
+                    }
+                    if full {
+                        _mm256_storeu_ps(row.add(8 * w), x);
+                    } else {
+                        _mm256_maskstore_ps(row.add(8 * w), mask[w], x);
+                    }
+                }
             }
-            if let Some((b0, b1)) = bias {
-                x0 = _mm512_add_ps(x0, b0);
-                x1 = _mm512_add_ps(x1, b1);
-            }
-            _mm512_mask_storeu_ps(row, m0, x0);
-            _mm512_mask_storeu_ps(row.add(16), m1, x1);
         }
     }
 }
@@ -655,10 +872,11 @@ mod tests {
     }
 
     #[test]
-    fn the_avx512_kernel_gives_matrixmultiplys_bits() {
-        // Both chain fused multiply-adds over k in blocks of 256 and add the blocks to C in
+    fn the_tiled_kernels_give_matrixmultiplys_bits() {
+        // All chain fused multiply-adds over k in blocks of 256 and add the blocks to C in
         // order, so the products (and every activation of the forward pass) are the same bits
-        // on CPUs with and without AVX-512.
+        // on CPUs with AVX-512, with AVX2 only, and with neither. Each kernel this CPU can run
+        // is tested, whatever TLENS_SIMD says.
         let mut rng = crate::task::Mt19937::new(11);
         let mut u = || rng.next_u32() as f32 / u32::MAX as f32 - 0.5;
         for &(m, k, n) in &[(37, 600, 113), (300, 128, 512), (7, 1000, 40)] {
@@ -677,20 +895,9 @@ mod tests {
                 cs: 1,
             };
             for accumulate in [false, true] {
-                let (mut x, mut y) = (c0.clone(), c0.clone());
+                let mut y = c0.clone();
                 // SAFETY: the buffers have the shapes given.
                 unsafe {
-                    sgemm(
-                        m,
-                        k,
-                        n,
-                        a_mat,
-                        b_mat,
-                        x.as_mut_ptr(),
-                        n,
-                        accumulate,
-                        Some(&bias),
-                    );
                     fallback(
                         m,
                         k,
@@ -703,7 +910,31 @@ mod tests {
                         Some(&bias),
                     );
                 }
-                assert_eq!(x, y, "{m}×{k}×{n} accumulate={accumulate}");
+                #[cfg(target_arch = "x86_64")]
+                for kernel in tiled::Kernel::supported() {
+                    let mut x = c0.clone();
+                    let b = Mat {
+                        ptr: bias.as_ptr(),
+                        rs: 0,
+                        cs: 1,
+                    };
+                    // SAFETY: as above.
+                    unsafe {
+                        tiled::sgemm(
+                            kernel,
+                            m,
+                            k,
+                            n,
+                            a_mat,
+                            b_mat,
+                            x.as_mut_ptr(),
+                            n,
+                            accumulate,
+                            Some(b),
+                        )
+                    };
+                    assert_eq!(x, y, "{kernel:?} {m}×{k}×{n} accumulate={accumulate}");
+                }
             }
         }
     }
@@ -711,7 +942,8 @@ mod tests {
     #[test]
     fn chains_split_anywhere_and_windows_added_in_order_give_sgemms_bits() {
         // sgemm = chains of KC from zero, added to C in order; each chain built from pieces
-        // with sgemm_chain (AVX-512 where present, else mul_add) must give the same bits.
+        // with sgemm_chain (a tiled kernel where the CPU has one, else mul_add) must give the
+        // same bits.
         let mut rng = crate::task::Mt19937::new(5);
         let mut u = || rng.next_u32() as f32 / u32::MAX as f32 - 0.5;
         let (m, k, n) = (40, 700, 113);
@@ -762,6 +994,31 @@ mod tests {
             chain_plain(m, 300, n, a_at(0), b_at(0), y.as_mut_ptr(), n);
         }
         assert_eq!(x, y);
+        // and so does every tiled kernel this CPU can run
+        #[cfg(target_arch = "x86_64")]
+        for kernel in tiled::Kernel::supported() {
+            let mut z = vec![0.5f32; m * n];
+            // SAFETY: as above.
+            unsafe {
+                let packed = tiled::Packed::new(kernel, 300, n, b_at(0));
+                tiled::block(
+                    kernel,
+                    0,
+                    m,
+                    0,
+                    n,
+                    300,
+                    a_at(0),
+                    &packed,
+                    z.as_mut_ptr(),
+                    n,
+                    false,
+                    None,
+                    true,
+                );
+            }
+            assert_eq!(z, y, "{kernel:?}");
+        }
     }
 
     #[test]

@@ -1,41 +1,83 @@
 //! Hand-vectorised inner loops of the CPU backend's tabulated passes (evaluation, training).
 //!
 //! The crate is built for baseline x86-64, so loops that matter are written with AVX-512
-//! intrinsics and chosen at run time when the CPU has AVX-512F, with a plain-Rust fallback that
-//! performs the same operations in the same order: every kernel here gives the same bits on
-//! every machine. Multiply and add stay separate (never fused), as the scalar code has them.
+//! intrinsics (here) and AVX2 intrinsics ([`avx2`]), chosen at run time by what the CPU has
+//! ([`level`]), with a plain-Rust fallback that performs the same operations in the same
+//! order: every kernel here gives the same bits on every machine. Multiply and add stay
+//! separate (never fused), as the scalar code has them.
 //!
 //! Why hand-written: the gathers of the tabulated pass (`out = base + Σ w·row`) were
 //! load/store-bound as one `axpy` per term (each term re-read and re-wrote the output row),
 //! and the f64 loss was a chain of dependent additions with a libm call per element.
 
 #[cfg(target_arch = "x86_64")]
+mod avx2;
+
+#[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
-/// Whether the AVX-512 kernels (here and in [`super::gemm`]) run: the CPU has AVX-512F and VL
-/// and `TLENS_NO_AVX512` is not set (checked once). Setting it selects the portable code, which
-/// gives the same bits, only slower (the CLI tests compare the two).
+/// The instruction set the kernels here and in [`super::gemm`] use: chosen once from what the
+/// CPU has, capped by the environment variable `TLENS_SIMD` (`avx512`, `avx2` or `portable`; any
+/// other value caps nothing). Every level gives the same bits, only slower (tests compare them;
+/// the CLI tests run evaluation, the activation cache and training at each level).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// Plain Rust for baseline x86-64 (SSE2) and other architectures (matrixmultiply for
+    /// matrix products).
+    Portable,
+    /// AVX2 with FMA (8-float registers), e.g. AMD Zen 2/3, Intel Haswell and later.
+    Avx2,
+    /// AVX-512F and VL (16-float registers).
+    Avx512,
+}
+
+/// The level this process runs at (see [`Level`]).
 #[inline]
-pub fn has_avx512() -> bool {
+pub fn level() -> Level {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    static LEVEL: AtomicU8 = AtomicU8::new(u8::MAX);
+    let decode = |v: u8| match v {
+        0 => Level::Portable,
+        1 => Level::Avx2,
+        _ => Level::Avx512,
+    };
+    match LEVEL.load(Ordering::Relaxed) {
+        u8::MAX => {
+            let cap = match std::env::var("TLENS_SIMD").as_deref() {
+                Ok("portable") => Level::Portable,
+                Ok("avx2") => Level::Avx2,
+                _ => Level::Avx512,
+            };
+            let l = cpu_level().min(cap);
+            LEVEL.store(l as u8, Ordering::Relaxed);
+            l
+        }
+        v => decode(v),
+    }
+}
+
+/// The best level this CPU supports.
+fn cpu_level() -> Level {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::sync::atomic::{AtomicU8, Ordering};
-        static HAS: AtomicU8 = AtomicU8::new(2);
-        match HAS.load(Ordering::Relaxed) {
-            0 => false,
-            1 => true,
-            _ => {
-                let has = std::env::var_os("TLENS_NO_AVX512").is_none()
-                    && std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512vl");
-                HAS.store(has as u8, Ordering::Relaxed);
-                has
-            }
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+        {
+            return Level::Avx512;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return Level::Avx2;
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    Level::Portable
+}
+
+/// Whether the AVX-512 kernels run ([`level`] is [`Level::Avx512`]).
+#[inline]
+pub fn has_avx512() -> bool {
+    level() == Level::Avx512
 }
 
 /// `out[i] += a·x[i]` (a multiply, then an add).
@@ -43,9 +85,11 @@ pub fn has_avx512() -> bool {
 pub fn axpy(out: &mut [f32], a: f32, x: &[f32]) {
     assert_eq!(out.len(), x.len(), "axpy: lengths");
     #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: AVX-512F/VL are present (checked at run time); lengths are equal.
-        return unsafe { axpy_avx512(out, a, x) };
+    match level() {
+        // SAFETY: the level's instructions are present (checked at run time); lengths are equal.
+        Level::Avx512 => return unsafe { axpy_avx512(out, a, x) },
+        Level::Avx2 => return unsafe { avx2::axpy(out, a, x) },
+        Level::Portable => {}
     }
     axpy_plain(out, a, x)
 }
@@ -119,9 +163,11 @@ pub fn gather_sum(
         "gather_sum: a row outside the table"
     );
     #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: AVX-512F/VL are present; every row lies inside `table` (asserted above).
-        return unsafe { gather_sum_avx512(out, base, table, terms, relu) };
+    match level() {
+        // SAFETY: the level's instructions are present (checked at run time); every row lies inside `table` (asserted above).
+        Level::Avx512 => return unsafe { gather_sum_avx512(out, base, table, terms, relu) },
+        Level::Avx2 => return unsafe { avx2::gather_sum(out, base, table, terms, relu) },
+        Level::Portable => {}
     }
     gather_sum_plain(out, base, table, terms, relu)
 }
@@ -220,9 +266,11 @@ unsafe fn gather_sum_avx512(
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "dot: lengths");
     #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: AVX-512F/VL are present; lengths are equal.
-        return unsafe { dot_avx512(a, b) };
+    match level() {
+        // SAFETY: the level's instructions are present (checked at run time); lengths are equal.
+        Level::Avx512 => return unsafe { dot_avx512(a, b) },
+        Level::Avx2 => return unsafe { avx2::dot(a, b) },
+        Level::Portable => {}
     }
     dot_plain(a, b)
 }
@@ -246,9 +294,11 @@ pub fn dot_axpy(x: &[f32], t: &[f32], acc: &mut [f32], w: f32) -> f32 {
         "dot_axpy: lengths"
     );
     #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: AVX-512F/VL are present; lengths are equal.
-        return unsafe { dot_axpy_avx512(x, t, acc, w) };
+    match level() {
+        // SAFETY: the level's instructions are present (checked at run time); lengths are equal.
+        Level::Avx512 => return unsafe { dot_axpy_avx512(x, t, acc, w) },
+        Level::Avx2 => return unsafe { avx2::dot_axpy_n(x, [t], [acc], [w])[0] },
+        Level::Portable => {}
     }
     dot_axpy_plain(x, t, acc, w)
 }
@@ -294,9 +344,11 @@ pub fn dot_axpy_n<const N: usize>(
         "dot_axpy_n: lengths"
     );
     #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: AVX-512F/VL are present; lengths are equal.
-        return unsafe { dot_axpy_n_avx512(x, t, acc, w) };
+    match level() {
+        // SAFETY: the level's instructions are present (checked at run time); lengths are equal.
+        Level::Avx512 => return unsafe { dot_axpy_n_avx512(x, t, acc, w) },
+        Level::Avx2 => return unsafe { avx2::dot_axpy_n(x, t, acc, w) },
+        Level::Portable => {}
     }
     std::array::from_fn(|k| dot_axpy_plain(x, t[k], acc[k], w[k]))
 }
@@ -463,9 +515,11 @@ unsafe fn exp_f64_avx512_n<const N: usize>(x: [__m512d; N]) -> [__m512d; N] {
 /// lanes then added pairwise.
 pub fn log_sum_exp(row: &[f32]) -> f64 {
     #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: AVX-512F/VL are present.
-        return unsafe { log_sum_exp_avx512(row) };
+    match level() {
+        // SAFETY: the level's instructions are present (checked at run time)
+        Level::Avx512 => return unsafe { log_sum_exp_avx512(row) },
+        Level::Avx2 => return unsafe { avx2::log_sum_exp(row) },
+        Level::Portable => {}
     }
     log_sum_exp_plain(row)
 }
@@ -565,9 +619,13 @@ pub fn log_softmax_grad(
     assert_eq!(row.len(), grad.len(), "log_softmax_grad: lengths");
     scratch.resize(row.len(), 0.0);
     #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: AVX-512F/VL are present; the three slices have the same length.
-        return unsafe { log_softmax_grad_avx512(row, label, scale, grad, scratch) };
+    match level() {
+        // SAFETY: the level's instructions are present (checked at run time); the three slices have the same length.
+        Level::Avx512 => {
+            return unsafe { log_softmax_grad_avx512(row, label, scale, grad, scratch) }
+        }
+        Level::Avx2 => return unsafe { avx2::log_softmax_grad(row, label, scale, grad, scratch) },
+        Level::Portable => {}
     }
     log_softmax_grad_plain(row, label, scale, grad, scratch)
 }
@@ -772,6 +830,55 @@ mod tests {
                 let r1 = gather_sum(as_uninit(&mut o1), &b, &table, &terms, relu);
                 let r2 = gather_sum_plain(as_uninit(&mut o2), &b, &table, &terms, relu);
                 assert_eq!((o1, r1), (o2, r2), "gather n={n} relu={relu}");
+            }
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_kernels_equal_the_portable_ones_bit_for_bit() {
+        // Called directly, so an AVX-512 machine tests them too.
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            return;
+        }
+        for row in rows() {
+            let n = row.len();
+            let b: Vec<f32> = row.iter().map(|x| x * -0.43 + 0.125).collect();
+            let t2: Vec<f32> = b.iter().map(|x| x * 0.7 - 0.5).collect();
+            // SAFETY (every call below): AVX2 and FMA are present; lengths are equal.
+            unsafe {
+                assert_eq!(avx2::dot(&row, &b).to_bits(), dot_plain(&row, &b).to_bits());
+                let (mut s1, mut s2, mut s3, mut s4) =
+                    (b.clone(), t2.clone(), b.clone(), t2.clone());
+                let d = avx2::dot_axpy_n(&row, [&b, &t2], [&mut s1, &mut s2], [0.9, -0.4]);
+                let d3 = dot_axpy_plain(&row, &b, &mut s3, 0.9);
+                let d4 = dot_axpy_plain(&row, &t2, &mut s4, -0.4);
+                assert_eq!(
+                    (d.map(f32::to_bits), &s1, &s2),
+                    ([d3.to_bits(), d4.to_bits()], &s3, &s4),
+                    "dot_axpy_n n={n}"
+                );
+                let (mut a1, mut a2) = (b.clone(), b.clone());
+                avx2::axpy(&mut a1, 0.3, &row);
+                axpy_plain(&mut a2, 0.3, &row);
+                assert_eq!(a1, a2, "axpy n={n}");
+                assert_eq!(
+                    avx2::log_sum_exp(&row).to_bits(),
+                    log_sum_exp_plain(&row).to_bits(),
+                    "lse n={n}"
+                );
+                let (mut g1, mut g2) = (vec![0f32; n], vec![0f32; n]);
+                let l1 = avx2::log_softmax_grad(&row, n / 2, 0.5, &mut g1, &mut vec![0.0; n]);
+                let l2 = log_softmax_grad_plain(&row, n / 2, 0.5, &mut g2, &mut vec![0.0; n]);
+                assert_eq!((l1.to_bits(), &g1), (l2.to_bits(), &g2), "grad n={n}");
+                let table: Vec<f32> = row.iter().chain(&b).copied().collect();
+                let terms = [(0.75f32, 0), (-0.5, n), (2.0, 0)];
+                for relu in [false, true] {
+                    let (mut o1, mut o2) = (vec![0f32; n], vec![0f32; n]);
+                    let r1 = avx2::gather_sum(as_uninit(&mut o1), &b, &table, &terms, relu);
+                    let r2 = gather_sum_plain(as_uninit(&mut o2), &b, &table, &terms, relu);
+                    assert_eq!((o1, r1), (o2, r2), "gather n={n} relu={relu}");
+                }
             }
         }
     }
