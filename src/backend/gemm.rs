@@ -441,7 +441,13 @@ mod tiled {
     /// Columns `j0 .. j0 + cols` (cols ≤ nr) of B into `dst` as `[k][nr]`, zeros past `cols`.
     unsafe fn pack_panel(k: usize, cols: usize, nr: usize, b: Mat, j0: usize, dst: *mut f32) {
         let first = b.ptr.offset(j0 as isize * b.cs);
-        if b.cs == 1 {
+        if b.cs == 1 && cols == nr && nr == NR2 {
+            // Row-major B, a whole panel of 16 (the AVX2 kernel's): fixed-size row copies.
+            for kk in 0..k {
+                let v = (first.offset(kk as isize * b.rs) as *const [f32; NR2]).read_unaligned();
+                (dst.add(kk * nr) as *mut [f32; NR2]).write(v);
+            }
+        } else if b.cs == 1 {
             // Row-major B: each k is a contiguous run of `cols`.
             for kk in 0..k {
                 let d = dst.add(kk * nr);
@@ -509,56 +515,65 @@ mod tiled {
         // apart, which the hardware prefetcher does not follow; such tiles are first copied
         // into a contiguous [kc][MR] buffer.
         let pack_a = a.cs != 1;
-        let mut buf = if pack_a {
-            vec![0f32; KC * MR]
-        } else {
-            Vec::new()
-        };
+        let mut buf = std::mem::MaybeUninit::<[f32; KC * MR]>::uninit();
+        let buf = buf.as_mut_ptr() as *mut f32; // written by pack_tile before it is read
         let mut k0 = 0;
         while k0 < k {
             let kc = (k - k0).min(KC);
             let acc = accumulate || k0 > 0;
             // The bias goes in with the last block of k.
             let bias = if k0 + kc == k { bias } else { None };
-            let mut i = r0;
-            while i < r1 {
-                let rows = (r1 - i).min(MR);
-                let mut ap = a.ptr.offset(i as isize * a.rs + k0 as isize * a.cs);
-                let mut a = a;
-                if pack_a {
-                    pack_tile(kc, rows, ap, a.cs, buf.as_mut_ptr());
-                    ap = buf.as_ptr();
-                    a = Mat {
-                        ptr: ap,
-                        rs: 1,
-                        cs: MR as isize,
-                    };
+            let nr = packed.nr;
+            let tile = |i: usize, j: usize, ap: *const f32, a: Mat| {
+                let (rows, cols) = ((r1 - i).min(MR), (c1 - j).min(nr));
+                let t = Tile {
+                    kc,
+                    ap,
+                    a,
+                    bp: packed.panel(j / nr, k0),
+                    c: c.add(i * ldc + j),
+                    ldc,
+                    accumulate: acc,
+                    bias: bias.map(|b| b.add(j - c0)),
+                    chain,
+                };
+                match kernel {
+                    Kernel::Avx512 => t.avx512(rows, cols),
+                    Kernel::Avx2 => t.avx2(rows, cols),
                 }
-                let nr = packed.nr;
-                let mut j = c0;
-                while j < c1 {
-                    let cols = (c1 - j).min(nr);
-                    let bp = packed.panel(j / nr, k0);
-                    let cp = c.add(i * ldc + j);
-                    let bias = bias.map(|b| b.add(j - c0));
-                    let t = Tile {
-                        kc,
-                        ap,
-                        a,
-                        bp,
-                        c: cp,
-                        ldc,
-                        accumulate: acc,
-                        bias,
-                        chain,
-                    };
-                    match kernel {
-                        Kernel::Avx512 => t.avx512(rows, cols),
-                        Kernel::Avx2 => t.avx2(rows, cols),
+            };
+            if kernel == Kernel::Avx2 && !pack_a {
+                // Panel by panel, every row tile: the panel's [kc][16] (16 KB) stays in L1
+                // while the rows of A stream from L2 (measured on Zen 3: ~15% faster for the
+                // logits than streaming B per row tile; AVX-512's 32-column panels are twice
+                // as large).
+                for j in (c0..c1).step_by(nr) {
+                    for i in (r0..r1).step_by(MR) {
+                        tile(
+                            i,
+                            j,
+                            a.ptr.offset(i as isize * a.rs + k0 as isize * a.cs),
+                            a,
+                        );
                     }
-                    j += nr;
                 }
-                i += MR;
+            } else {
+                for i in (r0..r1).step_by(MR) {
+                    let mut ap = a.ptr.offset(i as isize * a.rs + k0 as isize * a.cs);
+                    let mut a = a;
+                    if pack_a {
+                        pack_tile(kc, (r1 - i).min(MR), ap, a.cs, buf);
+                        ap = buf;
+                        a = Mat {
+                            ptr: ap,
+                            rs: 1,
+                            cs: MR as isize,
+                        };
+                    }
+                    for j in (c0..c1).step_by(nr) {
+                        tile(i, j, ap, a);
+                    }
+                }
             }
             k0 += kc;
         }
