@@ -1,10 +1,10 @@
 //! Hand-vectorised inner loops of the CPU backend's tabulated passes (evaluation, training).
 //!
 //! The crate is built for baseline x86-64, so loops that matter are written with AVX-512
-//! intrinsics (here) and AVX2 intrinsics ([`avx2`]), chosen at run time by what the CPU has
-//! ([`level`]), with a plain-Rust fallback that performs the same operations in the same
-//! order: every kernel here gives the same bits on every machine. Multiply and add stay
-//! separate (never fused), as the scalar code has them.
+//! intrinsics (here) and AVX2 intrinsics (the private module `avx2`), chosen at run time by
+//! what the CPU has ([`level`]), with a plain-Rust fallback that performs the same operations
+//! in the same order: every kernel here gives the same bits on every machine. Multiply and add
+//! stay separate (never fused), as the scalar code has them.
 //!
 //! Why hand-written: the gathers of the tabulated pass (`out = base + Σ w·row`) were
 //! load/store-bound as one `axpy` per term (each term re-read and re-wrote the output row),
