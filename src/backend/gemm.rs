@@ -323,7 +323,7 @@ impl PackedB {
 #[cfg(target_arch = "x86_64")]
 mod tiled {
     use super::{split, Mat, Out, KC, MR, NR};
-    use crate::backend::simd::{level, Level};
+    use crate::backend::simd::{self, level, Level};
     use rayon::prelude::*;
     use std::arch::x86_64::*;
 
@@ -738,13 +738,8 @@ mod tiled {
                 ldc,
                 ..
             } = self;
-            let mask: [__m256i; W] = std::array::from_fn(|w| {
-                let left = cols.saturating_sub(8 * w).min(8);
-                _mm256_cmpgt_epi32(
-                    _mm256_set1_epi32(left as i32),
-                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                )
-            });
+            let mask: [__m256i; W] =
+                std::array::from_fn(|w| simd::avx2::mask(cols.saturating_sub(8 * w)));
             let full = cols == 8 * W;
             let load = |p: *const f32, w: usize| {
                 if full {

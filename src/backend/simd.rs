@@ -1,7 +1,7 @@
 //! Hand-vectorised inner loops of the CPU backend's tabulated passes (evaluation, training).
 //!
 //! The crate is built for baseline x86-64, so loops that matter are written with AVX-512
-//! intrinsics (here) and AVX2 intrinsics (the private module `avx2`), chosen at run time by
+//! intrinsics (here) and AVX2 intrinsics (the crate-internal module `avx2`), chosen at run time by
 //! what the CPU has ([`level`]), with a plain-Rust fallback that performs the same operations
 //! in the same order: every kernel here gives the same bits on every machine. Multiply and add
 //! stay separate (never fused), as the scalar code has them.
@@ -11,7 +11,7 @@
 //! and the f64 loss was a chain of dependent additions with a libm call per element.
 
 #[cfg(target_arch = "x86_64")]
-mod avx2;
+pub(crate) mod avx2;
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;

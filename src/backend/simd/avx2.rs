@@ -12,13 +12,24 @@ use super::{label_grad, reduce16, reduce8, EXP_C, LN2_HI, LN2_LO, ROUND};
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
-/// The lanes `< min(left, 8)` of an 8 × 32-bit register.
+/// The lanes `< min(left, 8)` of an 8 × 32-bit register (also the matrix product's column
+/// masks in `gemm`).
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-fn mask(left: usize) -> __m256i {
+pub(crate) fn mask(left: usize) -> __m256i {
     _mm256_cmpgt_epi32(
         _mm256_set1_epi32(left.min(8) as i32),
         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    )
+}
+
+/// The lanes `< min(left, 4)` of a 4 × 32-bit register.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn mask4(left: usize) -> __m128i {
+    _mm_cmpgt_epi32(
+        _mm_set1_epi32(left.min(4) as i32),
+        _mm_setr_epi32(0, 1, 2, 3),
     )
 }
 
@@ -294,10 +305,7 @@ unsafe fn exp_sum(row: &[f32], keep: Option<*mut f64>) -> (f64, f64) {
     // Then four at a time; lanes past the row add nothing (a sum of exponentials is never −0).
     while c < n {
         let left = n - c;
-        let m4 = _mm_cmpgt_epi32(
-            _mm_set1_epi32(left.min(4) as i32),
-            _mm_setr_epi32(0, 1, 2, 3),
-        );
+        let m4 = mask4(left);
         let m64 = _mm256_cvtepi32_epi64(m4);
         let x = _mm256_cvtps_pd(_mm_maskload_ps(p.add(c), m4));
         let e = _mm256_and_pd(exp_n([_mm256_sub_pd(x, mvd)])[0], _mm256_castsi256_pd(m64));
@@ -336,10 +344,7 @@ pub(super) unsafe fn log_softmax_grad(
     let mut c = 0;
     while c < n {
         let left = n - c;
-        let m4 = _mm_cmpgt_epi32(
-            _mm_set1_epi32(left.min(4) as i32),
-            _mm_setr_epi32(0, 1, 2, 3),
-        );
+        let m4 = mask4(left);
         let x = _mm256_maskload_pd(ep.add(c), _mm256_cvtepi32_epi64(m4));
         let g = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_mul_pd(x, iv), sv));
         _mm_maskstore_ps(grad.as_mut_ptr().add(c), m4, g);
