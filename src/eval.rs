@@ -141,8 +141,6 @@ pub(crate) struct AttnPass {
 /// [`NormFreePass::new`]); the trainer differentiates exactly this computation.
 pub(crate) struct NormFreePass {
     pub attn: AttnPass,
-    /// OV = v·W_O per (row, head), [R·H, D] (row r, head h at r·H + h).
-    pub ov: Array2<f32>,
     /// The pair rows at the last position.
     pub base_rows: Vec<usize>,
     /// The constant part of the last residual stream per last-position row: x + b_O, [L, D].
@@ -292,17 +290,20 @@ impl AttnPass {
             .par_chunks_mut((h * p).max(1))
             .zip(toks.par_chunks(p))
             .with_min_len(64)
-            .for_each(|(pat, t)| {
+            .for_each_init(Vec::new, |key_rows, (pat, t)| {
+                // The input's key rows (in the score table when there is one).
+                key_rows.clear();
+                key_rows.extend((0..p).map(|j| rows.row(j, t[j])));
+                let q_base = table
+                    .as_ref()
+                    .map(|_| q_slot[rows.row(last, t[last])] * r_n);
                 for hi in 0..h {
                     let scores = &mut pat[hi * p..(hi + 1) * p];
                     // The last query attends to every key (j ≤ last), causal or not.
                     for (j, sc) in scores.iter_mut().enumerate() {
-                        *sc = match &table {
-                            Some(tab) => {
-                                let qs = q_slot[rows.row(last, t[last])];
-                                tab[(qs * r_n + rows.row(j, t[j])) * h + hi]
-                            }
-                            None => dot(at(last, t[last], hi), at(j, t[j], hi)),
+                        *sc = match (&table, q_base) {
+                            (Some(tab), Some(qb)) => tab[(qb + key_rows[j]) * h + hi],
+                            _ => dot(at(last, t[last], hi), at(j, t[j], hi)),
                         };
                     }
                     let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -797,10 +798,17 @@ impl NormFreePass {
             base_u += &b_out.dot(&w_u);
             // W_L in f64, rounded once: its f32 rounding is then the only error the fused
             // product adds over TL's (post·W_out)·W_U.
-            let w_l = w_out
-                .mapv(|x| x as f64)
-                .dot(&w_u.mapv(|x| x as f64))
-                .mapv(|x| x as f32);
+            // Rows in parallel: each element is one dot product, whatever the split.
+            use ndarray::parallel::prelude::*;
+            let w_u64 = w_u.mapv(|x| x as f64);
+            let mut w_l = Array2::<f32>::zeros((w_out.nrows(), w_u.ncols()));
+            let rows = w_out.nrows().div_ceil(rayon::current_num_threads()).max(1);
+            w_l.axis_chunks_iter_mut(Axis(0), rows)
+                .into_par_iter()
+                .zip(w_out.axis_chunks_iter(Axis(0), rows).into_par_iter())
+                .for_each(|(mut l, o)| {
+                    l.assign(&o.mapv(|x| x as f64).dot(&w_u64).mapv(|x| x as f32));
+                });
             let w_o = w_o
                 .view()
                 .into_shape_with_order((h * e, d))
@@ -982,7 +990,6 @@ impl NormFreePass {
         Ok((
             NormFreePass {
                 attn,
-                ov,
                 base_rows,
                 base_resid,
                 mlp_post,
