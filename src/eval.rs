@@ -241,9 +241,17 @@ impl AttnPass {
                     Error::invalid("fast path", format!("table shape ≠ [{r_n}, {h}, {e}]"))
                 })
         };
-        let q = table("blocks.0.attn.W_Q", "blocks.0.attn.b_Q")?;
-        let k = table("blocks.0.attn.W_K", "blocks.0.attn.b_K")?;
-        let vt = table("blocks.0.attn.W_V", "blocks.0.attn.b_V")?;
+        // Three small products (under the size the matrix product splits across threads).
+        let (q, (k, vt)) = rayon::join(
+            || table("blocks.0.attn.W_Q", "blocks.0.attn.b_Q"),
+            || {
+                rayon::join(
+                    || table("blocks.0.attn.W_K", "blocks.0.attn.b_K"),
+                    || table("blocks.0.attn.W_V", "blocks.0.attn.b_V"),
+                )
+            },
+        );
+        let (q, k, vt) = (q?, k?, vt?);
         let scale = model.layer_attn_scale(0);
         let last = p - 1;
 
@@ -746,12 +754,17 @@ impl NormFreePass {
         let r_n = attn.rows.len();
         // OV[(r, h), :] = v[r, h, :] · W_O[h]   → [R·H, D]
         let w_o = sd.array::<f32>("blocks.0.attn.W_O", Some(&[h, e, d]))?;
+        let per_head: Vec<Array2<f32>> = (0..h)
+            .into_par_iter()
+            .map(|hi| {
+                let w = w_o.index_axis(Axis(0), hi);
+                let w = w.into_dimensionality::<ndarray::Ix2>().expect("[E, D]");
+                attn.v.index_axis(Axis(1), hi).dot(&w)
+            })
+            .collect();
         let mut ov = ndarray::Array3::<f32>::zeros((r_n, h, d));
-        for hi in 0..h {
-            let w = w_o.index_axis(Axis(0), hi);
-            let w = w.into_dimensionality::<ndarray::Ix2>().expect("[E, D]");
-            ov.index_axis_mut(Axis(1), hi)
-                .assign(&attn.v.index_axis(Axis(1), hi).dot(&w));
+        for (hi, o) in per_head.iter().enumerate() {
+            ov.index_axis_mut(Axis(1), hi).assign(o);
         }
         let ov = ov.into_shape_with_order((r_n * h, d)).expect("rows");
         // The constant part: the last token's residual + b_O, per last-position row [L, D].
