@@ -10,7 +10,7 @@
 //! (logits, `d_post = dlogits·W_Lᵀ`, `S = postᵀ·dlogits`); everything that goes through the
 //! residual stream is first summed per table row — `BI[r, h] = Σ pattern·d_pre`,
 //! `BL[r, h] = Σ pattern·dlogits` over the inputs that use row r — and then multiplied with the
-//! small tables, per head h through its circuits W_O[h]·W_in and W_O[h]·W_U:
+//! small tables, per head h through its circuits `W_O[h]·W_in` and `W_O[h]·W_U`:
 //! `P_h = V_hᵀ·BI_h`, `g_W_in = base_residᵀ·CI + Σ_h W_O[h]ᵀ·P_h`, `g_W_out = S·W_Uᵀ`,
 //! `g_W_U = base_residᵀ·CL + Σ_h W_O[h]ᵀ·V_hᵀ·BL_h + W_outᵀ·S`, and for the attention weights
 //! `g_W_O[h] = P_h·W_inᵀ + V_hᵀ·BL_h·W_Uᵀ`, `dv_h = BI_h·(W_O[h]·W_in)ᵀ + BL_h·(W_O[h]·W_U)ᵀ`
