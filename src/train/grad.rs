@@ -558,13 +558,14 @@ pub(crate) fn backward(model: &HookedTransformer, tp: TrainPass) -> Result<(f64,
     let cl = arr(sums.cl, n_base, v_out);
 
     // ---- weight gradients from the row sums ----
-    // Per head h, through its circuits W_O[h]·W_in and W_O[h]·W_U (the forward pass's tables
-    // are v·(W_O[h]·W)), with BI_h, BL_h the head's rows of BI, BL and V_h its rows of v:
+    // Per head h, through its circuits W_O[h]·W_in and W_O[h]·W_U, with BI_h, BL_h the head's
+    // rows of BI, BL and V_h its rows of v:
     //   P_h = V_hᵀ·BI_h, PL_h = V_hᵀ·BL_h,
     //   dW_O[h] = P_h·W_inᵀ + PL_h·W_Uᵀ,
     //   dv_h = BI_h·(W_O[h]·W_in)ᵀ + BL_h·(W_O[h]·W_U)ᵀ,
     // and below dW_in = base_residᵀ·CI + Σ_h W_O[h]ᵀ·P_h, dW_U likewise with PL_h — about
     // half the multiply-adds of going through OV = v·W_O ([R·H, D]).
+    let w_o_h = |hi: usize| w_o.index_axis(Axis(0), hi);
     let per_head: Vec<[Array2<f32>; 4]> = (0..h)
         .into_par_iter()
         .map(|hi| {
@@ -575,52 +576,45 @@ pub(crate) fn backward(model: &HookedTransformer, tp: TrainPass) -> Result<(f64,
             let pl = matmul(v_h.t(), bl_h);
             let mut g_wo = matmul(p.view(), w_in.t());
             matmul_acc(pl.view(), w_u.t(), g_wo.view_mut());
-            let w_o_h = w_o.index_axis(Axis(0), hi);
-            let mut dv = matmul(bi_h, matmul(w_o_h, w_in).t());
-            matmul_acc(bl_h, matmul(w_o_h, w_u).t(), dv.view_mut());
+            let mut dv = matmul(bi_h, matmul(w_o_h(hi), w_in).t());
+            matmul_acc(bl_h, matmul(w_o_h(hi), w_u).t(), dv.view_mut());
             [p, pl, g_wo, dv]
         })
         .collect();
-    let w_o_h = |hi: usize| w_o.index_axis(Axis(0), hi);
     let mut g_wo = ndarray::Array3::<f32>::zeros((h, e, d));
     let mut dv_b = Array2::<f32>::zeros((r_n, hw));
     for (hi, [_, _, g, dv]) in per_head.iter().enumerate() {
         g_wo.index_axis_mut(Axis(0), hi).assign(g);
         dv_b.slice_mut(s![.., hi * e..(hi + 1) * e]).assign(dv);
     }
-    let (((g_win, g_wu), g_wout), (g_wq, g_wk)) = rayon::join(
-        || {
-            rayon::join(
-                || {
-                    rayon::join(
-                        || {
-                            let mut g = matmul(base_resid.t(), ci.view());
-                            for (hi, [p, ..]) in per_head.iter().enumerate() {
-                                matmul_acc(w_o_h(hi).t(), p.view(), g.view_mut());
-                            }
-                            g
-                        },
-                        || {
-                            let mut g = matmul(base_resid.t(), cl.view());
-                            for (hi, [_, pl, ..]) in per_head.iter().enumerate() {
-                                matmul_acc(w_o_h(hi).t(), pl.view(), g.view_mut());
-                            }
-                            matmul_acc(w_out.t(), s_mat.view(), g.view_mut());
-                            g
-                        },
-                    )
-                },
-                || matmul(s_mat.view(), w_u.t()),
-            )
+    // The remaining independent products, in parallel.
+    type Job<'a> = &'a (dyn Fn() -> Array2<f32> + Sync);
+    let jobs: [Job; 5] = [
+        &|| {
+            let mut g = matmul(base_resid.t(), ci.view());
+            for (hi, [p, ..]) in per_head.iter().enumerate() {
+                matmul_acc(w_o_h(hi).t(), p.view(), g.view_mut());
+            }
+            g
         },
-        || {
-            rayon::join(
-                || matmul(attn.x.t(), dq_b.view()), // [D, H·E]
-                || matmul(attn.x.t(), dk_b.view()),
-            )
+        &|| {
+            let mut g = matmul(base_resid.t(), cl.view());
+            for (hi, [_, pl, ..]) in per_head.iter().enumerate() {
+                matmul_acc(w_o_h(hi).t(), pl.view(), g.view_mut());
+            }
+            matmul_acc(w_out.t(), s_mat.view(), g.view_mut());
+            g
         },
-    );
-    let mut g_wu = g_wu;
+        &|| matmul(s_mat.view(), w_u.t()),
+        &|| matmul(attn.x.t(), dq_b.view()), // [D, H·E]
+        &|| matmul(attn.x.t(), dk_b.view()),
+    ];
+    let [g_win, mut g_wu, g_wout, g_wq, g_wk]: [Array2<f32>; 5] = jobs
+        .par_iter()
+        .map(|job| job())
+        .collect::<Vec<_>>()
+        .try_into()
+        .expect("five products");
     let b_out = b_out
         .view()
         .into_shape_with_order(d)
