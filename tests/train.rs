@@ -245,8 +245,9 @@ fn training_losses_follow_pytorch() {
     // Issue 4 asks for ≤ 1e-6 over the first 10 epochs. Measured: ≤ 3.4e-9 (since the
     // gradients of the embedding-side weights are summed per (position, token), as torch's
     // embedding backward sums per token; before that, 2.5e-6 at epoch 8). Epochs 30–299 (the
-    // chaotic phase, where any change of rounding moves the path): 0.131 since the per-head
-    // weight products, 0.074 before.
+    // chaotic phase, where any change of rounding moves the path): 0.052 since the ReLU kink
+    // threshold went from 1e-4 to 1e-5 (fewer rows recomputed TL's way), 0.131 before, 0.074
+    // before the per-head weight products.
     assert!(worst[0] <= 1e-6, "epochs 0-5: {:e}", worst[0]);
     assert!(worst[1] <= 1e-6, "epochs 6-9: {:e}", worst[1]);
     assert!(worst[2] <= 1e-4, "epochs 10-29: {:e}", worst[2]);
