@@ -120,6 +120,20 @@ pub enum Error {
     #[error("plot: {0}")]
     Plot(String),
 
+    /// The file is readable but holds no single training run (a sweep, losses only, a bare
+    /// tensor, …): `tlens inspect` describes it as a tree.
+    #[error("not a training run: {0} (`tlens inspect` shows what it holds)")]
+    NotARun(String),
+
+    /// The model is not a modular-arithmetic model on inputs `[a, b, =]` (another task of the
+    /// 2022 code, a TorchScript module, …): commands that evaluate the task refuse it.
+    #[error("not a modular-arithmetic model: {0}")]
+    NotModularArithmetic(String),
+
+    /// The run's train/test split or its labels cannot be known from the file.
+    #[error("train/test data unknown: {0}")]
+    UnknownData(String),
+
     /// Something valid that tlens does not implement.
     #[error("unsupported: {0}")]
     Unsupported(String),

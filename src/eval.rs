@@ -1037,11 +1037,22 @@ pub struct Evaluation {
     pub accuracy: f64,
 }
 
-/// Evaluate on all p² inputs; `train`/`test` index the a-major dataset (as the demo's indices).
-/// Each input's loss and correctness is computed once; the three splits average them.
+/// Evaluate on all p² inputs of (a + b) mod p; `train`/`test` index the a-major dataset (as
+/// the demo's indices). Each input's loss and correctness is computed once; the three splits
+/// average them (an empty split gives NaN).
 pub fn evaluate(model: &HookedTransformer<Cpu>, train: &[i64], test: &[i64]) -> Result<Evaluation> {
+    evaluate_op(model, task::Operation::Add, train, test)
+}
+
+/// [`evaluate`] for the labels of another operation (the 2022 code's `fn_name`).
+pub fn evaluate_op(
+    model: &HookedTransformer<Cpu>,
+    op: task::Operation,
+    train: &[i64],
+    test: &[i64],
+) -> Result<Evaluation> {
     let p = task_p(&model.cfg);
-    let (tokens, labels) = task::modular_addition(p);
+    let (tokens, labels) = task::dataset(p, op)?;
     let logits = last_logits(model, &tokens)?;
     let per_row: Vec<(f64, bool)> = logits
         .axis_chunks_iter(Axis(0), 512)

@@ -128,6 +128,85 @@ pub fn torch_randperm(n: usize, seed: u64) -> Vec<i64> {
     r
 }
 
+/// A binary operation mod p on inputs `[a, b, =]`: the 2022 code's `fns_dict` (REFERENCE §11).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Operation {
+    /// (a + b) mod p — the TL demo's and the paper's task.
+    Add,
+    /// (a − b) mod p.
+    Subtract,
+    /// (a² + ab + b²) mod p.
+    X2xyy2,
+    /// A random table: the 2022 code drew it from numpy's unseeded global generator, so no
+    /// file says what it was ([`Operation::label`] is `None`).
+    Rand,
+}
+
+impl Operation {
+    /// From the 2022 `Config.fn_name`.
+    pub fn from_2022_name(name: &str) -> Option<Operation> {
+        Some(match name {
+            "add" => Operation::Add,
+            "subtract" | "sub" => Operation::Subtract,
+            "x2xyy2" => Operation::X2xyy2,
+            "rand" => Operation::Rand,
+            _ => return None,
+        })
+    }
+
+    /// The 2022 code's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Operation::Add => "add",
+            Operation::Subtract => "subtract",
+            Operation::X2xyy2 => "x2xyy2",
+            Operation::Rand => "rand",
+        }
+    }
+
+    /// The formula, for reports.
+    pub fn formula(self) -> &'static str {
+        match self {
+            Operation::Add => "a + b",
+            Operation::Subtract => "a - b",
+            Operation::X2xyy2 => "a^2 + ab + b^2",
+            Operation::Rand => "random table",
+        }
+    }
+
+    /// The label of (a, b) mod p (`None` for `rand`, whose table is not recoverable).
+    pub fn label(self, a: usize, b: usize, p: usize) -> Option<u32> {
+        let (a, b) = (a % p, b % p);
+        Some(match self {
+            Operation::Add => (a + b) % p,
+            Operation::Subtract => (a + p - b) % p,
+            // a, b < p ≤ 2³²: the products fit in u128.
+            Operation::X2xyy2 => {
+                let (a, b, p) = (a as u128, b as u128, p as u128);
+                ((a * a + a * b + b * b) % p) as usize
+            }
+            Operation::Rand => return None,
+        } as u32)
+    }
+}
+
+/// All p² inputs `[a, b, p]` (a-major) and their labels `op(a, b) mod p`.
+pub fn dataset(p: usize, op: Operation) -> crate::Result<(Array2<u32>, Vec<u32>)> {
+    if op == Operation::Rand {
+        return Err(crate::Error::UnknownData(
+            "the labels of fn_name 'rand' are a table the 2022 code drew from numpy's unseeded \
+             global generator and did not save"
+                .into(),
+        ));
+    }
+    let (tokens, _) = modular_addition(p);
+    let labels = (0..p * p)
+        .map(|i| op.label(i / p, i % p, p).expect("not rand"))
+        .collect();
+    Ok((tokens, labels))
+}
+
 /// All p² inputs `[a, b, p]` (a-major) and their labels (a + b) mod p.
 pub fn modular_addition(p: usize) -> (Array2<u32>, Vec<u32>) {
     let mut tokens = Array2::<u32>::zeros((p * p, 3));

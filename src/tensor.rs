@@ -24,11 +24,14 @@ pub enum DType {
     I16,
     I8,
     U8,
+    U16,
+    U32,
+    U64,
     Bool,
 }
 
 impl DType {
-    pub const ALL: [DType; 10] = [
+    pub const ALL: [DType; 13] = [
         DType::F32,
         DType::F64,
         DType::F16,
@@ -38,15 +41,18 @@ impl DType {
         DType::I16,
         DType::I8,
         DType::U8,
+        DType::U16,
+        DType::U32,
+        DType::U64,
         DType::Bool,
     ];
 
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
-            DType::F64 | DType::I64 => 8,
-            DType::F32 | DType::I32 => 4,
-            DType::F16 | DType::BF16 | DType::I16 => 2,
+            DType::F64 | DType::I64 | DType::U64 => 8,
+            DType::F32 | DType::I32 | DType::U32 => 4,
+            DType::F16 | DType::BF16 | DType::I16 | DType::U16 => 2,
             DType::I8 | DType::U8 | DType::Bool => 1,
         }
     }
@@ -63,6 +69,9 @@ impl DType {
             DType::I16 => "int16",
             DType::I8 => "int8",
             DType::U8 => "uint8",
+            DType::U16 => "uint16",
+            DType::U32 => "uint32",
+            DType::U64 => "uint64",
             DType::Bool => "bool",
         }
     }
@@ -79,6 +88,11 @@ impl DType {
             DType::I16 => "ShortStorage",
             DType::I8 => "CharStorage",
             DType::U8 => "ByteStorage",
+            // torch has no typed storage classes for these: it saves them as UntypedStorage
+            // with the dtype in `_rebuild_tensor_v3`; the names are tlens's own.
+            DType::U16 => "UInt16Storage",
+            DType::U32 => "UInt32Storage",
+            DType::U64 => "UInt64Storage",
             DType::Bool => "BoolStorage",
         }
     }
@@ -96,6 +110,9 @@ impl DType {
             "int16" | "short" => DType::I16,
             "int8" => DType::I8,
             "uint8" => DType::U8,
+            "uint16" => DType::U16,
+            "uint32" => DType::U32,
+            "uint64" => DType::U64,
             "bool" => DType::Bool,
             _ => return None,
         })
@@ -121,6 +138,9 @@ impl DType {
             DType::I16 => "I16",
             DType::I8 => "I8",
             DType::U8 => "U8",
+            DType::U16 => "U16",
+            DType::U32 => "U32",
+            DType::U64 => "U64",
             DType::Bool => "BOOL",
         }
     }
@@ -188,6 +208,9 @@ numeric_element!(i32, I32, |x| x as f64);
 numeric_element!(i16, I16, |x| x as f64);
 numeric_element!(i8, I8, |x| x as f64);
 numeric_element!(u8, U8, |x| x as f64);
+numeric_element!(u16, U16, |x| x as f64);
+numeric_element!(u32, U32, |x| x as f64);
+numeric_element!(u64, U64, |x| x as f64);
 
 impl Element for bool {
     const DTYPE: DType = DType::Bool;
@@ -227,6 +250,9 @@ pub enum Tensor {
     I16(ArrayD<i16>),
     I8(ArrayD<i8>),
     U8(ArrayD<u8>),
+    U16(ArrayD<u16>),
+    U32(ArrayD<u32>),
+    U64(ArrayD<u64>),
     Bool(ArrayD<bool>),
 }
 
@@ -243,6 +269,9 @@ macro_rules! with_array {
             Tensor::I16($a) => $body,
             Tensor::I8($a) => $body,
             Tensor::U8($a) => $body,
+            Tensor::U16($a) => $body,
+            Tensor::U32($a) => $body,
+            Tensor::U64($a) => $body,
             Tensor::Bool($a) => $body,
         }
     };
@@ -288,6 +317,18 @@ macro_rules! with_dtype {
                 type $T = u8;
                 $body
             }
+            DType::U16 => {
+                type $T = u16;
+                $body
+            }
+            DType::U32 => {
+                type $T = u32;
+                $body
+            }
+            DType::U64 => {
+                type $T = u64;
+                $body
+            }
             DType::Bool => {
                 type $T = bool;
                 $body
@@ -309,6 +350,9 @@ impl Tensor {
             Tensor::I16(_) => DType::I16,
             Tensor::I8(_) => DType::I8,
             Tensor::U8(_) => DType::U8,
+            Tensor::U16(_) => DType::U16,
+            Tensor::U32(_) => DType::U32,
+            Tensor::U64(_) => DType::U64,
             Tensor::Bool(_) => DType::Bool,
         }
     }
@@ -354,6 +398,13 @@ impl Tensor {
             Tensor::I16(a) => a.iter().map(|&x| x as i64).collect(),
             Tensor::I8(a) => a.iter().map(|&x| x as i64).collect(),
             Tensor::U8(a) => a.iter().map(|&x| x as i64).collect(),
+            Tensor::U16(a) => a.iter().map(|&x| x as i64).collect(),
+            Tensor::U32(a) => a.iter().map(|&x| x as i64).collect(),
+            // Values ≥ 2⁶³ do not fit: not an index tensor.
+            Tensor::U64(a) => a
+                .iter()
+                .map(|&x| i64::try_from(x).ok())
+                .collect::<Option<Vec<i64>>>()?,
             Tensor::Bool(a) => a.iter().map(|&x| x as i64).collect(),
             _ => return None,
         })
@@ -418,9 +469,17 @@ impl Tensor {
             DType::I16 => Tensor::I16(build!(|x| x as i16)),
             DType::I8 => Tensor::I8(build!(|x| x as i8)),
             DType::U8 => Tensor::U8(build!(|x| x as u8)),
+            DType::U16 => Tensor::U16(build!(|x| x as u16)),
+            DType::U32 => Tensor::U32(build!(|x| x as u32)),
+            DType::U64 => Tensor::U64(build!(|x| x as u64)),
             DType::Bool => Tensor::Bool(build!(|x| x != 0.0)),
         }
     }
+}
+
+/// Reverse all axes (numpy's `.T`), in standard layout: column-major data read as row-major.
+pub fn transpose_all(t: &Tensor) -> Tensor {
+    with_array!(t, a => Tensor::from(a.t().as_standard_layout().into_owned()))
 }
 
 impl<T: Element> From<ArrayD<T>> for Tensor {

@@ -478,8 +478,8 @@ fn original_split_equals_pythons_random_shuffle() {
     // A 2022 run without stored indices gets its own split, not the TL demo's.
     let run = RunFile::open(fixture("original_small.pth")).unwrap();
     assert!(run.train_indices.is_none());
-    let (tr, _) = run.split(17);
-    assert_eq!(tr, common::i64s(&cases[0]["train"]));
+    let split = run.split(17, tlens::run::SplitChoice::Auto).unwrap();
+    assert_eq!(split.train, common::i64s(&cases[0]["train"]));
     // And its analysis runs on the p answer logits (the 2022 model also has one for `=`).
     let (a, arr) = analyze_run(&run, &Options::default()).unwrap();
     assert_eq!(a.p, 17);

@@ -34,19 +34,35 @@ use rayon::prelude::*;
 use serde::Serialize;
 use std::path::Path;
 
-/// The modular-addition task of a run: all p² inputs (a-major), labels and the split.
+/// The modular-arithmetic task of a run: all p² inputs (a-major), labels of its operation and
+/// the split.
 #[derive(Clone, Debug)]
 pub struct Task {
     pub p: usize,
+    pub op: task::Operation,
     pub tokens: Array2<u32>,
     pub labels: Vec<u32>,
     pub train: Vec<i64>,
     pub test: Vec<i64>,
 }
 
+/// The analyses whose definitions project onto cos/sin of k(a + b): skipped (NaN in the
+/// report) for other operations.
+pub const ADDITION_ONLY: [&str; 4] = [
+    "restricted loss",
+    "excluded loss",
+    "logit periodicity (cos k(a+b-c))",
+    "key-frequency logits loss",
+];
+
 impl Task {
-    /// The task with the given split (indices into the a-major dataset, as the demo's).
+    /// The (a + b) mod p task with the given split (indices into the a-major dataset).
     pub fn new(p: usize, train: Vec<i64>, test: Vec<i64>) -> Result<Task> {
+        Self::with_op(p, task::Operation::Add, train, test)
+    }
+
+    /// The task of operation `op` with the given split.
+    pub fn with_op(p: usize, op: task::Operation, train: Vec<i64>, test: Vec<i64>) -> Result<Task> {
         let n = (p * p) as i64;
         if let Some(&i) = train.iter().chain(&test).find(|&&i| i < 0 || i >= n) {
             return Err(Error::invalid(
@@ -54,9 +70,10 @@ impl Task {
                 format!("index {i} outside 0..{n} (p = {p})"),
             ));
         }
-        let (tokens, labels) = task::modular_addition(p);
+        let (tokens, labels) = task::dataset(p, op)?;
         Ok(Task {
             p,
+            op,
             tokens,
             labels,
             train,
@@ -64,15 +81,27 @@ impl Task {
         })
     }
 
-    /// The task of a run: its stored indices, or the demo split (seed 598, 30%) when absent.
+    /// The task of a run: its operation and its split ([`RunFile::split`]: stored indices,
+    /// the 2022 code's rule for its runs, or the rule `split` names).
     pub fn for_run(run: &RunFile) -> Result<Task> {
+        Self::for_run_with(run, crate::run::SplitChoice::Auto)
+    }
+
+    /// [`Task::for_run`] with the split rule named.
+    pub fn for_run_with(run: &RunFile, split: crate::run::SplitChoice) -> Result<Task> {
         let cfg = run
             .config
             .as_ref()
             .ok_or_else(|| Error::missing("run", "config (needed for the analyses)"))?;
-        let p = check_model_family(cfg)?;
-        let (train, test) = run.split(p);
-        Task::new(p, train, test)
+        let p = run.modular_p()?;
+        check_model_family(cfg)?;
+        let s = run.split(p, split)?;
+        Task::with_op(p, run.operation()?, s.train, s.test)
+    }
+
+    /// Whether the addition-specific analyses ([`ADDITION_ONLY`]) are defined for this task.
+    pub fn is_addition(&self) -> bool {
+        self.op == task::Operation::Add
     }
 }
 
@@ -219,12 +248,23 @@ fn measures_of(
     let periodicity = logits::LogitPeriodicity::new(last.logits.view(), p);
     let cos_sim = periodicity.cos_sim();
     let proj = ablation::Projection::new(acts.view(), w, p, keys);
+    // Defined through cos/sin of k(a+b): not computed for other operations.
+    let add_only = |x: f64| if task.is_addition() { x } else { f64::NAN };
+    let cos_sim: Vec<f64> = cos_sim.into_iter().map(add_only).collect();
     let m = CheckpointMeasures {
         epoch,
         train_loss: rows_loss(&last.logits, &task.train, &task.labels),
         test_loss: rows_loss(&last.logits, &task.test, &task.labels),
-        restricted_loss: proj.restricted_loss(last.logits.view(), &task.test, &task.labels),
-        excluded_loss: proj.excluded_loss(last.logits.view(), &task.train, &task.labels),
+        restricted_loss: if task.is_addition() {
+            proj.restricted_loss(last.logits.view(), &task.test, &task.labels)
+        } else {
+            f64::NAN
+        },
+        excluded_loss: if task.is_addition() {
+            proj.excluded_loss(last.logits.view(), &task.train, &task.labels)
+        } else {
+            f64::NAN
+        },
         gini_w_e: progress::gini(&basis.component_norms(w.w_e.view())?),
         gini_w_l: progress::gini(&basis.component_norms(w.w_l_t().view())?),
         sum_sq_weights: model.state_dict.sum_of_squares(),
@@ -353,6 +393,10 @@ pub fn key_circles(
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Analysis {
     pub p: usize,
+    /// The run's operation (the labels of every loss and accuracy).
+    pub operation: task::Operation,
+    /// Analyses not computed because they assume addition (their values are NaN / null).
+    pub skipped: Vec<&'static str>,
     /// The epoch of the analysed checkpoint; None for the run's final model.
     pub epoch: Option<i64>,
     pub key_freqs: Vec<usize>,
@@ -426,11 +470,13 @@ pub struct Options {
     pub key_freqs: Option<Vec<usize>>,
     /// Skip the progress measures over the checkpoints.
     pub skip_checkpoints: bool,
+    /// Which train/test split ([`crate::run::SplitChoice::Auto`]: what the file says).
+    pub split: crate::run::SplitChoice,
 }
 
 /// Analyse one model (the final one, or a checkpoint) and, unless skipped, every checkpoint.
 pub fn analyze_run(run: &RunFile, opts: &Options) -> Result<(Analysis, AnalysisArrays)> {
-    let task = Task::for_run(run)?;
+    let task = Task::for_run_with(run, opts.split)?;
     let cfg = run.config.clone().expect("checked by Task::for_run");
     let sd = match opts.checkpoint {
         Some(epoch) => run.checkpoint(run.checkpoint_index(epoch)?)?,
@@ -526,6 +572,7 @@ pub fn analyze_model(
 
     // Logit periodicity.
     let periodicity = logits::LogitPeriodicity::new(last.logits.view(), p);
+    let add_only = |x: f64| if task.is_addition() { x } else { f64::NAN };
     let all_freqs: Vec<usize> = (1..=p / 2).collect();
 
     // Attention from `=` to a and b.
@@ -564,9 +611,9 @@ pub fn analyze_model(
         gini_w_e: measures.gini_w_e,
         gini_w_l: measures.gini_w_l,
         sum_sq_weights: measures.sum_sq_weights,
-        logit_residual_fraction_key: periodicity.residual_fraction(&keys),
-        logit_residual_fraction_all: periodicity.residual_fraction(&all_freqs),
-        key_freq_logits_loss: periodicity.rebuilt_loss(&keys),
+        logit_residual_fraction_key: add_only(periodicity.residual_fraction(&keys)),
+        logit_residual_fraction_all: add_only(periodicity.residual_fraction(&all_freqs)),
+        key_freq_logits_loss: add_only(periodicity.rebuilt_loss(&keys)),
     };
     let embedding = embedding_svd(&w.w_e, basis)?;
     let embed_key_circles = key_circles(&w.w_e, basis, &keys)?;
@@ -593,6 +640,12 @@ pub fn analyze_model(
     };
     let analysis = Analysis {
         p,
+        operation: task.op,
+        skipped: if task.is_addition() {
+            Vec::new()
+        } else {
+            ADDITION_ONLY.to_vec()
+        },
         epoch: None,
         logit_cos_sim_key: keys.iter().map(|&k| cos_sim[k - 1]).collect(),
         key_freqs: keys,

@@ -33,6 +33,7 @@ pub struct AnalyzeArgs<'a> {
     pub npz: Option<PathBuf>,
     pub plots: Option<PathBuf>,
     pub skip_checkpoints: bool,
+    pub split: crate::run::SplitChoice,
 }
 
 /// Analyse, write what was asked for, print the report; returns the analysis.
@@ -43,6 +44,7 @@ pub fn run(args: &AnalyzeArgs) -> Result<(Analysis, AnalysisArrays)> {
         checkpoint: args.checkpoint,
         key_freqs: parse_key_freqs(args.key_freqs)?,
         skip_checkpoints: args.skip_checkpoints,
+        split: args.split,
     };
     let (analysis, arrays) = analyze_run(&run, &opts).map_err(|e| e.in_file(args.file))?;
     let took = start.elapsed();
@@ -91,7 +93,14 @@ pub fn print_report(a: &Analysis) {
         Some(e) => format!("checkpoint at epoch {e}"),
         None => "final model".into(),
     };
-    println!("{what}, p = {}:", a.p);
+    println!("{what}, ({}) mod {}:", a.operation.formula(), a.p);
+    if !a.skipped.is_empty() {
+        println!(
+            "  skipped (they assume addition, the run's operation is {}): {}",
+            a.operation.name(),
+            a.skipped.join(", ")
+        );
+    }
     println!(
         "  loss  train {:.3e}  test {:.3e}   accuracy train {:.2}%  test {:.2}%",
         f.train_loss,

@@ -47,6 +47,7 @@ pub fn run(path: &Path, plots: &Path) -> Result<()> {
         npz: None,
         plots: Some(plots.to_path_buf()),
         skip_checkpoints: false,
+        split: crate::run::SplitChoice::Auto,
     })?;
     println!("\ndemo finished in {:.1} s", start.elapsed().as_secs_f64());
     Ok(())

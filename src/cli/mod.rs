@@ -34,6 +34,12 @@ pub enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Also print the file's whole tree (what `torch.load` returns) for a training run.
+        #[arg(long)]
+        tree: bool,
+        /// Read every tensor: its first values and min/mean/max (implies --tree).
+        #[arg(long)]
+        values: bool,
     },
     /// Convert between .pth (either layout) and safetensors; output format from OUT's extension.
     Convert {
@@ -67,6 +73,10 @@ pub enum Command {
         all_checkpoints: bool,
         #[arg(long)]
         json: bool,
+        /// Train/test split: auto (stored indices, or the 2022 code's rule for its runs),
+        /// demo (torch.randperm seed 598, 30%), or 2022 (random.shuffle seed 0, 30%).
+        #[arg(long, default_value = "auto")]
+        split: crate::run::SplitChoice,
         /// auto, cpu or cuda (auto: the GPU when one can be used, else the CPU).
         #[arg(long, value_enum, default_value_t = crate::backend::DeviceArg::Auto)]
         device: crate::backend::DeviceArg,
@@ -108,6 +118,10 @@ pub enum Command {
         /// Only the analysed model: skip the progress measures over the checkpoints.
         #[arg(long)]
         no_checkpoints: bool,
+        /// Train/test split: auto (stored indices, or the 2022 code's rule for its runs),
+        /// demo (torch.randperm seed 598, 30%), or 2022 (random.shuffle seed 0, 30%).
+        #[arg(long, default_value = "auto")]
+        split: crate::run::SplitChoice,
         /// auto, cpu or cuda (auto: the GPU when one can be used, else the CPU).
         #[arg(long, value_enum, default_value_t = crate::backend::DeviceArg::Auto)]
         device: crate::backend::DeviceArg,
@@ -123,9 +137,23 @@ pub enum Command {
     },
 }
 
+/// Write to stdout; a failed write (a full disk, a closed pipe) is an error, not a panic.
+pub fn print_out(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Inspect { file, json } => inspect::run(&file, json),
+        Command::Inspect {
+            file,
+            json,
+            tree,
+            values,
+        } => inspect::run(&file, json, tree, values),
         Command::Convert {
             input,
             output,
@@ -144,9 +172,10 @@ pub fn run(cli: Cli) -> Result<()> {
             checkpoint,
             all_checkpoints,
             json,
+            split,
             device,
         } => crate::backend::device::select(device)
-            .and_then(|_| model::eval(&file, checkpoint, all_checkpoints, json)),
+            .and_then(|_| model::eval(&file, checkpoint, all_checkpoints, json, split)),
         Command::Cache {
             file,
             out,
@@ -168,6 +197,7 @@ pub fn run(cli: Cli) -> Result<()> {
             npz,
             plots,
             no_checkpoints,
+            split,
             device,
         } => crate::backend::device::select(device)
             .and_then(|_| {
@@ -179,6 +209,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     npz,
                     plots,
                     skip_checkpoints: no_checkpoints,
+                    split,
                 })
             })
             .map(|_| ()),

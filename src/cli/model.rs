@@ -1,10 +1,10 @@
 //! `tlens predict`, `tlens eval`, `tlens cache`: run a run's final model or a checkpoint.
 
 use crate::error::{Error, Result};
-use crate::eval::{evaluate, last_logits, task_p};
+use crate::eval::{evaluate_op, last_logits, task_p};
 use crate::io::npz::NpzWriter;
 use crate::model::get_act_name;
-use crate::run::RunFile;
+use crate::run::{RunFile, SplitChoice};
 use crate::task;
 use crate::HookedTransformer;
 use ndarray::Array2;
@@ -34,8 +34,9 @@ pub fn load_model(run: &RunFile, checkpoint: Option<i64>) -> Result<HookedTransf
 
 pub fn predict(file: &Path, a: u32, b: u32, checkpoint: Option<i64>) -> Result<()> {
     let run = RunFile::open(file)?;
+    let p = run.modular_p().map_err(|e| e.in_file(file))?;
+    let op = run.operation()?;
     let model = load_model(&run, checkpoint)?;
-    let p = task_p(&model.cfg);
     if a as usize >= p || b as usize >= p {
         return Err(Error::invalid(
             "inputs",
@@ -49,27 +50,39 @@ pub fn predict(file: &Path, a: u32, b: u32, checkpoint: Option<i64>) -> Result<(
     let m = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
     let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
     let prob = (row[c] as f64 - m).exp() / z;
-    let truth = (a as usize + b as usize) % p;
-    let mark = if c == truth {
-        ""
-    } else {
-        "  (wrong: the answer is "
-    };
-    print!("{a} + {b} mod {p} = {c}   (p = {prob:.4})");
-    if c != truth {
-        print!("{mark}{truth})");
+    let expr = op
+        .formula()
+        .replace('a', &a.to_string())
+        .replace('b', &b.to_string());
+    print!("{expr} mod {p} = {c}   (p = {prob:.4})");
+    match op.label(a as usize, b as usize, p) {
+        Some(truth) if truth as usize != c => print!("  (wrong: the answer is {truth})"),
+        Some(_) => {}
+        None => print!("  (fn_name 'rand': the true table is not in the file)"),
     }
     println!();
     Ok(())
 }
 
-pub fn eval(file: &Path, checkpoint: Option<i64>, all: bool, as_json: bool) -> Result<()> {
+pub fn eval(
+    file: &Path,
+    checkpoint: Option<i64>,
+    all: bool,
+    as_json: bool,
+    split: SplitChoice,
+) -> Result<()> {
     let run = RunFile::open(file)?;
-    let cfg = run
-        .config
-        .clone()
-        .ok_or_else(|| Error::missing("run", "config"))?;
-    let (tr, te) = run.split(task_p(&cfg));
+    let p = run.modular_p().map_err(|e| e.in_file(file))?;
+    let op = run.operation()?;
+    // A split that cannot be known is said, and only the full-data figures are given.
+    let (tr, te, rule) = match run.split(p, split) {
+        Ok(s) => (s.train, s.test, Some(s.rule)),
+        Err(e @ Error::UnknownData(_)) => {
+            eprintln!("note: {e}; train/test columns are empty, full-data figures only");
+            (Vec::new(), Vec::new(), None)
+        }
+        Err(e) => return Err(e.in_file(file)),
+    };
     let epochs: Vec<Option<i64>> = if all {
         if run.n_checkpoints() == 0 {
             return Err(Error::invalid(
@@ -83,7 +96,7 @@ pub fn eval(file: &Path, checkpoint: Option<i64>, all: bool, as_json: bool) -> R
     };
     let mut rows = Vec::new();
     for e in epochs {
-        let ev = evaluate(&load_model(&run, e)?, &tr, &te)?;
+        let ev = evaluate_op(&load_model(&run, e)?, op, &tr, &te)?;
         let mut j = serde_json::to_value(ev)?;
         if let Some(e) = e {
             j["epoch"] = json!(e);
@@ -91,10 +104,19 @@ pub fn eval(file: &Path, checkpoint: Option<i64>, all: bool, as_json: bool) -> R
         rows.push(j);
     }
     if as_json {
-        let out = if all { json!(rows) } else { rows.remove(0) };
+        let mut out = if all { json!(rows) } else { rows.remove(0) };
+        if !all {
+            out["operation"] = json!(op.name());
+            out["split"] = json!(rule.map(|r| r.to_string()));
+        }
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
+    println!(
+        "task: ({}) mod {p}; split: {}",
+        op.formula(),
+        rule.map_or("unknown".to_string(), |r| r.to_string())
+    );
     println!(
         "{:>8} {:>12} {:>12} {:>12} {:>9} {:>9} {:>9}",
         "epoch", "train_loss", "test_loss", "full_loss", "train_acc", "test_acc", "acc"
@@ -177,6 +199,7 @@ pub fn cache(
     names: Option<&str>,
 ) -> Result<()> {
     let run = RunFile::open(file)?;
+    run.modular_p().map_err(|e| e.in_file(file))?;
     let model = load_model(&run, checkpoint)?;
     let tokens = parse_inputs(inputs, task_p(&model.cfg))?;
     let filter = names_filter(names);

@@ -8,6 +8,7 @@ pub mod npz;
 pub mod pickle;
 pub mod safetensors;
 pub mod torch;
+pub mod tree;
 pub mod zipdir;
 
 use crate::error::{Error, Result};
@@ -79,12 +80,19 @@ impl Format {
                 return Ok(Format::Safetensors);
             }
         }
-        // Legacy torch: a pickle (PROTO 2+) whose first value is torch's magic number (LONG1, 10 bytes).
-        if bytes.len() >= 4
-            && bytes[0] == 0x80
-            && (2..=5).contains(&bytes[1])
-            && bytes[2..4] == [0x8a, 0x0a]
-        {
+        // Legacy torch: a pickle whose first value is torch's magic number. Protocols 2–5 write
+        // it as LONG1 (10 bytes) after PROTO, and 4–5 put a FRAME (opcode + u64 length) between;
+        // protocols 0–1 have no PROTO and write it as a decimal LONG literal.
+        let long1 = |b: &[u8]| b.starts_with(&[0x8a, 0x0a]);
+        if bytes.len() >= 4 && bytes[0] == 0x80 && (2..=5).contains(&bytes[1]) {
+            if long1(&bytes[2..]) {
+                return Ok(Format::TorchLegacy);
+            }
+            if bytes[1] >= 4 && bytes[2] == 0x95 && bytes.len() >= 13 && long1(&bytes[11..]) {
+                return Ok(Format::TorchLegacy);
+            }
+        }
+        if bytes.starts_with(LEGACY_MAGIC_DECIMAL) {
             return Ok(Format::TorchLegacy);
         }
         Err(Error::UnknownFormat(format!(
@@ -93,6 +101,9 @@ impl Format {
         )))
     }
 }
+
+/// torch's legacy magic number 0x1950a86a20f9469cfc6c as protocol 0/1's LONG opcode writes it.
+const LEGACY_MAGIC_DECIMAL: &[u8] = b"L119547037146038801333356L\n";
 
 /// Write `bytes` to `path` atomically: write a temporary sibling, fsync, rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -39,6 +39,9 @@ fn dtype_from_st(d: StDtype, name: &str) -> Result<DType> {
         StDtype::I16 => DType::I16,
         StDtype::I8 => DType::I8,
         StDtype::U8 => DType::U8,
+        StDtype::U16 => DType::U16,
+        StDtype::U32 => DType::U32,
+        StDtype::U64 => DType::U64,
         StDtype::BOOL => DType::Bool,
         other => {
             return Err(Error::Unsupported(format!(
@@ -59,6 +62,9 @@ fn dtype_to_st(d: DType) -> StDtype {
         DType::I16 => StDtype::I16,
         DType::I8 => StDtype::I8,
         DType::U8 => StDtype::U8,
+        DType::U16 => StDtype::U16,
+        DType::U32 => StDtype::U32,
+        DType::U64 => StDtype::U64,
         DType::Bool => StDtype::BOOL,
     }
 }
@@ -75,10 +81,9 @@ impl SafetensorsFile {
     }
 
     pub(crate) fn from_source(source: Source) -> Result<SafetensorsFile> {
+        // A tensor of a dtype tlens does not read (F8_E4M3, C64, …) does not hide the others:
+        // it is an error only when that tensor is read ([`SafetensorsFile::info`]).
         let (n, meta) = safetensors::SafeTensors::read_metadata(&source).map_err(st_err)?;
-        for (name, info) in meta.tensors() {
-            dtype_from_st(info.dtype, &name)?;
-        }
         Ok(SafetensorsFile {
             source,
             data_start: 8 + n,
@@ -103,6 +108,15 @@ impl SafetensorsFile {
             .info(name)
             .ok_or_else(|| Error::missing("safetensors file", name))?;
         Ok((dtype_from_st(info.dtype, name)?, info.shape.clone()))
+    }
+
+    /// (dtype as safetensors names it, shape) of a tensor, whether or not tlens reads its dtype.
+    pub fn raw_info(&self, name: &str) -> Result<(String, Vec<usize>)> {
+        let info = self
+            .meta
+            .info(name)
+            .ok_or_else(|| Error::missing("safetensors file", name))?;
+        Ok((format!("{:?}", info.dtype), info.shape.clone()))
     }
 
     fn bytes_and_ref(&self, name: &str) -> Result<(&[u8], TensorRef)> {

@@ -58,13 +58,70 @@ enum Loc {
     Range(Range<usize>),
     /// A zip entry whose local header is read only when the storage is (lazy open).
     ZipEntry { header_start: u64, size: u64 },
+    /// A deflated zip entry (TorchScript archives may deflate entries), inflated on first use.
+    Deflated {
+        header_start: u64,
+        compressed: u64,
+        size: u64,
+        bytes: std::sync::OnceLock<Vec<u8>>,
+    },
+    /// An entry compressed with a method tlens does not read: an error only if it is needed.
+    Compressed { method: u16, size: u64 },
 }
 
 impl Loc {
     fn len(&self) -> usize {
         match self {
             Loc::Range(r) => r.len(),
-            Loc::ZipEntry { size, .. } => *size as usize,
+            Loc::ZipEntry { size, .. }
+            | Loc::Deflated { size, .. }
+            | Loc::Compressed { size, .. } => *size as usize,
+        }
+    }
+
+    fn of(e: &zipdir::Entry) -> Loc {
+        match e.method {
+            0 => Loc::ZipEntry {
+                header_start: e.header_start,
+                size: e.compressed_size,
+            },
+            8 => Loc::Deflated {
+                header_start: e.header_start,
+                compressed: e.compressed_size,
+                size: e.uncompressed_size,
+                bytes: std::sync::OnceLock::new(),
+            },
+            method => Loc::Compressed {
+                method,
+                size: e.uncompressed_size,
+            },
+        }
+    }
+
+    /// The entry's bytes (inflated if needed).
+    fn bytes<'s>(&'s self, source: &'s [u8], name: &str) -> Result<&'s [u8]> {
+        match self {
+            Loc::Range(r) => Ok(&source[r.clone()]),
+            &Loc::ZipEntry { header_start, size } => {
+                Ok(&source[zipdir::data_range(source, name, header_start, size)?])
+            }
+            Loc::Deflated {
+                header_start,
+                compressed,
+                size,
+                bytes,
+            } => {
+                if let Some(b) = bytes.get() {
+                    return Ok(b);
+                }
+                let r = zipdir::data_range(source, name, *header_start, *compressed)?;
+                let _ = bytes.set(zipdir::inflate(&source[r], name, *size)?);
+                Ok(bytes.get().expect("set above"))
+            }
+            Loc::Compressed { method, .. } => Err(Error::Zip(format!(
+                "entry '{name}' is compressed with method {method}; tlens reads stored and \
+                 deflated entries"
+            ))),
         }
     }
 }
@@ -104,14 +161,10 @@ impl TorchFile {
 
     /// The bytes of a root storage.
     pub fn storage_bytes(&self, key: &str) -> Result<&[u8]> {
-        let range = match self.storages.get(key) {
-            Some(Loc::Range(r)) => r.clone(),
-            Some(&Loc::ZipEntry { header_start, size }) => {
-                zipdir::data_range(&self.source, &format!("data/{key}"), header_start, size)?
-            }
-            None => return Err(Error::MissingRecord(format!("data/{key}"))),
-        };
-        Ok(&self.source[range])
+        match self.storages.get(key) {
+            Some(loc) => loc.bytes(&self.source, &format!("data/{key}")),
+            None => Err(Error::MissingRecord(format!("data/{key}"))),
+        }
     }
 
     /// Materialise a tensor as an owned typed array.
@@ -223,33 +276,39 @@ pub fn storage_from_pid(pid: Value, pos: usize, legacy: bool) -> Result<StorageR
 fn parse_zip(source: Source, limits: &Limits) -> Result<TorchFile> {
     // Central directory only: local headers are read when an entry's data is needed.
     let cd = zipdir::central_directory(&source)?;
-    let mut entries: HashMap<String, (u64, u64)> = HashMap::with_capacity(cd.len());
+    // torch.save stores every entry; TorchScript archives deflate some (code/, *.debug_pkl).
+    // Only the entries tlens reads are inflated, when they are read.
+    let mut entries: HashMap<String, Loc> = HashMap::with_capacity(cd.len());
     let mut pkl: Option<String> = None;
     for e in cd {
-        let name = e.name;
-        if e.method != 0 {
-            return Err(Error::Zip(format!(
-                "entry '{name}' is compressed (method {}); torch writes only stored entries",
-                e.method
-            )));
-        }
-        if name == "data.pkl" || name.ends_with("/data.pkl") {
+        if e.name == "data.pkl" || e.name.ends_with("/data.pkl") {
             // The archive prefix is whatever precedes data.pkl; prefer the shallowest.
-            if pkl.as_ref().is_none_or(|p| name.len() < p.len()) {
-                pkl = Some(name.clone());
+            if pkl.as_ref().is_none_or(|p| e.name.len() < p.len()) {
+                pkl = Some(e.name.clone());
             }
         }
-        entries.insert(name, (e.header_start, e.compressed_size));
+        let loc = Loc::of(&e);
+        if let Loc::Deflated { size, .. } = loc {
+            if size > limits.max_total_bytes as u64 {
+                return Err(Error::Limit {
+                    what: "inflated size of a deflated zip entry",
+                    limit: limits.max_total_bytes as u64,
+                    found: size,
+                });
+            }
+        }
+        entries.insert(e.name, loc);
     }
     let pkl_name = pkl.ok_or_else(|| Error::MissingRecord("data.pkl".into()))?;
     let prefix = pkl_name[..pkl_name.len() - "data.pkl".len()].to_string();
     let record = |n: &str| -> Result<Option<String>> {
         let name = format!("{prefix}{n}");
         match entries.get(&name) {
-            Some(&(h, size)) => {
-                let r = zipdir::data_range(&source, &name, h, size)?;
-                Ok(Some(String::from_utf8_lossy(&source[r]).trim().to_string()))
-            }
+            Some(loc) => Ok(Some(
+                String::from_utf8_lossy(loc.bytes(&source, &name)?)
+                    .trim()
+                    .to_string(),
+            )),
             None => Ok(None),
         }
     };
@@ -270,14 +329,14 @@ fn parse_zip(source: Source, limits: &Limits) -> Result<TorchFile> {
             ))
         }
     };
-    let (h, size) = entries[&pkl_name];
-    let pkl_range = zipdir::data_range(&source, &pkl_name, h, size)?;
+    let pkl_loc = entries[&pkl_name].clone();
+    let pkl_bytes = pkl_loc.bytes(&source, &pkl_name)?;
     let data_prefix = format!("{prefix}data/");
     let storages: HashMap<String, Loc> = entries
         .into_iter()
-        .filter_map(|(name, (header_start, size))| {
+        .filter_map(|(name, loc)| {
             let key = name.strip_prefix(&data_prefix)?.to_string();
-            Some((key, Loc::ZipEntry { header_start, size }))
+            Some((key, loc))
         })
         .collect();
     let mut load = |pid: Value, pos: usize| -> Result<Value> {
@@ -285,7 +344,8 @@ fn parse_zip(source: Source, limits: &Limits) -> Result<TorchFile> {
         check_storage_size(&s, storages.get(&s.key).map(Loc::len))?;
         Ok(Value::Storage(std::sync::Arc::new(s)))
     };
-    let u = unpickle(&source[pkl_range], &mut load, limits)?;
+    let u = unpickle(pkl_bytes, &mut load, limits)?;
+    drop(pkl_loc);
     Ok(TorchFile {
         source,
         container: TorchContainer::Zip { prefix },

@@ -16,9 +16,11 @@ use std::ops::Range;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
     pub name: String,
-    /// 0 = stored.
+    /// 0 = stored, 8 = deflated (TorchScript archives deflate their `code/` entries).
     pub method: u16,
     pub compressed_size: u64,
+    /// Size once inflated (= `compressed_size` for stored entries).
+    pub uncompressed_size: u64,
     pub header_start: u64,
 }
 
@@ -149,11 +151,11 @@ pub fn central_directory(b: &[u8]) -> Result<Vec<Entry>> {
             }
             x += 4 + size;
         }
-        let _ = uncompressed;
         entries.push(Entry {
             name,
             method,
             compressed_size: compressed,
+            uncompressed_size: uncompressed,
             header_start,
         });
         pos += (46 + name_len + extra_len + comment_len) as usize;
@@ -178,4 +180,24 @@ pub fn data_range(b: &[u8], name: &str, header_start: u64, size: u64) -> Result<
     let start = header_start + 30 + u16_at(hdr, 26) as u64 + u16_at(hdr, 28) as u64;
     get(b, start, size, &format!("zip entry '{name}'"))?;
     Ok(start as usize..(start + size) as usize)
+}
+
+/// Inflate a deflated entry's data (raw DEFLATE, as zip stores it), refusing output larger
+/// than the size the central directory declares (which the caller has checked against its
+/// budget) — a "zip bomb" cannot grow past it.
+pub fn inflate(data: &[u8], name: &str, declared: u64) -> Result<Vec<u8>> {
+    let limit = usize::try_from(declared).map_err(|_| {
+        Error::Zip(format!(
+            "entry '{name}': declared size {declared} too large"
+        ))
+    })?;
+    let out = miniz_oxide::inflate::decompress_to_vec_with_limit(data, limit)
+        .map_err(|e| Error::Zip(format!("entry '{name}': deflate data: {e}")))?;
+    if out.len() as u64 != declared {
+        return Err(Error::Zip(format!(
+            "entry '{name}': inflated to {} bytes, the directory says {declared}",
+            out.len()
+        )));
+    }
+    Ok(out)
 }

@@ -21,12 +21,89 @@ use crate::io::torch::{TorchFile, TorchWriter};
 use crate::io::{Format, Source};
 use crate::model::config::{HookedTransformerConfig, TL2_CONFIG_CLASS, TL3_CONFIG_CLASS};
 use crate::model::StateDict;
+use crate::task::Operation;
 use crate::tensor::{Tensor, TensorRef};
 use ndarray::Array1;
 use original::OriginalShapes;
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+
+/// Which train/test split to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SplitChoice {
+    /// What the file says: stored indices, or the 2022 code's rule for its runs; else an error.
+    #[default]
+    Auto,
+    /// The TL demo's rule: `torch.manual_seed(598); torch.randperm(p²)`, first 30% train.
+    Demo,
+    /// The 2022 code's rule with its defaults: `random.seed(0); random.shuffle(pairs)`, 30%.
+    Original2022,
+}
+
+impl std::str::FromStr for SplitChoice {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<SplitChoice> {
+        match s {
+            "auto" => Ok(SplitChoice::Auto),
+            "demo" => Ok(SplitChoice::Demo),
+            "2022" => Ok(SplitChoice::Original2022),
+            other => Err(Error::invalid(
+                "--split",
+                format!("expected auto, demo or 2022, found '{other}'"),
+            )),
+        }
+    }
+}
+
+/// How a split was obtained.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SplitRule {
+    /// `train_indices` / `test_indices` stored in the file.
+    Stored,
+    /// The 2022 code's `gen_train_test`; `from_defaults` when the run's config lacked the seed
+    /// or fraction and the `Config` defaults were used.
+    Python2022 {
+        seed: u64,
+        frac_train: f64,
+        from_defaults: bool,
+    },
+    /// `torch.manual_seed(seed); torch.randperm(p²)`, as the TL demo.
+    TorchRandperm { seed: u64, frac_train: f64 },
+}
+
+impl std::fmt::Display for SplitRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SplitRule::Stored => write!(f, "stored in the file"),
+            SplitRule::Python2022 {
+                seed,
+                frac_train,
+                from_defaults,
+            } => write!(
+                f,
+                "the 2022 code's random.shuffle (seed {seed}, frac_train {frac_train}{})",
+                if *from_defaults {
+                    ", Config defaults"
+                } else {
+                    ""
+                }
+            ),
+            SplitRule::TorchRandperm { seed, frac_train } => write!(
+                f,
+                "torch.randperm as the TL demo (seed {seed}, frac_train {frac_train})"
+            ),
+        }
+    }
+}
+
+/// A train/test split: indices into the a-major dataset of p² inputs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Split {
+    pub train: Vec<i64>,
+    pub test: Vec<i64>,
+    pub rule: SplitRule,
+}
 
 /// How the keys and weights of a file are arranged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -86,6 +163,18 @@ impl StateDictRef {
             .map(|(_, _, s, _)| s.as_slice())
     }
 
+    /// Rename entries starting with `from` to start with `to`; whether any was renamed.
+    fn rename_prefix(&mut self, from: &str, to: &str) -> bool {
+        let mut any = false;
+        for (n, ..) in &mut self.entries {
+            if let Some(rest) = n.strip_prefix(from) {
+                *n = format!("{to}{rest}");
+                any = true;
+            }
+        }
+        any
+    }
+
     fn n_layers(&self) -> usize {
         self.entries
             .iter()
@@ -121,6 +210,22 @@ pub struct RunFile {
     pub test_indices: Option<Vec<i64>>,
     original: Option<OriginalShapes>,
     optimizer: Option<(i64, StateDictRef, StateDictRef, serde_json::Value)>,
+    /// What kind of file this is, in words (`inspect` prints it).
+    pub description: String,
+    /// A torch `Optimizer.state_dict()` saved with the run (2022 runs), summarised; tlens
+    /// does not resume from it.
+    pub torch_optimizer: Option<serde_json::Value>,
+    /// An LR scheduler's state dict saved with the run (2022 runs: `LambdaLR`), summarised.
+    pub scheduler: Option<serde_json::Value>,
+    /// `train_loss` / `test_loss` as stored at the top level (2022 single runs; NaN if only
+    /// one is present).
+    pub final_losses: Option<(f64, f64)>,
+    /// `epoch` as stored (2022 single runs).
+    pub epoch: Option<i64>,
+    /// Tensors that could not be read (a dtype tlens does not support): name and reason.
+    pub unreadable: Vec<(String, String)>,
+    /// What tlens changed while reading (renamed keys, …), for `inspect`.
+    pub notes: Vec<String>,
 }
 
 /// A fully loaded run (TL layout).
@@ -181,14 +286,14 @@ impl RunFile {
     }
 
     fn from_source(source: Source) -> Result<RunFile> {
-        let format = Format::detect(&source)?;
-        match format {
-            Format::Safetensors => {
-                let f = SafetensorsFile::from_source(source)?;
-                Self::from_safetensors(f)
-            }
-            _ => {
-                let f = TorchFile::parse(source, &Default::default())?;
+        Self::from_file(crate::io::tree::AnyFile::from_source(source)?)
+    }
+
+    /// Interpret a parsed container as a run ([`Error::NotARun`] when it holds none).
+    pub fn from_file(file: crate::io::tree::AnyFile) -> Result<RunFile> {
+        match file {
+            crate::io::tree::AnyFile::Safetensors(f) => Self::from_safetensors(f),
+            crate::io::tree::AnyFile::Torch(f) => {
                 let format = f.format();
                 Self::from_torch(f, format)
             }
@@ -212,6 +317,13 @@ impl RunFile {
             test_indices: None,
             original: None,
             optimizer: None,
+            description: String::new(),
+            torch_optimizer: None,
+            scheduler: None,
+            final_losses: None,
+            epoch: None,
+            unreadable: Vec::new(),
+            notes: Vec::new(),
         }
     }
 
@@ -219,11 +331,7 @@ impl RunFile {
         // The run keeps typed references, moved out of the value tree (which is then dropped).
         let root = std::mem::replace(&mut f.root, Value::None);
         let Value::Dict(mut dict) = root else {
-            return Err(Error::type_err(
-                "top-level object",
-                "dict",
-                root.type_name(),
-            ));
+            return Err(Error::NotARun(not_a_run(&root)));
         };
         let mut run = RunFile::empty(Container::Torch(f), format);
         let is_state_dict = !dict.items.is_empty()
@@ -233,9 +341,11 @@ impl RunFile {
                 .all(|(_, v)| matches!(v, Value::Tensor(_)));
         if is_state_dict {
             run.model = Some(sd_ref(Value::Dict(dict), "state dict")?);
+            run.description = "a state dict".into();
         } else if dict.get("state_dicts").is_some() || dict.get("epochs").is_some() {
             // 2022 original layout
             run.layout = Layout::Original;
+            run.description = "2022 full run (model, state_dicts, epochs, losses, config)".into();
             let model =
                 take(&mut dict, "model").ok_or_else(|| Error::missing("original run", "model"))?;
             run.model = Some(sd_ref(model, &ctx_key("model"))?);
@@ -253,44 +363,112 @@ impl RunFile {
             };
             let m = run.model.as_ref().expect("set above");
             let shapes = OriginalShapes::infer(|n| m.shape(n), m.n_layers())?;
-            run.config = Some(shapes.config(cfg_json.as_ref())?);
+            run.config = Some(shapes.config(cfg_json.as_ref(), None)?);
             run.original = Some(shapes);
         } else {
-            // TL demo layout (or a subset of it)
-            if let Some(m) = take(&mut dict, "model") {
-                run.model = Some(sd_ref(m, &ctx_key("model"))?);
+            // TL demo layout (or a subset of it), a tlens run, or a 2022 single run
+            // ({model, optimizer, scheduler, train_loss, test_loss, train_losses, test_losses,
+            // epoch[, config]}) — told apart by what the keys hold, not by their names alone.
+            let keys: Vec<String> = dict.keys().map(str::to_string).collect();
+            match take(&mut dict, "model") {
+                Some(m @ Value::Dict(_)) => {
+                    let mut m = sd_ref(m, &ctx_key("model"))?;
+                    // The 2022 code's attention-only models (induction heads) name their
+                    // blocks `attn_blocks`; TL names them `blocks`.
+                    if m.rename_prefix("attn_blocks.", "blocks.") {
+                        run.notes
+                            .push("renamed attn_blocks.* to blocks.* (TL layout)".into());
+                    }
+                    run.model = Some(m);
+                }
+                Some(other) => {
+                    return Err(Error::NotARun(format!(
+                        "its 'model' is a {}, not a state dict",
+                        other.type_name()
+                    )))
+                }
+                None => {}
             }
+            let mut original_config = None;
             if let Some(c) = dict.get("config") {
-                run.config = Some(HookedTransformerConfig::from_pickle(c).map_err(
-                    |e| match e {
-                        Error::Invalid { msg, .. } => Error::invalid(ctx_key("config"), msg),
-                        e => e,
-                    },
-                )?);
-                if let Value::Object(o) = c {
-                    run.config_class = Some((o.module.clone(), o.name.clone()));
+                if config_kind(c) == ConfigKind::Tl {
+                    run.config = Some(HookedTransformerConfig::from_pickle(c).map_err(
+                        |e| match e {
+                            Error::Invalid { msg, .. } => Error::invalid(ctx_key("config"), msg),
+                            e => e,
+                        },
+                    )?);
+                    if let Value::Object(o) = c {
+                        run.config_class = Some((o.module.clone(), o.name.clone()));
+                    }
+                } else {
+                    // The 2022 code's `Config` as a dict (or another task's config dict).
+                    original_config =
+                        Some(crate::model::config::pickle_to_json(c, "run['config']")?);
                 }
             }
+            let model_config = match dict.get("model_config") {
+                Some(c) => Some(crate::model::config::pickle_to_json(
+                    c,
+                    "run['model_config']",
+                )?),
+                None => None,
+            };
             if let Some(cs) = take(&mut dict, "checkpoints") {
                 run.checkpoints = sd_refs(cs, "checkpoints")?;
             }
-            if let Some(Value::Dict(mut o)) = take(&mut dict, "optimizer") {
-                let step = o
-                    .get("step")
-                    .and_then(Value::as_i64)
-                    .ok_or_else(|| Error::missing(ctx_key("optimizer"), "step"))?;
-                let settings = match o.get("settings") {
-                    Some(s) => {
-                        crate::model::config::pickle_to_json(s, "run['optimizer']['settings']")?
+            match take(&mut dict, "optimizer") {
+                Some(Value::Dict(o))
+                    if o.get("state").is_some() && o.get("param_groups").is_some() =>
+                {
+                    run.torch_optimizer = Some(torch_optimizer_summary(&o)?);
+                }
+                Some(Value::Dict(mut o)) => {
+                    let step = o
+                        .get("step")
+                        .and_then(Value::as_i64)
+                        .ok_or_else(|| Error::missing(ctx_key("optimizer"), "step"))?;
+                    let settings = match o.get("settings") {
+                        Some(s) => {
+                            crate::model::config::pickle_to_json(s, "run['optimizer']['settings']")?
+                        }
+                        None => serde_json::Value::Null,
+                    };
+                    let mut sd = |k: &str| -> Result<StateDictRef> {
+                        let v = take(&mut o, k)
+                            .ok_or_else(|| Error::missing(ctx_key("optimizer"), k))?;
+                        sd_ref(v, &format!("run['optimizer']['{k}']"))
+                    };
+                    run.optimizer = Some((step, sd("exp_avg")?, sd("exp_avg_sq")?, settings));
+                }
+                Some(other) => {
+                    return Err(Error::type_err(
+                        ctx_key("optimizer"),
+                        "optimizer state dict",
+                        other.type_name(),
+                    ))
+                }
+                None => {}
+            }
+            if let Some(Value::Dict(sch)) = dict.get("scheduler") {
+                run.scheduler = Some(scheduler_summary(sch));
+            }
+            for (key, slot) in [("train_loss", 0), ("test_loss", 1)] {
+                if let Some(v) = dict.get(key) {
+                    let x = run.scalar(v, key)?;
+                    let fl = run.final_losses.get_or_insert((f64::NAN, f64::NAN));
+                    if slot == 0 {
+                        fl.0 = x;
+                    } else {
+                        fl.1 = x;
                     }
-                    None => serde_json::Value::Null,
-                };
-                let mut sd = |k: &str| -> Result<StateDictRef> {
-                    let v =
-                        take(&mut o, k).ok_or_else(|| Error::missing(ctx_key("optimizer"), k))?;
-                    sd_ref(v, &format!("run['optimizer']['{k}']"))
-                };
-                run.optimizer = Some((step, sd("exp_avg")?, sd("exp_avg_sq")?, settings));
+                }
+            }
+            if let Some(e) = dict.get("epoch") {
+                run.epoch = Some(
+                    e.as_i64()
+                        .ok_or_else(|| Error::type_err(ctx_key("epoch"), "int", e.type_name()))?,
+                );
             }
             if let Some(e) = dict.get("checkpoint_epochs") {
                 run.checkpoint_epochs = ints(e, &ctx_key("checkpoint_epochs"))?;
@@ -300,17 +478,40 @@ impl RunFile {
             run.train_indices = run.index_tensor(dict.get("train_indices"), "train_indices")?;
             run.test_indices = run.index_tensor(dict.get("test_indices"), "test_indices")?;
             if run.model.is_none() && run.checkpoints.is_empty() {
-                return Err(Error::missing("run", "model"));
+                return Err(Error::NotARun(format!(
+                    "a dict with keys [{}] and no 'model' state dict or 'checkpoints'{}",
+                    keys.join(", "),
+                    if dict.get("train_losses").is_some() || dict.get("losses").is_some() {
+                        " (losses only)"
+                    } else {
+                        ""
+                    }
+                )));
             }
+            run.description = if run.torch_optimizer.is_some() || run.scheduler.is_some() {
+                "2022 single run (model, optimizer, scheduler, losses)".into()
+            } else if run.optimizer.is_some() {
+                "tlens training run (TL demo layout + AdamW state)".into()
+            } else if run.config_class.is_some() || !run.checkpoints.is_empty() {
+                "TL grokking demo run".into()
+            } else {
+                format!("a dict of [{}]", keys.join(", "))
+            };
             if let Some(m) = &run.model {
-                // A bare or demo state dict in the 2022 layout (2-D W_O) is converted too.
+                // A model in the 2022 layout (2-D W_O) is converted to TL layout as it is read.
                 if m.shape("blocks.0.attn.W_O").is_some_and(|s| s.len() == 2) {
                     run.layout = Layout::Original;
                     let shapes = OriginalShapes::infer(|n| m.shape(n), m.n_layers())?;
                     if run.config.is_none() {
-                        run.config = Some(shapes.config(None)?);
+                        run.config =
+                            Some(shapes.config(original_config.as_ref(), model_config.as_ref())?);
                     }
                     run.original = Some(shapes);
+                } else if original_config.is_some() || model_config.is_some() {
+                    return Err(Error::Unsupported(
+                        "a 2022-style config dict with a model that is not in the 2022 layout"
+                            .into(),
+                    ));
                 }
             }
         }
@@ -326,6 +527,19 @@ impl RunFile {
             ));
         }
         Ok(run)
+    }
+
+    /// A number stored as a float, an int or a 0-d tensor (the 2022 runs' `train_loss`).
+    fn scalar(&self, v: &Value, key: &str) -> Result<f64> {
+        match v {
+            Value::Tensor(r) if r.shape.iter().product::<usize>() == 1 => {
+                let t = self.load_src(&Src::Torch((**r).clone()), key)?;
+                Ok(t.to_f64_vec()[0])
+            }
+            other => other
+                .as_f64()
+                .ok_or_else(|| Error::type_err(ctx_key(key), "number", other.type_name())),
+        }
     }
 
     fn index_tensor(&self, v: Option<&Value>, key: &str) -> Result<Option<Vec<i64>>> {
@@ -354,8 +568,16 @@ impl RunFile {
         let mut ckpts: Vec<StateDictRef> = Vec::new();
         let mut run_tensors: HashMap<String, String> = HashMap::new();
         let (mut exp_avg, mut exp_avg_sq) = (StateDictRef::default(), StateDictRef::default());
+        let mut unreadable = Vec::new();
         for name in &names {
-            let (dtype, shape) = f.info(name)?;
+            let (dtype, shape) = match f.info(name) {
+                Ok(x) => x,
+                Err(e @ Error::Unsupported(_)) => {
+                    unreadable.push((name.clone(), e.to_string()));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let opt = [
                 ("optimizer.exp_avg_sq.", &mut exp_avg_sq),
                 ("optimizer.exp_avg.", &mut exp_avg),
@@ -432,6 +654,12 @@ impl RunFile {
             None => None,
         };
         let mut run = RunFile::empty(Container::Safetensors(f), Format::Safetensors);
+        run.unreadable = unreadable;
+        run.description = if meta.get("format").map(String::as_str) == Some("tlens-run") {
+            "tlens safetensors run".into()
+        } else {
+            "a safetensors state dict".into()
+        };
         if !model.is_empty() {
             run.model = Some(model);
         }
@@ -474,7 +702,7 @@ impl RunFile {
                 run.layout = Layout::Original;
                 let shapes = OriginalShapes::infer(|n| m.shape(n), m.n_layers())?;
                 if run.config.is_none() {
-                    run.config = Some(shapes.config(None)?);
+                    run.config = Some(shapes.config(None, None)?);
                 }
                 run.original = Some(shapes);
             }
@@ -597,33 +825,248 @@ impl RunFile {
         })
     }
 
-    /// The run's train/test split as indices into the a-major dataset of p² inputs: the indices
-    /// stored in the file; else, for a 2022-original run whose config dict has `seed` and
-    /// `frac_train`, the split its code made (`random.seed(seed); random.shuffle(pairs)`);
-    /// else the TL demo's (`torch.manual_seed(598); torch.randperm(p²)`, 30% train).
-    pub fn split(&self, p: usize) -> (Vec<i64>, Vec<i64>) {
-        if let (Some(tr), Some(te)) = (&self.train_indices, &self.test_indices) {
-            return (tr.clone(), te.clone());
-        }
-        let original = self
-            .config
+    /// The 2022 `Config` dict this run was trained with (2022-code runs), if the file has one.
+    pub fn original_config(&self) -> Option<&serde_json::Value> {
+        self.config
             .as_ref()
-            .and_then(|c| c.extra.get("original_config"));
-        if let Some(o) = original {
-            if let (Some(seed), Some(frac)) = (
-                o.get("seed").and_then(serde_json::Value::as_u64),
-                o.get("frac_train").and_then(serde_json::Value::as_f64),
-            ) {
-                return crate::task::python_shuffle_split(p, frac, seed);
+            .and_then(|c| c.extra.get("original_config"))
+    }
+
+    /// Whether the run was written by the 2022 code (its model is in the 2022 layout).
+    pub fn is_2022(&self) -> bool {
+        self.layout == Layout::Original
+    }
+
+    /// The modulus p of a modular-arithmetic run, after checking that the model is one: inputs
+    /// `[a, b, =]` (n_ctx 3, `=` = token p = d_vocab − 1), p or p + 1 outputs, and (for 2022
+    /// runs) a config whose `fn_name` is a modular operation and whose `p` agrees.
+    pub fn modular_p(&self) -> Result<usize> {
+        let cfg = self.config.as_ref().ok_or_else(|| {
+            Error::NotModularArithmetic("the file has no config and no model to infer one".into())
+        })?;
+        let why = |m: String| Err(Error::NotModularArithmetic(m));
+        if let Some(mc) = cfg.extra.get("model_config") {
+            return why(format!(
+                "a 2022-code model of another task (model_config {mc}); `inspect` and `convert` read it"
+            ));
+        }
+        let p = cfg.d_vocab().saturating_sub(1);
+        if cfg.n_ctx() != 3 {
+            return why(format!(
+                "n_ctx is {} but the task's inputs are [a, b, =] (n_ctx 3)",
+                cfg.n_ctx()
+            ));
+        }
+        if p < 2 || (cfg.d_vocab_out() != p && cfg.d_vocab_out() != p + 1) {
+            return why(format!(
+                "d_vocab {} and d_vocab_out {}: the task needs d_vocab = p + 1 and p or p + 1 outputs",
+                cfg.d_vocab(),
+                cfg.d_vocab_out()
+            ));
+        }
+        if let Some(oc) = self.original_config() {
+            if let Some(cp) = oc.get("p").and_then(serde_json::Value::as_u64) {
+                if cp as usize != p {
+                    return why(format!(
+                        "config p = {cp} but the model's vocabulary gives p = {p}"
+                    ));
+                }
             }
         }
-        crate::task::demo_split(p, 0.3, 598)
+        self.operation()?;
+        Ok(p)
+    }
+
+    /// The run's operation: the 2022 config's `fn_name` (the 2022 `Config` default `add` when
+    /// the run has no config), else a tlens/TL run's `operation` config field, else addition
+    /// (the TL demo's task).
+    pub fn operation(&self) -> Result<Operation> {
+        let cfg = self.config.as_ref();
+        let name = match (
+            self.original_config(),
+            cfg.and_then(|c| c.extra.get("operation")),
+        ) {
+            (Some(oc), _) => oc.get("fn_name").and_then(serde_json::Value::as_str),
+            (None, Some(op)) => op.as_str(),
+            (None, None) => None,
+        };
+        match name {
+            None => Ok(Operation::Add),
+            Some(n) => Operation::from_2022_name(n).ok_or_else(|| {
+                Error::NotModularArithmetic(format!(
+                    "fn_name '{n}' is not one of the 2022 code's modular operations (add, subtract, x2xyy2, rand)"
+                ))
+            }),
+        }
+    }
+
+    /// The run's train/test split as indices into the a-major dataset of p² inputs, and the
+    /// rule that gave it ([`SplitChoice::Auto`]): the indices stored in the file; else, for a
+    /// run of the 2022 code, the split its `gen_train_test` made (`random.seed(seed);
+    /// random.shuffle(pairs)`, with the run's `seed`/`frac_train` or the `Config` defaults 0 and
+    /// 0.3); else the split cannot be known — [`Error::UnknownData`], never a guess. The other
+    /// choices apply a rule the user names.
+    pub fn split(&self, p: usize, choice: SplitChoice) -> Result<Split> {
+        let n = p * p;
+        let rule = match choice {
+            SplitChoice::Demo => SplitRule::TorchRandperm {
+                seed: 598,
+                frac_train: 0.3,
+            },
+            SplitChoice::Original2022 => SplitRule::Python2022 {
+                seed: 0,
+                frac_train: 0.3,
+                from_defaults: true,
+            },
+            SplitChoice::Auto => {
+                if let (Some(tr), Some(te)) = (&self.train_indices, &self.test_indices) {
+                    return Ok(Split {
+                        train: tr.clone(),
+                        test: te.clone(),
+                        rule: SplitRule::Stored,
+                    });
+                }
+                if !self.is_2022() {
+                    return Err(Error::UnknownData(
+                        "the file stores no train/test indices and is not a run of the 2022 \
+                         code; name a rule with --split demo (torch.randperm, seed 598, 30%) \
+                         or --split 2022 (random.shuffle, seed 0, 30%)"
+                            .into(),
+                    ));
+                }
+                let oc = self.original_config();
+                let seed = oc.and_then(|o| o.get("seed"));
+                let frac = oc.and_then(|o| o.get("frac_train"));
+                SplitRule::Python2022 {
+                    seed: match seed {
+                        Some(s) => s.as_u64().ok_or_else(|| {
+                            Error::invalid("config seed", format!("{s} is not a non-negative int"))
+                        })?,
+                        None => 0,
+                    },
+                    frac_train: match frac {
+                        Some(f) => {
+                            f.as_f64()
+                                .filter(|f| (0.0..=1.0).contains(f))
+                                .ok_or_else(|| {
+                                    Error::invalid(
+                                        "config frac_train",
+                                        format!("{f} is not in [0, 1]"),
+                                    )
+                                })?
+                        }
+                        None => 0.3,
+                    },
+                    from_defaults: seed.is_none() || frac.is_none(),
+                }
+            }
+        };
+        let (train, test) = match rule {
+            SplitRule::TorchRandperm { seed, frac_train } => {
+                crate::task::demo_split(p, frac_train, seed)
+            }
+            SplitRule::Python2022 {
+                seed, frac_train, ..
+            } => crate::task::python_shuffle_split(p, frac_train, seed),
+            SplitRule::Stored => unreachable!("returned above"),
+        };
+        debug_assert_eq!(train.len() + test.len(), n);
+        Ok(Split { train, test, rule })
     }
 
     /// Whether the file carries optimizer state (a resumable tlens training run).
     pub fn has_optimizer_state(&self) -> bool {
         self.optimizer.is_some()
     }
+}
+
+/// Which kind of config a `config` entry holds.
+#[derive(PartialEq, Eq)]
+enum ConfigKind {
+    /// A TL `HookedTransformerConfig` object, or a dict of its fields (`n_layers`, `d_model`, …).
+    Tl,
+    /// Any other dict: the 2022 code's `Config` (lr, p, fn_name, frac_train, seed, …) or
+    /// another task's config.
+    Other,
+}
+
+fn config_kind(c: &Value) -> ConfigKind {
+    match c {
+        Value::Object(_) => ConfigKind::Tl,
+        Value::Dict(d) if d.get("n_layers").is_some() && d.get("d_model").is_some() => {
+            ConfigKind::Tl
+        }
+        _ => ConfigKind::Other,
+    }
+}
+
+/// Why a file's top-level object is not a run, in a user's words.
+fn not_a_run(root: &Value) -> String {
+    let is_run = |v: &Value| v.get("model").is_some_and(|m| m.as_dict().is_some());
+    match root {
+        Value::List(items) | Value::Tuple(items)
+            if !items.is_empty() && items.iter().all(is_run) =>
+        {
+            format!("a list of {} training runs (a sweep)", items.len())
+        }
+        Value::List(items) | Value::Tuple(items)
+            if !items.is_empty() && items.iter().all(|x| x.as_f64().is_some()) =>
+        {
+            format!("a list of {} numbers (losses?)", items.len())
+        }
+        Value::Tensor(t) => format!("a single tensor {:?} {}", t.shape, t.dtype()),
+        Value::Object(o) if o.module == "__torch__" || o.module.starts_with("__torch__.") => {
+            format!(
+                "a TorchScript module ({}): tlens reads its weights (`inspect`, `convert`), never its code",
+                o.class()
+            )
+        }
+        Value::Object(o) if crate::io::tree::numpy_array(o).is_some() => "a numpy array".into(),
+        other => format!("the top-level object is a {}", other.type_name()),
+    }
+}
+
+/// What a torch optimizer state dict holds (`Optimizer.state_dict()`: per-parameter state
+/// indexed in `model.parameters()` order, and the param groups' hyper-parameters).
+fn torch_optimizer_summary(o: &Dict) -> Result<serde_json::Value> {
+    let state = o.get("state").and_then(Value::as_dict);
+    let n_params = state.map_or(0, |s| s.items.len());
+    let step = state
+        .and_then(|s| s.items.first())
+        .and_then(|(_, v)| v.get("step"))
+        .map(|s| match s {
+            Value::Tensor(_) => serde_json::json!("tensor"),
+            other => serde_json::json!(other.as_f64()),
+        });
+    let mut groups = Vec::new();
+    if let Some(gs) = o.get("param_groups").and_then(Value::as_seq) {
+        for g in gs {
+            let mut m = serde_json::Map::new();
+            if let Some(d) = g.as_dict() {
+                for (k, v) in &d.items {
+                    let (Some(k), false) = (k.as_str(), matches!(v, Value::Tensor(_))) else {
+                        continue;
+                    };
+                    if let Ok(j) = crate::model::config::pickle_to_json(v, k) {
+                        m.insert(k.to_string(), j);
+                    }
+                }
+            }
+            groups.push(serde_json::Value::Object(m));
+        }
+    }
+    Ok(serde_json::json!({"n_params_with_state": n_params, "step": step, "param_groups": groups}))
+}
+
+/// The plain fields of an LR scheduler's state dict (`LambdaLR`: base_lrs, last_epoch, …).
+fn scheduler_summary(d: &Dict) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    for (k, v) in &d.items {
+        if let (Some(k), Ok(j)) = (k.as_str(), crate::model::config::pickle_to_json(v, "")) {
+            m.insert(k.to_string(), j);
+        }
+    }
+    serde_json::Value::Object(m)
 }
 
 /// Names of run-level tensors in a tlens safetensors run.

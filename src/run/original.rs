@@ -81,8 +81,13 @@ impl OriginalShapes {
     }
 
     /// The TL config equivalent to the original model, with the 2022 config dict's values
-    /// (`seed`, …) where they apply; the whole dict is kept under `extra["original_config"]`.
-    pub fn config(&self, original: Option<&Json>) -> Result<HookedTransformerConfig> {
+    /// (`seed`, …) where they apply; the whole dict is kept under `extra["original_config"]`
+    /// (and an attention-only model's `model_config` under `extra["model_config"]`).
+    pub fn config(
+        &self,
+        original: Option<&Json>,
+        model_config: Option<&Json>,
+    ) -> Result<HookedTransformerConfig> {
         let mut j = serde_json::json!({
             "n_layers": self.n_layers, "d_model": self.d_model, "n_ctx": self.n_ctx,
             "d_head": self.d_head, "n_heads": self.n_heads, "d_vocab": self.d_vocab,
@@ -97,6 +102,12 @@ impl OriginalShapes {
                 j["seed"] = seed.into();
             }
             j["original_config"] = orig.clone();
+        }
+        if let Some(mc) = model_config {
+            if let Some(seed) = mc.get("seed").and_then(Json::as_i64) {
+                j["seed"] = seed.into();
+            }
+            j["model_config"] = mc.clone();
         }
         HookedTransformerConfig::from_json(j)
     }

@@ -434,10 +434,11 @@ impl<'a, 'l> Vm<'a, 'l> {
                     self.op = "LONG";
                     let s = self.line_str()?;
                     let s = s.trim_end_matches('L');
-                    let v = s
-                        .parse()
-                        .map_err(|_| self.bad("LONG literal out of i64 range"))?;
-                    self.leaf(Value::Int(v))?;
+                    // Protocols 0 and 1 write every long this way (torch's legacy magic
+                    // number included); the digits are bounded by the line length limit.
+                    let b = long_from_decimal(s)
+                        .ok_or_else(|| self.bad("LONG literal is not a decimal integer"))?;
+                    self.leaf(decode_long(&b))?;
                 }
                 b'G' => {
                     self.op = "BINFLOAT";
@@ -867,6 +868,34 @@ impl<'a, 'l> Vm<'a, 'l> {
                 let t = self.rebuild_tensor(&args, name)?;
                 Ok(Node::Leaf(Value::Tensor(Box::new(t))))
             }
+            ("torch._utils", "_rebuild_tensor_v3") => {
+                // (storage, offset, size, stride, requires_grad, backward_hooks, dtype): the
+                // storage is untyped bytes reinterpreted as `dtype`.
+                let mut t = self.rebuild_tensor(&args, name)?;
+                let dtype = match args.get(6).and_then(|&a| self.leaf_of(a)) {
+                    Some(Value::Dtype(d)) => *d,
+                    Some(Value::Global { module, name: n }) => {
+                        return Err(Error::Unsupported(format!("tensor dtype {module}.{n}")))
+                    }
+                    _ => return Err(self.bad("_rebuild_tensor_v3: argument 6 must be a dtype")),
+                };
+                if t.storage.dtype != dtype {
+                    let size = dtype.size() as u64;
+                    let s = &t.storage;
+                    if s.dtype != DType::U8 || s.numel % size != 0 || s.view_offset % size != 0 {
+                        return Err(self.bad(format!(
+                            "_rebuild_tensor_v3: a {} storage of {} elements cannot hold {dtype}",
+                            s.dtype, s.numel
+                        )));
+                    }
+                    let mut typed = (**s).clone();
+                    typed.dtype = dtype;
+                    typed.numel = s.numel / size;
+                    typed.view_offset = s.view_offset / size;
+                    t.storage = std::sync::Arc::new(typed);
+                }
+                Ok(Node::Leaf(Value::Tensor(Box::new(t))))
+            }
             ("torch._utils", "_rebuild_parameter")
             | ("torch._utils", "_rebuild_parameter_with_state") => {
                 let mut t = match args.first().and_then(|&a| self.leaf_of(a)) {
@@ -1218,6 +1247,11 @@ impl<'a, 'l> Vm<'a, 'l> {
 
 /// Interpret a GLOBAL by name only (nothing is imported).
 fn global(module: String, name: String) -> Value {
+    if module == "torch.storage" && name == "UntypedStorage" {
+        // Bytes; `_rebuild_tensor_v3` says what they hold (torch ≥ 2.x for dtypes without a
+        // typed storage class: uint16/32/64, float8, …).
+        return Value::StorageType(DType::U8);
+    }
     if module == "torch" {
         if let Some(d) = is_dtype_name(&name) {
             return Value::Dtype(d);
@@ -1227,6 +1261,53 @@ fn global(module: String, name: String) -> Value {
         }
     }
     Value::Global { module, name }
+}
+
+/// A decimal integer literal as minimal little-endian two's-complement bytes (LONG1's encoding).
+fn long_from_decimal(s: &str) -> Option<Vec<u8>> {
+    let (neg, digits) = match s.strip_prefix('-') {
+        Some(d) => (true, d),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
+    if digits.is_empty() || !digits.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    // Magnitude in base 2^32, least significant limb first.
+    let mut limbs: Vec<u32> = vec![0];
+    for c in digits.bytes() {
+        let mut carry = (c - b'0') as u64;
+        for l in limbs.iter_mut() {
+            let v = *l as u64 * 10 + carry;
+            *l = v as u32;
+            carry = v >> 32;
+        }
+        if carry != 0 {
+            limbs.push(carry as u32);
+        }
+    }
+    let mut bytes: Vec<u8> = limbs.iter().flat_map(|l| l.to_le_bytes()).collect();
+    if neg {
+        // Two's complement: invert and add one.
+        let mut carry = 1u16;
+        for b in bytes.iter_mut() {
+            let v = (!*b) as u16 + carry;
+            *b = v as u8;
+            carry = v >> 8;
+        }
+        bytes.push(0xff);
+    } else {
+        bytes.push(0);
+    }
+    // Drop redundant sign bytes.
+    while bytes.len() > 1 {
+        let (last, prev) = (bytes[bytes.len() - 1], bytes[bytes.len() - 2]);
+        if (last == 0 && prev & 0x80 == 0) || (last == 0xff && prev & 0x80 != 0) {
+            bytes.pop();
+        } else {
+            break;
+        }
+    }
+    Some(bytes)
 }
 
 fn decode_long(b: &[u8]) -> Value {

@@ -5,7 +5,7 @@
 
 use super::{Construct, Dict, Object, Value};
 use crate::error::{Error, Result};
-use crate::tensor::{StorageRef, TensorRef};
+use crate::tensor::{DType, StorageRef, TensorRef};
 use std::collections::HashMap;
 
 /// A pickle writer (protocol 2 by default, as torch.save).
@@ -198,10 +198,18 @@ impl Pickler {
         }
         self.out.push(b'(');
         self.str("storage");
-        self.global("torch", s.dtype.storage_class());
-        self.str(&s.key);
-        self.str(&s.location);
-        self.int(s.numel as i64);
+        if untyped(s.dtype) {
+            // No typed storage class exists: bytes, typed by `_rebuild_tensor_v3` (as torch).
+            self.global("torch.storage", "UntypedStorage");
+            self.str(&s.key);
+            self.str(&s.location);
+            self.int((s.numel * s.dtype.size() as u64) as i64);
+        } else {
+            self.global("torch", s.dtype.storage_class());
+            self.str(&s.key);
+            self.str(&s.location);
+            self.int(s.numel as i64);
+        }
         self.out.push(b't');
         self.out.push(b'Q');
         Ok(())
@@ -211,7 +219,15 @@ impl Pickler {
         if t.is_parameter {
             self.global("torch._utils", "_rebuild_parameter");
         }
-        self.global("torch._utils", "_rebuild_tensor_v2");
+        let v3 = untyped(t.storage.dtype);
+        self.global(
+            "torch._utils",
+            if v3 {
+                "_rebuild_tensor_v3"
+            } else {
+                "_rebuild_tensor_v2"
+            },
+        );
         self.out.push(b'(');
         self.storage(&t.storage)?;
         self.int(t.offset as i64);
@@ -225,6 +241,9 @@ impl Pickler {
             0x89
         });
         self.empty_ordered_dict();
+        if v3 {
+            self.global("torch", t.storage.dtype.torch_name());
+        }
         self.out.push(b't');
         self.out.push(b'R');
         if t.is_parameter {
@@ -371,4 +390,9 @@ impl Pickler {
         }
         Ok(())
     }
+}
+
+/// Dtypes torch saves through an untyped byte storage and `_rebuild_tensor_v3`.
+fn untyped(d: DType) -> bool {
+    matches!(d, DType::U16 | DType::U32 | DType::U64)
 }
