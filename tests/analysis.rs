@@ -323,10 +323,13 @@ fn unsupported_models_and_bad_key_freqs_are_typed_errors() {
         analyze_run(&run, &bad).unwrap_err().root(),
         tlens::Error::Invalid { .. }
     ));
-    // A 2-layer LN model is outside the demo's model family.
+    // A 2-layer LN model of 8 positions is not a modular-arithmetic model at all.
     let run = RunFile::open(fixture("models/ln_gelu_2l.pth")).unwrap();
     let err = tlens::analysis::Task::for_run(&run).unwrap_err();
-    assert!(matches!(err.root(), tlens::Error::Unsupported(_)), "{err}");
+    assert!(
+        matches!(err.root(), tlens::Error::NotModularArithmetic(_)),
+        "{err}"
+    );
 }
 
 /// The restricted/excluded losses use a rank-(1 + 2·|keys|) factorisation and, for the excluded

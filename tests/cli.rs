@@ -324,11 +324,11 @@ fn analyze_with_given_key_freqs_and_bad_ones() {
     let (code, _, err) = tlens(&["analyze", run.to_str().unwrap(), "--key-freqs", "57"]);
     assert_eq!(code, 1);
     assert!(err.contains("57 is not in 1..=56"), "{err}");
-    // A model outside the demo's family.
+    // A model that is not a modular-arithmetic model at all.
     let other = fixture("models/ln_gelu_2l.pth");
     let (code, _, err) = tlens(&["analyze", other.to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(err.contains("unsupported"), "{err}");
+    assert!(err.contains("not a modular-arithmetic model"), "{err}");
 }
 
 #[test]
@@ -498,7 +498,10 @@ fn analyze_a_checkpoint_and_unwritable_outputs() {
         "9,36,38,55",
     ]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("checkpoint at epoch 9999, p = 113"), "{out}");
+    assert!(
+        out.contains("checkpoint at epoch 9999, (a + b) mod 113"),
+        "{out}"
+    );
     // Mid-grokking: the test loss is still well above the final model's.
     assert!(out.contains("loss  train"), "{out}");
     let (code, _, err) = tlens(&["analyze", run.to_str().unwrap(), "--checkpoint", "123"]);

@@ -340,25 +340,44 @@ fn unknown_file_kinds_are_rejected() {
 }
 
 #[test]
-fn compressed_zip_entries_are_rejected() {
-    // torch never writes compressed entries; tlens reads stored entries only and says so.
-    // Mark every entry of a valid file as deflated (method 8) in both header kinds.
+fn compressed_zip_entries_are_inflated_checked_or_rejected() {
+    // torch.save stores every entry; TorchScript archives deflate some (tests/saved_runs.rs
+    // reads a real one). An entry tlens needs is inflated when it is deflated, checked against
+    // its declared size; any other method is an error naming it.
     let run = RunFile::open(fixture("demo_small.pth"))
         .unwrap()
         .load()
         .unwrap();
-    let mut b = run.to_pth_bytes(tlens::ConfigStyle::Tl2Object, 2).unwrap();
+    let good = run.to_pth_bytes(tlens::ConfigStyle::Tl2Object, 2).unwrap();
+    let mark = |method: u8| {
+        let mut b = good.clone();
+        for i in 0..b.len() - 4 {
+            if &b[i..i + 4] == b"PK\x01\x02" {
+                b[i + 10] = method;
+            }
+            if &b[i..i + 4] == b"PK\x03\x04" {
+                b[i + 8] = method;
+            }
+        }
+        b
+    };
+    // Stored bytes falsely marked as deflated: not valid deflate data.
+    let err = try_load(mark(8)).unwrap_err();
+    assert!(matches!(err.root(), Error::Zip(_)), "{err}");
+    assert!(err.to_string().contains("deflate data"), "{err}");
+    // Another method (12 = bzip2) on the pickle: refused by name.
+    let err = try_load(mark(12)).unwrap_err();
+    assert!(matches!(err.root(), Error::Zip(_)), "{err}");
+    assert!(err.to_string().contains("method 12"), "{err}");
+    // A deflated entry that declares a size over the budget is refused before inflating.
+    let mut b = mark(8);
     for i in 0..b.len() - 4 {
         if &b[i..i + 4] == b"PK\x01\x02" {
-            b[i + 10] = 8;
-        }
-        if &b[i..i + 4] == b"PK\x03\x04" {
-            b[i + 8] = 8;
+            b[i + 24..i + 28].copy_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
         }
     }
     let err = try_load(b).unwrap_err();
-    assert!(matches!(err.root(), Error::Zip(_)), "{err}");
-    assert!(err.to_string().contains("compressed"), "{err}");
+    assert!(matches!(err.root(), Error::Limit { .. }), "{err}");
 }
 
 #[test]

@@ -130,6 +130,7 @@ fn print_tree(path: &Path, opts: tree::Options, as_json: bool, why: Option<&Erro
     out.push_str(&format!("tensors ({n}):\n"));
     if let Some(ts) = d["tensors"].as_object() {
         for (name, t) in ts {
+            let name = if name.is_empty() { "(root)" } else { name };
             out.push_str(&format!(
                 "  {:<40} {:<16} {}\n",
                 escape(name),

@@ -186,7 +186,14 @@ fn walk<'a>(v: &'a Value, path: String, out: &mut Vec<(String, Found<'a>)>) {
 
 fn walk_dict<'a>(d: &'a Dict, path: &str, out: &mut Vec<(String, Found<'a>)>) {
     for (k, x) in &d.items {
-        walk(x, join(path, &key_str(k)), out);
+        // A whole pickled `nn.Module` (`torch.save(model)`) keeps its tensors in `_parameters`,
+        // `_buffers` and `_modules`: dropped from the path, they give the state-dict names.
+        let transparent = matches!(k.as_str(), Some("_parameters" | "_buffers" | "_modules"));
+        if transparent {
+            walk(x, path.to_string(), out);
+        } else {
+            walk(x, join(path, &key_str(k)), out);
+        }
     }
 }
 

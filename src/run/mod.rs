@@ -1267,9 +1267,17 @@ impl TrainingRun {
         }
         let vec_f64 = |v: &[f64]| Tensor::F64(Array1::from(v.to_vec()).into_dyn());
         let vec_i64 = |v: &[i64]| Tensor::I64(Array1::from(v.to_vec()).into_dyn());
-        tensors.push(("train_losses".into(), vec_f64(&self.train_losses)));
-        tensors.push(("test_losses".into(), vec_f64(&self.test_losses)));
-        tensors.push(("checkpoint_epochs".into(), vec_i64(&self.checkpoint_epochs)));
+        // Run-level tensors only where the run has them: a bare state dict converts to a
+        // plain safetensors state dict.
+        if !self.train_losses.is_empty() {
+            tensors.push(("train_losses".into(), vec_f64(&self.train_losses)));
+        }
+        if !self.test_losses.is_empty() {
+            tensors.push(("test_losses".into(), vec_f64(&self.test_losses)));
+        }
+        if !self.checkpoint_epochs.is_empty() {
+            tensors.push(("checkpoint_epochs".into(), vec_i64(&self.checkpoint_epochs)));
+        }
         if let Some(v) = &self.train_indices {
             tensors.push(("train_indices".into(), vec_i64(v)));
         }
