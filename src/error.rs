@@ -61,12 +61,14 @@ pub enum Error {
     #[error("pickle memo index {index} not found (at byte {pos})")]
     PickleMemo { pos: usize, index: u64 },
 
-    /// A limit that protects against hostile files was exceeded.
-    #[error("limit exceeded: {what} (limit {limit}, found {found})")]
+    /// A limit that protects against hostile files was exceeded (`at`: the key path inside
+    /// the file, when known; empty otherwise).
+    #[error("limit exceeded{}: {what} (limit {limit}, found {found})", at_path(at))]
     Limit {
         what: &'static str,
         limit: u64,
         found: u64,
+        at: String,
     },
 
     /// A section of the file is shorter than its header says.
@@ -147,7 +149,64 @@ pub enum Error {
     Safetensors(String),
 }
 
+fn at_path(at: &str) -> String {
+    if at.is_empty() {
+        String::new()
+    } else {
+        format!(" at {at}")
+    }
+}
+
+/// Longest text from a file that an error message quotes (a hostile file must not be able to
+/// make an error message of gigabytes).
+const MAX_QUOTE: usize = 400;
+
+/// `s`, cut to [`MAX_QUOTE`] characters.
+pub(crate) fn clip(s: impl Into<String>) -> String {
+    let s = s.into();
+    if s.len() <= MAX_QUOTE {
+        return s;
+    }
+    let mut end = MAX_QUOTE;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes in all)", &s[..end], s.len())
+}
+
 impl Error {
+    /// A limit error (no key path yet; [`Error::at`] adds one).
+    pub(crate) fn limit(what: &'static str, limit: u64, found: u64) -> Error {
+        Error::Limit {
+            what,
+            limit,
+            found,
+            at: String::new(),
+        }
+    }
+
+    /// Prefix the key path of a limit error with `key` (other errors are returned unchanged).
+    pub(crate) fn at(self, key: &str) -> Error {
+        match self {
+            Error::Limit {
+                what,
+                limit,
+                found,
+                at,
+            } => Error::Limit {
+                what,
+                limit,
+                found,
+                at: if at.is_empty() {
+                    clip(key)
+                } else {
+                    format!("{}.{at}", clip(key))
+                },
+            },
+            e => e,
+        }
+    }
+
     /// The innermost error, with any [`Error::File`] wrappers removed.
     pub fn root(&self) -> &Error {
         match self {
@@ -173,23 +232,23 @@ impl Error {
         found: impl Into<String>,
     ) -> Error {
         Error::Type {
-            context: context.into(),
+            context: clip(context),
             expected: expected.into(),
-            found: found.into(),
+            found: clip(found),
         }
     }
 
     pub(crate) fn missing(context: impl Into<String>, key: impl Into<String>) -> Error {
         Error::MissingKey {
-            context: context.into(),
-            key: key.into(),
+            context: clip(context),
+            key: clip(key),
         }
     }
 
     pub(crate) fn invalid(context: impl Into<String>, msg: impl Into<String>) -> Error {
         Error::Invalid {
-            context: context.into(),
-            msg: msg.into(),
+            context: clip(context),
+            msg: clip(msg),
         }
     }
 }

@@ -48,20 +48,20 @@ pub fn run(args: &AnalyzeArgs) -> Result<(Analysis, AnalysisArrays)> {
     };
     let (analysis, arrays) = analyze_run(&run, &opts).map_err(|e| e.in_file(args.file))?;
     let took = start.elapsed();
-    print_report(&analysis);
-    println!(
+    print_report(&analysis)?;
+    outln!(
         "\nanalysed the model and {} checkpoints in {:.2} s",
         analysis.checkpoints.len(),
         took.as_secs_f64()
-    );
+    )?;
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&analysis)?;
         crate::io::write_atomic(path, text.as_bytes()).map_err(|e| e.in_file(path))?;
-        println!("wrote {}", path.display());
+        outln!("wrote {}", path.display())?;
     }
     if let Some(path) = &args.npz {
         arrays.write_npz(path)?;
-        println!("wrote {}", path.display());
+        outln!("wrote {}", path.display())?;
     }
     if let Some(dir) = &args.plots {
         let files = write_all(
@@ -73,11 +73,11 @@ pub fn run(args: &AnalyzeArgs) -> Result<(Analysis, AnalysisArrays)> {
                 test_losses: &run.test_losses,
             },
         )?;
-        println!(
+        outln!(
             "wrote {} figures (PNG + SVG) to {}",
             files.len() / 2,
             dir.display()
-        );
+        )?;
     }
     Ok((analysis, arrays))
 }
@@ -87,29 +87,29 @@ fn fmt_phase(e: Option<i64>) -> String {
 }
 
 /// The short text report of an analysis.
-pub fn print_report(a: &Analysis) {
+pub fn print_report(a: &Analysis) -> Result<()> {
     let f = &a.final_;
     let what = match a.epoch {
         Some(e) => format!("checkpoint at epoch {e}"),
         None => "final model".into(),
     };
-    println!("{what}, ({}) mod {}:", a.operation.formula(), a.p);
+    outln!("{what}, ({}) mod {}:", a.operation.formula(), a.p)?;
     if !a.skipped.is_empty() {
-        println!(
+        outln!(
             "  skipped (they assume addition, the run's operation is {}): {}",
             a.operation.name(),
             a.skipped.join(", ")
-        );
+        )?;
     }
-    println!(
+    outln!(
         "  loss  train {:.3e}  test {:.3e}   accuracy train {:.2}%  test {:.2}%",
         f.train_loss,
         f.test_loss,
         100.0 * f.train_accuracy,
         100.0 * f.test_accuracy
-    );
+    )?;
     let keys: Vec<String> = a.key_freqs.iter().map(|k| k.to_string()).collect();
-    println!(
+    outln!(
         "  key frequencies ({}): {}",
         a.key_freqs_source,
         if keys.is_empty() {
@@ -117,29 +117,29 @@ pub fn print_report(a: &Analysis) {
         } else {
             keys.join(", ")
         }
-    );
-    println!(
+    )?;
+    outln!(
         "  restricted loss (test) {:.3e}   excluded loss (train) {:.3e}",
         f.restricted_loss, f.excluded_loss
-    );
-    println!(
+    )?;
+    outln!(
         "  neurons explained > 85% by one frequency: {:.1}% of {}",
         100.0 * f.frac_neurons_explained,
         a.neurons.len()
-    );
+    )?;
     for c in &a.clusters {
-        println!(
+        outln!(
             "    frequency {:>2}: {:>3} neurons",
             c.freq,
             c.neurons.len()
-        );
+        )?;
     }
     let k = &f.key_freq_power_fraction;
-    println!(
+    outln!(
         "  power in the key frequencies: W_E {:.3}  x1 {:.3}  x2 {:.3}  W_L {:.3}",
         k.w_e, k.x1, k.x2, k.w_l
-    );
-    println!(
+    )?;
+    outln!(
         "  logits: cos-sim with the key frequencies {}; residual {:.3} of the norm; loss rebuilt from them {:.3e}",
         a.logit_cos_sim_key
             .iter()
@@ -148,28 +148,29 @@ pub fn print_report(a: &Analysis) {
             .join(", "),
         f.logit_residual_fraction_key,
         f.key_freq_logits_loss
-    );
-    println!(
+    )?;
+    outln!(
         "  embedding: principal components' frequencies {:?}; Gini W_E {:.3}, W_L {:.3}; sum of squared weights {:.1}",
         a.embedding.pc_freq, f.gini_w_e, f.gini_w_l, f.sum_sq_weights
-    );
+    )?;
     if !a.checkpoints.is_empty() {
-        println!(
+        outln!(
             "  phases: memorisation ends at epoch {}, circuit formation at {}, clean-up at {}",
             fmt_phase(a.phases.memorization_end),
             fmt_phase(a.phases.circuit_formation_end),
             fmt_phase(a.phases.cleanup_end)
-        );
-        println!("  progress measures (epoch: test / restricted / excluded loss):");
+        )?;
+        outln!("  progress measures (epoch: test / restricted / excluded loss):")?;
         let n = a.checkpoints.len();
         let step = n.div_ceil(8).max(1);
         for (i, c) in a.checkpoints.iter().enumerate() {
             if i % step == 0 || i + 1 == n {
-                println!(
+                outln!(
                     "    {:>6}: {:.2e} / {:.2e} / {:.2e}",
                     c.epoch, c.test_loss, c.restricted_loss, c.excluded_loss
-                );
+                )?;
             }
         }
     }
+    Ok(())
 }

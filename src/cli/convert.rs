@@ -59,12 +59,12 @@ pub fn run(input: &Path, output: &Path, style: &str) -> Result<()> {
         Out::Safetensors => run.save_safetensors(output)?,
         Out::Pth => run.save_pth(output, style)?,
     }
-    println!(
+    outln!(
         "wrote {} ({} tensors in the model, {} checkpoints, TL layout)",
         output.display(),
         run.model.len(),
         run.checkpoints.len()
-    );
+    )?;
     Ok(())
 }
 
@@ -117,11 +117,11 @@ fn convert_tree(input: &Path, output: &Path, kind: Out, why: &Error) -> Result<(
             w.write(&root, output)?;
         }
     }
-    println!(
+    outln!(
         "wrote {} ({} tensor(s) under their dotted paths; {})",
         output.display(),
         named.len(),
         why
-    );
+    )?;
     Ok(())
 }

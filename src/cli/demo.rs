@@ -12,10 +12,10 @@ use std::time::Instant;
 
 pub fn run(path: &Path, plots: &Path) -> Result<()> {
     let start = Instant::now();
-    println!("tlens demo on {}\n", path.display());
+    outln!("tlens demo on {}\n", path.display())?;
     let run = RunFile::open(path)?;
     let cfg = run.config.clone().expect("the demo run has a config");
-    println!(
+    outln!(
         "a {}-layer, {}-head transformer (d_model {}, d_mlp {}) trained {} epochs on (a + b) mod {}",
         cfg.n_layers(),
         cfg.n_heads(),
@@ -23,7 +23,7 @@ pub fn run(path: &Path, plots: &Path) -> Result<()> {
         cfg.d_mlp(),
         run.train_losses.len(),
         cfg.d_vocab_out()
-    );
+    )?;
     let model = HookedTransformer::new(cfg, run.model()?)?;
     let p = crate::eval::task_p(&model.cfg) as u32;
     let pairs = [(37u32, 58u32), (100, 100), (0, 112), (56, 57)];
@@ -33,12 +33,12 @@ pub fn run(path: &Path, plots: &Path) -> Result<()> {
         _ => p,
     });
     let logits = last_logits(&model, &tokens)?;
-    println!("\npredictions:");
+    outln!("\npredictions:")?;
     for (row, (a, b)) in logits.outer_iter().zip(pairs) {
         let c = crate::task::argmax(row.as_slice().expect("contiguous"));
-        println!("  {a} + {b} mod {p} = {c}");
+        outln!("  {a} + {b} mod {p} = {c}")?;
     }
-    println!();
+    outln!("")?;
     super::analyze::run(&super::analyze::AnalyzeArgs {
         file: path,
         checkpoint: None,
@@ -49,6 +49,6 @@ pub fn run(path: &Path, plots: &Path) -> Result<()> {
         skip_checkpoints: false,
         split: crate::run::SplitChoice::Auto,
     })?;
-    println!("\ndemo finished in {:.1} s", start.elapsed().as_secs_f64());
+    outln!("\ndemo finished in {:.1} s", start.elapsed().as_secs_f64())?;
     Ok(())
 }

@@ -1,6 +1,22 @@
 //! The `tlens` command line: one subcommand per job, each a thin layer over the library.
 //! Errors are returned to `main`, which prints one line and exits non-zero.
 
+/// `println!` that returns an error when stdout cannot be written (a full disk, a closed
+/// pipe) instead of panicking.
+macro_rules! outln {
+    ($($t:tt)*) => {
+        $crate::cli::print_out(&format!("{}\n", format_args!($($t)*)))
+    };
+}
+
+/// `print!` that returns an error when stdout cannot be written.
+macro_rules! out {
+    ($($t:tt)*) => {
+        $crate::cli::print_out(&format!("{}", format_args!($($t)*)))
+    };
+}
+
+
 pub mod analyze;
 mod convert;
 mod demo;
@@ -137,7 +153,7 @@ pub enum Command {
     },
 }
 
-/// Write to stdout; a failed write (a full disk, a closed pipe) is an error, not a panic.
+
 pub fn print_out(text: &str) -> Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();

@@ -54,13 +54,13 @@ pub fn predict(file: &Path, a: u32, b: u32, checkpoint: Option<i64>) -> Result<(
         .formula()
         .replace('a', &a.to_string())
         .replace('b', &b.to_string());
-    print!("{expr} mod {p} = {c}   (p = {prob:.4})");
+    out!("{expr} mod {p} = {c}   (p = {prob:.4})")?;
     match op.label(a as usize, b as usize, p) {
-        Some(truth) if truth as usize != c => print!("  (wrong: the answer is {truth})"),
+        Some(truth) if truth as usize != c => out!("  (wrong: the answer is {truth})")?,
         Some(_) => {}
-        None => print!("  (fn_name 'rand': the true table is not in the file)"),
+        None => out!("  (fn_name 'rand': the true table is not in the file)")?,
     }
-    println!();
+    outln!("")?;
     Ok(())
 }
 
@@ -109,25 +109,25 @@ pub fn eval(
             out["operation"] = json!(op.name());
             out["split"] = json!(rule.map(|r| r.to_string()));
         }
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?)?;
         return Ok(());
     }
-    println!(
+    outln!(
         "task: ({}) mod {p}; split: {}",
         op.formula(),
         rule.map_or("unknown".to_string(), |r| r.to_string())
-    );
-    println!(
+    )?;
+    outln!(
         "{:>8} {:>12} {:>12} {:>12} {:>9} {:>9} {:>9}",
         "epoch", "train_loss", "test_loss", "full_loss", "train_acc", "test_acc", "acc"
-    );
+    )?;
     for r in rows {
         let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
         let epoch = r
             .get("epoch")
             .and_then(|e| e.as_i64())
             .map_or("final".into(), |e| e.to_string());
-        println!(
+        outln!(
             "{epoch:>8} {:>12.6e} {:>12.6e} {:>12.6e} {:>9.4} {:>9.4} {:>9.4}",
             f("train_loss"),
             f("test_loss"),
@@ -135,7 +135,7 @@ pub fn eval(
             f("train_accuracy"),
             f("test_accuracy"),
             f("accuracy")
-        );
+        )?;
     }
     Ok(())
 }
@@ -212,11 +212,11 @@ pub fn cache(
     npz.add("tokens", &tokens.mapv(|t| t as i64))?;
     let n = cache.len();
     npz.write(out)?;
-    println!(
+    outln!(
         "wrote {} ({n} hooks + logits {:?} + tokens, {} inputs)",
         out.display(),
         logits.shape(),
         tokens.nrows()
-    );
+    )?;
     Ok(())
 }

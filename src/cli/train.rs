@@ -126,13 +126,13 @@ pub fn run(out: &Path, settings: TrainConfig, resume: bool) -> Result<()> {
         }
     }
     bar.finish();
-    println!(
+    outln!(
         "wrote {} ({} epochs, {} checkpoints; final train loss {:.3e}, test loss {:.3e})",
         out.display(),
         t.epoch,
         t.checkpoints.len(),
         t.train_losses.last().copied().unwrap_or(f64::NAN),
         t.test_losses.last().copied().unwrap_or(f64::NAN)
-    );
+    )?;
     Ok(())
 }

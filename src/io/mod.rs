@@ -15,6 +15,22 @@ use crate::error::{Error, Result};
 use std::ops::Deref;
 use std::path::Path;
 
+/// The memory budget: how many bytes reading one file may allocate beyond the bytes it stores
+/// (the pickle's value tree, broadcast tensors expanded, deflated entries inflated). Every
+/// excess is an [`Error::Limit`] naming where in the file it happened. Default 1 GiB; the CLI's
+/// `--memory-budget` sets it.
+static MEMORY_BUDGET: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1 << 30);
+
+/// The current memory budget in bytes.
+pub fn memory_budget() -> u64 {
+    MEMORY_BUDGET.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Set the memory budget (bytes) for files opened from now on.
+pub fn set_memory_budget(bytes: u64) {
+    MEMORY_BUDGET.store(bytes, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The bytes of a file: memory-mapped, or owned (for in-memory input and empty files).
 pub enum Source {
     Mmap(memmap2::Mmap),

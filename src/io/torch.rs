@@ -49,6 +49,9 @@ pub struct TorchFile {
     pub big_endian: bool,
     pub records: ZipRecords,
     storages: HashMap<String, Loc>,
+    /// Bytes of the memory budget left for tensors expanded beyond what the file stores
+    /// (broadcast and overlapping views): the budget less the pickle tree's bytes.
+    expansion_left: std::sync::atomic::AtomicU64,
 }
 
 /// Where a storage's bytes are.
@@ -167,8 +170,50 @@ impl TorchFile {
         }
     }
 
-    /// Materialise a tensor as an owned typed array.
+    /// Charge the bytes a tensor would occupy beyond the storage it spans (a view with zero or
+    /// overlapping strides) to the file's memory budget; an excess is [`Error::Limit`] naming
+    /// the tensor. Storage-backed bytes are the file's own and cost nothing.
+    fn charge_expansion(&self, r: &TensorRef, name: &str) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        let size = r.dtype().size() as u64;
+        let numel = crate::tensor::checked_numel(&r.shape, name)? as u64;
+        let bytes = numel
+            .checked_mul(size)
+            .ok_or_else(|| Error::invalid(name, "tensor size overflows"))?;
+        let span = r
+            .required_storage(name)?
+            .saturating_sub(r.offset)
+            .saturating_mul(size);
+        let excess = bytes.saturating_sub(span);
+        if excess == 0 {
+            return Ok(());
+        }
+        let mut left = self.expansion_left.load(Ordering::Relaxed);
+        loop {
+            if excess > left {
+                return Err(Error::limit(
+                    "memory budget for tensors expanded beyond their stored bytes (a broadcast or \
+                     overlapping view; raise it with --memory-budget)",
+                    left,
+                    excess,
+                )
+                .at(name));
+            }
+            match self.expansion_left.compare_exchange(
+                left,
+                left - excess,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(now) => left = now,
+            }
+        }
+    }
+
+    /// Materialise a tensor as an owned typed array (within the memory budget).
     pub fn tensor(&self, r: &TensorRef, name: &str) -> Result<Tensor> {
+        self.charge_expansion(r, name)?;
         tensor_from_storage(
             self.storage_bytes(&r.storage.key)?,
             self.big_endian,
@@ -177,8 +222,10 @@ impl TorchFile {
         )
     }
 
-    /// View a tensor as `T`, borrowing the mapped file where possible.
+    /// View a tensor as `T`, borrowing the mapped file where possible (a copy is charged to
+    /// the memory budget as [`TorchFile::tensor`] is).
     pub fn view<T: Element>(&self, r: &TensorRef, name: &str) -> Result<CowArray<'_, T, IxDyn>> {
+        self.charge_expansion(r, name)?;
         view_storage(
             self.storage_bytes(&r.storage.key)?,
             self.big_endian,
@@ -290,11 +337,7 @@ fn parse_zip(source: Source, limits: &Limits) -> Result<TorchFile> {
         let loc = Loc::of(&e);
         if let Loc::Deflated { size, .. } = loc {
             if size > limits.max_total_bytes as u64 {
-                return Err(Error::Limit {
-                    what: "inflated size of a deflated zip entry",
-                    limit: limits.max_total_bytes as u64,
-                    found: size,
-                });
+                return Err(Error::limit("inflated size of a deflated zip entry", limits.max_total_bytes as u64, size));
             }
         }
         entries.insert(e.name, loc);
@@ -354,6 +397,7 @@ fn parse_zip(source: Source, limits: &Limits) -> Result<TorchFile> {
         big_endian,
         records,
         storages,
+        expansion_left: left_after(limits, u.expanded_bytes),
     })
 }
 
@@ -397,8 +441,13 @@ fn parse_legacy(source: Source, limits: &Limits) -> Result<TorchFile> {
     }
     let proto = next(&mut pos, &mut no_pid)?;
     if proto.as_i64() != Some(1001) {
+        let found = match proto.as_i64() {
+            Some(v) => v.to_string(),
+            None => proto.type_name(),
+        };
         return Err(Error::Unsupported(format!(
-            "legacy torch protocol version {proto:?} (expected 1001)"
+            "legacy torch protocol version {} (expected 1001)",
+            crate::error::clip(found)
         )));
     }
     let sys_info = next(&mut pos, &mut no_pid)?;
@@ -418,7 +467,7 @@ fn parse_legacy(source: Source, limits: &Limits) -> Result<TorchFile> {
     };
     let u = unpickle(&source[pos..], &mut load, limits).map_err(|e| shift_pos(e, pos))?;
     pos += u.end;
-    let (root, protocol) = (u.value, u.protocol);
+    let (root, protocol, tree_bytes) = (u.value, u.protocol, u.expanded_bytes);
 
     let keys = next(&mut pos, &mut no_pid)?;
     let keys = keys
@@ -483,7 +532,13 @@ fn parse_legacy(source: Source, limits: &Limits) -> Result<TorchFile> {
         big_endian,
         records: ZipRecords::default(),
         storages,
+        expansion_left: left_after(limits, tree_bytes),
     })
+}
+
+/// The memory budget left once the pickle's value tree is paid for.
+fn left_after(limits: &Limits, tree_bytes: u64) -> std::sync::atomic::AtomicU64 {
+    std::sync::atomic::AtomicU64::new((limits.max_expanded_bytes as u64).saturating_sub(tree_bytes))
 }
 
 /// Pickle positions are relative to the pickle; report them relative to the file.

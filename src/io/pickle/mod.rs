@@ -115,6 +115,10 @@ pub struct Limits {
     pub max_total_bytes: usize,
     /// Deepest stack.
     pub max_stack: usize,
+    /// Most heap bytes of the owned value tree after expanding shared references, and (for a
+    /// torch file) of tensors expanded beyond the bytes the file stores (broadcast views):
+    /// the memory budget ([`crate::io::memory_budget`], `--memory-budget`).
+    pub max_expanded_bytes: usize,
 }
 
 impl Default for Limits {
@@ -126,6 +130,7 @@ impl Default for Limits {
             max_values: 20_000_000,
             max_total_bytes: 1 << 30,
             max_stack: 1_000_000,
+            max_expanded_bytes: crate::io::memory_budget() as usize,
         }
     }
 }

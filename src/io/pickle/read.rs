@@ -28,6 +28,9 @@ pub struct Unpickled {
     pub end: usize,
     /// Protocol announced by PROTO (0 when absent).
     pub protocol: u8,
+    /// Approximate heap bytes of the expanded value tree (counted against
+    /// [`Limits::max_expanded_bytes`]).
+    pub expanded_bytes: u64,
 }
 
 type Id = usize;
@@ -77,6 +80,13 @@ struct Vm<'a, 'l> {
     /// References to each node from the result tree (filled at STOP): a node referenced once
     /// is moved out of the arena when expanded instead of cloned.
     refs: Vec<u32>,
+    /// What expansions (the result, and every persistent id) may still create: values, and
+    /// bytes of the owned tree — one budget for the whole pickle.
+    left_values: usize,
+    left_bytes: usize,
+    /// Persistent ids already resolved, by node: a storage referenced many times is resolved
+    /// once.
+    pids: std::collections::HashMap<Id, Value>,
 }
 
 /// Unpickle one pickle starting at the beginning of `data`.
@@ -100,15 +110,18 @@ pub fn unpickle(
         loader,
         protocol: 0,
         refs: Vec::new(),
+        left_values: limits.max_values,
+        left_bytes: limits.max_expanded_bytes,
+        pids: std::collections::HashMap::new(),
     };
     let top = vm.run()?;
     vm.count_refs(top);
-    let mut budget = limits.max_values;
-    let value = vm.expand(top, 0, &mut budget)?;
+    let value = vm.expand(top, 0)?;
     Ok(Unpickled {
         value,
         end: vm.pos,
         protocol: vm.protocol,
+        expanded_bytes: (limits.max_expanded_bytes - vm.left_bytes) as u64,
     })
 }
 
@@ -177,19 +190,11 @@ impl<'a, 'l> Vm<'a, 'l> {
     /// Read a length-prefixed payload, checking the limit before trusting the length.
     fn payload(&mut self, len: u64) -> Result<&'a [u8]> {
         if len > self.limits.max_bytes_len as u64 {
-            return Err(Error::Limit {
-                what: "string/bytes length",
-                limit: self.limits.max_bytes_len as u64,
-                found: len,
-            });
+            return Err(Error::limit("string/bytes length", self.limits.max_bytes_len as u64, len));
         }
         self.total_bytes += len as usize;
         if self.total_bytes > self.limits.max_total_bytes {
-            return Err(Error::Limit {
-                what: "total string/bytes size",
-                limit: self.limits.max_total_bytes as u64,
-                found: self.total_bytes as u64,
-            });
+            return Err(Error::limit("total string/bytes size", self.limits.max_total_bytes as u64, self.total_bytes as u64));
         }
         self.take(len as usize, "string/bytes payload")
     }
@@ -212,11 +217,7 @@ impl<'a, 'l> Vm<'a, 'l> {
 
     fn alloc(&mut self, n: Node) -> Result<Id> {
         if self.nodes.len() >= self.limits.max_values {
-            return Err(Error::Limit {
-                what: "number of pickle values",
-                limit: self.limits.max_values as u64,
-                found: self.nodes.len() as u64 + 1,
-            });
+            return Err(Error::limit("number of pickle values", self.limits.max_values as u64, self.nodes.len() as u64 + 1));
         }
         self.nodes.push(n);
         Ok(self.nodes.len() - 1)
@@ -229,11 +230,7 @@ impl<'a, 'l> Vm<'a, 'l> {
 
     fn push_id(&mut self, id: Id) -> Result<()> {
         if self.stack.len() >= self.limits.max_stack {
-            return Err(Error::Limit {
-                what: "pickle stack depth",
-                limit: self.limits.max_stack as u64,
-                found: self.stack.len() as u64 + 1,
-            });
+            return Err(Error::limit("pickle stack depth", self.limits.max_stack as u64, self.stack.len() as u64 + 1));
         }
         self.stack.push(id);
         Ok(())
@@ -270,11 +267,7 @@ impl<'a, 'l> Vm<'a, 'l> {
     fn memo_put(&mut self, index: u64) -> Result<()> {
         let id = self.top()?;
         if index >= self.limits.max_memo as u64 {
-            return Err(Error::Limit {
-                what: "pickle memo index",
-                limit: self.limits.max_memo as u64,
-                found: index,
-            });
+            return Err(Error::limit("pickle memo index", self.limits.max_memo as u64, index));
         }
         let i = index as usize;
         if i >= self.memo.len() {
@@ -736,10 +729,19 @@ impl<'a, 'l> Vm<'a, 'l> {
                 }
                 b'Q' => {
                     self.op = "BINPERSID";
-                    let pid = self.pop()?;
-                    let mut budget = self.limits.max_values;
-                    let pid = self.expand(pid, 0, &mut budget)?;
-                    let v = self.loader.load(pid, self.op_pos)?;
+                    let id = self.pop()?;
+                    let v = match self.pids.get(&id) {
+                        Some(v) => v.clone(),
+                        None => {
+                            // Expanded from the pickle-wide budget (a file cannot reset it by
+                            // repeating persistent ids). Before STOP every node counts as
+                            // shared, so it is copied, never moved out of the arena.
+                            let pid = self.expand(id, 0)?;
+                            let v = self.loader.load(pid, self.op_pos)?;
+                            self.pids.insert(id, v.clone());
+                            v
+                        }
+                    };
                     self.leaf_value(v)?;
                 }
                 0x82 => return Err(self.unsupported("EXT1")),
@@ -1137,75 +1139,79 @@ impl<'a, 'l> Vm<'a, 'l> {
         self.refs = refs;
     }
 
-    fn expand_all(
-        &mut self,
-        ids: &[Id],
-        d: usize,
-        sh: bool,
-        budget: &mut usize,
-    ) -> Result<Vec<Value>> {
+    fn expand_all(&mut self, ids: &[Id], d: usize, sh: bool) -> Result<Vec<Value>> {
         ids.iter()
-            .map(|&i| self.expand_node(i, d, sh, budget))
-            .collect()
-    }
-
-    fn expand_pairs(
-        &mut self,
-        ids: &[(Id, Id)],
-        d: usize,
-        sh: bool,
-        budget: &mut usize,
-    ) -> Result<Vec<(Value, Value)>> {
-        ids.iter()
-            .map(|&(k, v)| {
-                Ok((
-                    self.expand_node(k, d, sh, budget)?,
-                    self.expand_node(v, d, sh, budget)?,
-                ))
+            .enumerate()
+            .map(|(i, &c)| {
+                self.expand_node(c, d, sh)
+                    .map_err(|e| e.at(&i.to_string()))
             })
             .collect()
     }
 
-    fn expand_opt(
-        &mut self,
-        id: Option<Id>,
-        d: usize,
-        sh: bool,
-        budget: &mut usize,
-    ) -> Result<Option<Value>> {
-        id.map(|i| self.expand_node(i, d, sh, budget)).transpose()
+    fn expand_pairs(&mut self, ids: &[(Id, Id)], d: usize, sh: bool) -> Result<Vec<(Value, Value)>> {
+        ids.iter()
+            .map(|&(k, v)| {
+                let key = self.expand_node(k, d, sh)?;
+                let val = self
+                    .expand_node(v, d, sh)
+                    .map_err(|e| e.at(&key_label(&key)))?;
+                Ok((key, val))
+            })
+            .collect()
     }
 
-    fn expand(&mut self, id: Id, depth: usize, budget: &mut usize) -> Result<Value> {
-        self.expand_node(id, depth, false, budget)
+    fn expand_opt(&mut self, id: Option<Id>, d: usize, sh: bool) -> Result<Option<Value>> {
+        id.map(|i| self.expand_node(i, d, sh)).transpose()
+    }
+
+    fn expand(&mut self, id: Id, depth: usize) -> Result<Value> {
+        self.expand_node(id, depth, false)
+    }
+
+    /// Charge one value of `payload` heap bytes to the pickle-wide expansion budget.
+    fn charge(&mut self, payload: usize) -> Result<()> {
+        if self.left_values == 0 {
+            return Err(Error::limit(
+                "number of values after expanding shared references",
+                self.limits.max_values as u64,
+                self.limits.max_values as u64 + 1,
+            ));
+        }
+        self.left_values -= 1;
+        let cost = std::mem::size_of::<Value>() + payload;
+        if cost > self.left_bytes {
+            return Err(Error::limit(
+                "memory of the values after expanding shared references (bytes)",
+                self.limits.max_expanded_bytes as u64,
+                (self.limits.max_expanded_bytes - self.left_bytes + cost) as u64,
+            ));
+        }
+        self.left_bytes -= cost;
+        Ok(())
     }
 
     /// Turn node `id` into an owned value. A node referenced once from an unshared parent is
     /// moved out of the arena; a shared node — and everything under it, since it is expanded
-    /// once per reference — is copied, each copy counted against `max_values` (so exponential
-    /// sharing fails). Depth is limited (so cycles fail).
-    fn expand_node(
-        &mut self,
-        id: Id,
-        depth: usize,
-        shared: bool,
-        budget: &mut usize,
-    ) -> Result<Value> {
+    /// once per reference — is copied. Every value, copied or moved, is charged to the
+    /// pickle-wide budget of values and bytes ([`Limits::max_values`],
+    /// [`Limits::max_expanded_bytes`]), so exponential sharing and a large string referenced
+    /// many times fail before memory is exhausted; the error names the key path. Depth is
+    /// limited (so cycles fail).
+    fn expand_node(&mut self, id: Id, depth: usize, shared: bool) -> Result<Value> {
         if depth > self.limits.max_depth {
-            return Err(Error::Limit {
-                what: "nesting depth (or a recursive structure)",
-                limit: self.limits.max_depth as u64,
-                found: depth as u64,
-            });
+            return Err(Error::limit(
+                "nesting depth (or a recursive structure)",
+                self.limits.max_depth as u64,
+                depth as u64,
+            ));
         }
-        if *budget == 0 {
-            return Err(Error::Limit {
-                what: "number of values after expanding shared references",
-                limit: self.limits.max_values as u64,
-                found: self.limits.max_values as u64 + 1,
-            });
-        }
-        *budget -= 1;
+        let payload = match &self.nodes[id] {
+            Node::Leaf(v) => leaf_payload(v),
+            Node::Object(o) => std::mem::size_of::<Object>() + o.module.len() + o.name.len(),
+            _ => 0,
+        };
+        self.charge(payload)?;
         let sh = shared || self.refs.get(id).copied().unwrap_or(2) > 1;
         let node = if sh {
             self.nodes[id].clone()
@@ -1215,33 +1221,60 @@ impl<'a, 'l> Vm<'a, 'l> {
         let d = depth + 1;
         Ok(match node {
             Node::Leaf(v) => v,
-            Node::List(v) => Value::List(self.expand_all(&v, d, sh, budget)?),
-            Node::Tuple(v) => Value::Tuple(self.expand_all(&v, d, sh, budget)?),
-            Node::Set(v) => Value::Set(self.expand_all(&v, d, sh, budget)?),
-            Node::FrozenSet(v) => Value::FrozenSet(self.expand_all(&v, d, sh, budget)?),
+            Node::List(v) => Value::List(self.expand_all(&v, d, sh)?),
+            Node::Tuple(v) => Value::Tuple(self.expand_all(&v, d, sh)?),
+            Node::Set(v) => Value::Set(self.expand_all(&v, d, sh)?),
+            Node::FrozenSet(v) => Value::FrozenSet(self.expand_all(&v, d, sh)?),
             Node::Dict {
                 ordered,
                 items,
                 attrs,
             } => Value::Dict(Dict {
                 ordered,
-                items: self.expand_pairs(&items, d, sh, budget)?,
-                attrs: self.expand_opt(attrs, d, sh, budget)?.map(Box::new),
+                items: self.expand_pairs(&items, d, sh)?,
+                attrs: self.expand_opt(attrs, d, sh)?.map(Box::new),
             }),
             Node::Object(o) => {
                 let o = *o;
                 Value::Object(Box::new(Object {
-                    args: self.expand_all(&o.args, d, sh, budget)?,
-                    kwargs: self.expand_pairs(&o.kwargs, d, sh, budget)?,
-                    state: self.expand_opt(o.state, d, sh, budget)?,
-                    list_items: self.expand_all(&o.list_items, d, sh, budget)?,
-                    dict_items: self.expand_pairs(&o.dict_items, d, sh, budget)?,
+                    args: self.expand_all(&o.args, d, sh)?,
+                    kwargs: self.expand_pairs(&o.kwargs, d, sh)?,
+                    state: self
+                        .expand_opt(o.state, d, sh)
+                        .map_err(|e| e.at("__state__"))?,
+                    list_items: self.expand_all(&o.list_items, d, sh)?,
+                    dict_items: self.expand_pairs(&o.dict_items, d, sh)?,
                     module: o.module,
                     name: o.name,
                     construct: o.construct,
                 }))
             }
         })
+    }
+}
+
+/// Heap bytes a leaf value holds beyond its own size.
+fn leaf_payload(v: &Value) -> usize {
+    match v {
+        Value::Str(s) => s.len(),
+        Value::Bytes(b) | Value::BigInt(b) => b.len(),
+        Value::Global { module, name } => module.len() + name.len(),
+        Value::Tensor(t) => {
+            std::mem::size_of::<TensorRef>() + 16 * t.shape.len() + t.storage.key.len()
+        }
+        Value::Storage(s) => s.key.len(),
+        Value::NumpyScalar { .. } => std::mem::size_of::<Value>(),
+        Value::NumpyDtype { code, byteorder } => code.len() + byteorder.len(),
+        _ => 0,
+    }
+}
+
+/// A dict key as a path component of a limit error.
+fn key_label(k: &Value) -> String {
+    match k {
+        Value::Str(s) => s.clone(),
+        Value::Int(i) => i.to_string(),
+        other => format!("<{}>", other.type_name()),
     }
 }
 
