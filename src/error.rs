@@ -136,6 +136,10 @@ pub enum Error {
     #[error("train/test data unknown: {0}")]
     UnknownData(String),
 
+    /// A hook, or a `--names` term, that matches no hook point of the model (TL raises too).
+    #[error("no hook point matches '{name}' in this model (its hook points include {known})")]
+    UnknownHook { name: String, known: String },
+
     /// Something valid that tlens does not implement.
     #[error("unsupported: {0}")]
     Unsupported(String),

@@ -4,7 +4,8 @@ fn main() {
     restore_sigpipe();
     let cli = tlens::cli::Cli::parse();
     if let Err(e) = tlens::cli::run(cli) {
-        eprintln!("error: {e}");
+        // Names and strings from a file are shown escaped, never as raw escape sequences.
+        eprintln!("error: {}", tlens::io::tree::escape(&e.to_string()));
         std::process::exit(1);
     }
 }

@@ -38,31 +38,61 @@ pub struct PlotData<'a> {
     pub arrays: &'a AnalysisArrays,
     pub train_losses: &'a [f64],
     pub test_losses: &'a [f64],
+    /// Epochs between two test losses (`tlens train --eval-every`, the 2022 code's 10 for
+    /// some runs); `None` when the file does not say, and then no test curve is drawn.
+    pub test_every: Option<usize>,
 }
 
-/// Draw one figure into `dir/name.png` and `dir/name.svg`.
+/// A figure's temporary path beside `path` (renamed over it once complete), as run files are
+/// written: a full disk or a kill never leaves a truncated figure under the real name.
+fn temp_of(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    path.with_file_name(format!(
+        ".{}.tmp{}",
+        name.unwrap_or_default(),
+        std::process::id()
+    ))
+}
+
+/// Move a finished temporary figure into place; on failure remove it. Errors name the figure.
+fn commit(tmp: &Path, path: &Path, drawn: Result<()>) -> Result<()> {
+    let res = drawn.and_then(|_| std::fs::rename(tmp, path).map_err(Error::from));
+    if res.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    res.map_err(|e| e.in_file(path))
+}
+
+/// Draw one figure into `dir/name.png` and `dir/name.svg` (each written to a temporary file
+/// and renamed into place).
 macro_rules! render {
     ($dir:expr, $name:expr, $size:expr, $out:expr, |$area:ident| $body:expr) => {{
         let png = $dir.join(format!("{}.png", $name));
-        {
-            let $area = BitMapBackend::new(&png, $size).into_drawing_area();
+        let tmp = temp_of(&png);
+        let drawn = (|| -> Result<()> {
+            let $area = BitMapBackend::new(&tmp, $size).into_drawing_area();
             $area.fill(&WHITE).map_err(pe)?;
             $body?;
             $area.present().map_err(pe)?;
-        }
+            Ok(())
+        })();
+        commit(&tmp, &png, drawn)?;
         let svg = $dir.join(format!("{}.svg", $name));
-        {
+        let tmp = temp_of(&svg);
+        let drawn = (|| -> Result<()> {
             SVG_IMAGES.with(|c| *c.borrow_mut() = Some(Vec::new()));
-            let $area = SVGBackend::new(&svg, $size).into_drawing_area();
+            let $area = SVGBackend::new(&tmp, $size).into_drawing_area();
             $area.fill(&WHITE).map_err(pe)?;
             let drawn: Result<()> = $body;
             $area.present().map_err(pe)?;
+            drop($area);
             let images = SVG_IMAGES
                 .with(|c| c.borrow_mut().take())
                 .unwrap_or_default();
             drawn?;
-            splice_images(&svg, &images)?;
-        }
+            splice_images(&tmp, &images)
+        })();
+        commit(&tmp, &svg, drawn)?;
         $out.push(png);
         $out.push(svg);
     }};
@@ -202,11 +232,14 @@ fn loss_curves<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, d: &PlotData) 
         .y_label_formatter(&|v| format!("{v:.0e}"))
         .draw()
         .map_err(pe)?;
-    for (losses, color, label) in [
-        (d.train_losses, TRAIN, "train"),
-        (d.test_losses, TEST, "test"),
-    ] {
-        labelled_line(&mut chart, downsample(losses, 2000), color, label)?;
+    labelled_line(&mut chart, downsample(d.train_losses, 2000), TRAIN, "train")?;
+    if let Some(k) = d.test_every {
+        // Test loss i was taken at epoch i·k.
+        let pts: Vec<(f64, f64)> = downsample(d.test_losses, 2000)
+            .into_iter()
+            .map(|(i, l)| (i * k as f64, l))
+            .collect();
+        labelled_line(&mut chart, pts, TEST, "test")?;
     }
     phase_lines(&mut chart, d.analysis, (y.start, y.end))?;
     legend(&mut chart)

@@ -3,7 +3,6 @@
 use crate::analysis::plots::{write_all, PlotData};
 use crate::analysis::{analyze_run, Analysis, AnalysisArrays, Options};
 use crate::error::{Error, Result};
-use crate::run::RunFile;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -39,7 +38,19 @@ pub struct AnalyzeArgs<'a> {
 /// Analyse, write what was asked for, print the report; returns the analysis.
 pub fn run(args: &AnalyzeArgs) -> Result<(Analysis, AnalysisArrays)> {
     let start = Instant::now();
-    let run = RunFile::open(args.file)?;
+    // Outputs are checked before the analysis, not after it.
+    if let Some(p) = &args.json {
+        crate::io::check_output(p, &["json"], "--json")?;
+    }
+    if let Some(p) = &args.npz {
+        crate::io::check_output(p, &["npz"], "--npz")?;
+    }
+    if let Some(dir) = &args.plots {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::invalid("--plots", format!("{}: {e}", dir.display())))?;
+        crate::io::check_output(&dir.join("probe.png"), &["png"], "--plots")?;
+    }
+    let run = crate::cli::open_run(args.file)?;
     let opts = Options {
         checkpoint: args.checkpoint,
         key_freqs: parse_key_freqs(args.key_freqs)?,
@@ -64,6 +75,13 @@ pub fn run(args: &AnalyzeArgs) -> Result<(Analysis, AnalysisArrays)> {
         outln!("wrote {}", path.display())?;
     }
     if let Some(dir) = &args.plots {
+        if run.test_every().is_none() && !run.test_losses.is_empty() {
+            eprintln!(
+                "note: the file does not say at which epochs its {} test losses were taken; \
+                 the loss figure shows the train loss only",
+                run.test_losses.len()
+            );
+        }
         let files = write_all(
             dir,
             &PlotData {
@@ -71,6 +89,7 @@ pub fn run(args: &AnalyzeArgs) -> Result<(Analysis, AnalysisArrays)> {
                 arrays: &arrays,
                 train_losses: &run.train_losses,
                 test_losses: &run.test_losses,
+                test_every: run.test_every(),
             },
         )?;
         outln!(
@@ -120,7 +139,8 @@ pub fn print_report(a: &Analysis) -> Result<()> {
     )?;
     outln!(
         "  restricted loss (test) {:.3e}   excluded loss (train) {:.3e}",
-        f.restricted_loss, f.excluded_loss
+        f.restricted_loss,
+        f.excluded_loss
     )?;
     outln!(
         "  neurons explained > 85% by one frequency: {:.1}% of {}",
@@ -137,7 +157,10 @@ pub fn print_report(a: &Analysis) -> Result<()> {
     let k = &f.key_freq_power_fraction;
     outln!(
         "  power in the key frequencies: W_E {:.3}  x1 {:.3}  x2 {:.3}  W_L {:.3}",
-        k.w_e, k.x1, k.x2, k.w_l
+        k.w_e,
+        k.x1,
+        k.x2,
+        k.w_l
     )?;
     outln!(
         "  logits: cos-sim with the key frequencies {}; residual {:.3} of the norm; loss rebuilt from them {:.3e}",
@@ -167,7 +190,10 @@ pub fn print_report(a: &Analysis) -> Result<()> {
             if i % step == 0 || i + 1 == n {
                 outln!(
                     "    {:>6}: {:.2e} / {:.2e} / {:.2e}",
-                    c.epoch, c.test_loss, c.restricted_loss, c.excluded_loss
+                    c.epoch,
+                    c.test_loss,
+                    c.restricted_loss,
+                    c.excluded_loss
                 )?;
             }
         }

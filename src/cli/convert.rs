@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 use crate::io::pickle::{Dict, Value};
 use crate::io::tree::{self, AnyFile};
-use crate::run::{ConfigStyle, RunFile};
+use crate::run::ConfigStyle;
 use crate::tensor::Tensor;
 use std::path::Path;
 
@@ -42,7 +42,8 @@ fn out_kind(output: &Path) -> Result<Out> {
 pub fn run(input: &Path, output: &Path, style: &str) -> Result<()> {
     let style = config_style(style)?;
     let kind = out_kind(output)?;
-    let file = match RunFile::open(input) {
+    crate::io::check_output(output, &["safetensors", "pth", "pt", "ckpt"], "OUTPUT")?;
+    let file = match crate::cli::open_run(input) {
         Ok(file) => file,
         Err(e) if matches!(e.root(), Error::NotARun(_)) => {
             return convert_tree(input, output, kind, e.root())

@@ -4,7 +4,6 @@
 
 use crate::error::Result;
 use crate::eval::last_logits;
-use crate::run::RunFile;
 use crate::HookedTransformer;
 use ndarray::Array2;
 use std::path::Path;
@@ -13,7 +12,7 @@ use std::time::Instant;
 pub fn run(path: &Path, plots: &Path) -> Result<()> {
     let start = Instant::now();
     outln!("tlens demo on {}\n", path.display())?;
-    let run = RunFile::open(path)?;
+    let run = crate::cli::open_run(path)?;
     let cfg = run.config.clone().expect("the demo run has a config");
     outln!(
         "a {}-layer, {}-head transformer (d_model {}, d_mlp {}) trained {} epochs on (a + b) mod {}",

@@ -71,7 +71,10 @@ fn task_json(run: &RunFile) -> Json {
 pub fn run(path: &Path, as_json: bool, force_tree: bool, values: bool) -> Result<()> {
     let opts = tree::Options { values };
     let run = match RunFile::open(path) {
-        Ok(r) => r,
+        Ok(r) => {
+            crate::cli::warn_foreign(path, &r.foreign_globals);
+            r
+        }
         // Readable but not a run (or a run layout tlens cannot interpret): the tree.
         Err(e) if is_layout_error(&e) => return print_tree(path, opts, as_json, Some(&e)),
         Err(e) => return Err(e),
@@ -110,6 +113,9 @@ fn is_layout_error(e: &Error) -> bool {
 
 fn print_tree(path: &Path, opts: tree::Options, as_json: bool, why: Option<&Error>) -> Result<()> {
     let file = AnyFile::open(path)?;
+    if let AnyFile::Torch(f) = &file {
+        crate::cli::warn_foreign(path, &crate::io::pickle::foreign_globals(&f.globals));
+    }
     let mut d = tree::describe(&file, opts).map_err(|e| e.in_file(path))?;
     let reason = why.map(|e| e.root().to_string());
     d["kind"] = json!("tree");

@@ -16,7 +16,6 @@ macro_rules! out {
     };
 }
 
-
 pub mod analyze;
 mod convert;
 mod demo;
@@ -40,6 +39,26 @@ pub const DEMO_FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/gr
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Bytes that reading one file may allocate beyond what it stores (the pickle's values,
+    /// broadcast tensors expanded, deflated entries inflated); e.g. 512M, 4G. Default 1G.
+    #[arg(long, global = true, value_name = "BYTES", value_parser = parse_bytes)]
+    pub memory_budget: Option<u64>,
+}
+
+/// `--memory-budget`: a byte count with an optional K, M or G suffix (powers of 1024).
+fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("'{s}' is not a positive byte count such as 512M or 4G"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -107,7 +126,9 @@ pub enum Command {
         /// `all` (every a, b) or `a,b;a,b;…`.
         #[arg(long, default_value = "all")]
         inputs: String,
-        /// Comma-separated hook names, TL shorthand or substrings (default: every hook).
+        /// Comma-separated hook names or TL shorthand: `blocks.0.mlp.hook_post`, `post0`, or
+        /// `post` (every layer's); a name matching no hook point is an error (default: every
+        /// hook).
         #[arg(long)]
         names: Option<String>,
         /// auto, cpu or cuda (auto: the GPU when one can be used, else the CPU).
@@ -153,7 +174,27 @@ pub enum Command {
     },
 }
 
+/// Open a run for a command, with one warning (stderr) when the file references callables
+/// that `torch.load` would run and tlens did not.
+pub fn open_run(path: &std::path::Path) -> Result<crate::RunFile> {
+    let run = crate::RunFile::open(path)?;
+    warn_foreign(path, &run.foreign_globals);
+    Ok(run)
+}
 
+/// The warning about callables a file references (printed once, escaped).
+pub fn warn_foreign(path: &std::path::Path, foreign: &[String]) {
+    if !foreign.is_empty() {
+        eprintln!(
+            "warning: {} references Python callables that torch.load(weights_only=False) would \
+             import and may call; tlens ran none of them: {}",
+            crate::io::tree::escape(&path.display().to_string()),
+            crate::io::tree::escape(&foreign.join(", "))
+        );
+    }
+}
+
+/// Write to stdout; a failed write (a full disk, a closed pipe) is an error, not a panic.
 pub fn print_out(text: &str) -> Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
@@ -163,6 +204,9 @@ pub fn print_out(text: &str) -> Result<()> {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    if let Some(b) = cli.memory_budget {
+        crate::io::set_memory_budget(b);
+    }
     match cli.command {
         Command::Inspect {
             file,
@@ -203,7 +247,7 @@ pub fn run(cli: Cli) -> Result<()> {
             .and_then(|_| model::cache(&file, &out, checkpoint, &inputs, names.as_deref())),
         Command::Train(args) => {
             crate::backend::device::select(args.device)?;
-            train::run(&args.out, args.settings(), args.resume)
+            train::run(&args)
         }
         Command::Analyze {
             file,

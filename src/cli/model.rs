@@ -33,7 +33,7 @@ pub fn load_model(run: &RunFile, checkpoint: Option<i64>) -> Result<HookedTransf
 }
 
 pub fn predict(file: &Path, a: u32, b: u32, checkpoint: Option<i64>) -> Result<()> {
-    let run = RunFile::open(file)?;
+    let run = crate::cli::open_run(file)?;
     let p = run.modular_p().map_err(|e| e.in_file(file))?;
     let op = run.operation()?;
     let model = load_model(&run, checkpoint)?;
@@ -46,6 +46,14 @@ pub fn predict(file: &Path, a: u32, b: u32, checkpoint: Option<i64>) -> Result<(
     let tokens = Array2::from_shape_vec((1, 3), vec![a, b, p as u32]).expect("3 tokens");
     let logits = last_logits(&model, &tokens)?;
     let row = logits.row(0);
+    if let Some(x) = row.iter().find(|x| !x.is_finite()) {
+        return Err(Error::invalid(
+            file.display().to_string(),
+            format!(
+                "the model's outputs are not finite (a logit is {x}): its weights hold NaN or Inf"
+            ),
+        ));
+    }
     let c = task::argmax(row.as_slice().expect("contiguous"));
     let m = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
     let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
@@ -71,7 +79,7 @@ pub fn eval(
     as_json: bool,
     split: SplitChoice,
 ) -> Result<()> {
-    let run = RunFile::open(file)?;
+    let run = crate::cli::open_run(file)?;
     let p = run.modular_p().map_err(|e| e.in_file(file))?;
     let op = run.operation()?;
     // A split that cannot be known is said, and only the full-data figures are given.
@@ -119,7 +127,13 @@ pub fn eval(
     )?;
     outln!(
         "{:>8} {:>12} {:>12} {:>12} {:>9} {:>9} {:>9}",
-        "epoch", "train_loss", "test_loss", "full_loss", "train_acc", "test_acc", "acc"
+        "epoch",
+        "train_loss",
+        "test_loss",
+        "full_loss",
+        "train_acc",
+        "test_acc",
+        "acc"
     )?;
     for r in rows {
         let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
@@ -172,23 +186,43 @@ pub fn parse_inputs(spec: &str, p: usize) -> Result<Array2<u32>> {
     Ok(Array2::from_shape_vec((rows.len() / 3, 3), rows).expect("3 per row"))
 }
 
-/// `--names` filter: comma-separated TL names, shorthand, or substrings of hook names.
-pub fn names_filter(spec: Option<&str>) -> impl Fn(&str) -> bool + Sync {
-    let terms: Vec<(String, String)> = spec
-        .map(|s| {
-            s.split(',')
-                .map(str::trim)
-                .filter(|t| !t.is_empty())
-                .map(|t| (t.to_string(), get_act_name(t, None, None)))
-                .collect()
-        })
-        .unwrap_or_default();
-    move |name: &str| {
-        terms.is_empty()
-            || terms
-                .iter()
-                .any(|(t, full)| name == full || name.contains(t.as_str()))
+/// `--names`: comma-separated TL names or shorthand, resolved against the model's hook points
+/// as TL resolves them: a full name (`blocks.0.mlp.hook_post`) or shorthand with a layer
+/// (`post0`, `k6`) names one point; shorthand without a layer (`post`, `pattern`, `embed`)
+/// names that point in every layer (`post` is `blocks.L.mlp.hook_post`, never
+/// `hook_resid_post`). A term that matches no hook point is an error.
+pub fn resolve_names(spec: &str, model: &HookedTransformer) -> Result<Vec<String>> {
+    let points = model.hook_names();
+    let mut out: Vec<String> = Vec::new();
+    for term in spec.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        let full = get_act_name(term, None, None);
+        let mut hits: Vec<String> = Vec::new();
+        if points.contains(&full) {
+            hits.push(full);
+        } else if !term.contains('.') && !term.starts_with("hook_") {
+            for l in 0..model.cfg.n_layers() {
+                let n = get_act_name(term, Some(l as i64), None);
+                if points.contains(&n) {
+                    hits.push(n);
+                }
+            }
+        }
+        if hits.is_empty() {
+            return Err(crate::model::hooked::unknown_hook(
+                term.to_string(),
+                &points,
+            ));
+        }
+        for h in hits {
+            if !out.contains(&h) {
+                out.push(h);
+            }
+        }
     }
+    if out.is_empty() {
+        return Err(Error::invalid("--names", "no names given"));
+    }
+    Ok(out)
 }
 
 pub fn cache(
@@ -198,11 +232,16 @@ pub fn cache(
     inputs: &str,
     names: Option<&str>,
 ) -> Result<()> {
-    let run = RunFile::open(file)?;
+    crate::io::check_output(out, &["npz"], "--out")?;
+    let run = crate::cli::open_run(file)?;
     run.modular_p().map_err(|e| e.in_file(file))?;
     let model = load_model(&run, checkpoint)?;
     let tokens = parse_inputs(inputs, task_p(&model.cfg))?;
-    let filter = names_filter(names);
+    let wanted = match names {
+        Some(spec) => Some(resolve_names(spec, &model)?),
+        None => None,
+    };
+    let filter = |name: &str| wanted.as_ref().is_none_or(|w| w.iter().any(|n| n == name));
     let (logits, cache) = model.run_with_cache(&tokens, Some(&filter))?;
     let mut npz = NpzWriter::new();
     for (name, a) in cache.iter() {

@@ -2,43 +2,57 @@
 //! optimizer state, so an interrupted run can be resumed.
 
 use crate::backend::DeviceArg;
-use crate::error::Result;
-use crate::run::{ConfigStyle, RunFile};
+use crate::error::{Error, Result};
+use crate::run::ConfigStyle;
 use crate::train::{AdamWConfig, TrainConfig, Trainer};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// `tlens train` flags; the defaults are the reference setup.
+/// `tlens train` flags; the defaults are the reference setup. The run's settings are options
+/// so that `--resume` can tell a flag given on the command line (which must agree with the
+/// run's) from a default.
 #[derive(clap::Args, Debug)]
+#[command(allow_negative_numbers = true)]
 pub struct TrainArgs {
+    /// The run file to write (.pth, or .safetensors).
     #[arg(long)]
     pub out: std::path::PathBuf,
-    #[arg(long, default_value_t = 25_000)]
-    pub epochs: usize,
-    #[arg(long, default_value_t = 113)]
-    pub p: usize,
-    #[arg(long, default_value_t = 0.3)]
-    pub frac_train: f64,
-    /// Model seed (TL's cfg.seed).
-    #[arg(long, default_value_t = 999)]
-    pub seed: i64,
-    #[arg(long, default_value_t = 598)]
-    pub data_seed: u64,
-    #[arg(long, default_value_t = 1e-3)]
-    pub lr: f64,
-    #[arg(long, default_value_t = 1.0)]
-    pub weight_decay: f64,
-    #[arg(long, default_value_t = 0.9)]
-    pub beta1: f64,
-    #[arg(long, default_value_t = 0.98)]
-    pub beta2: f64,
-    #[arg(long, default_value_t = 100)]
-    pub checkpoint_every: usize,
-    #[arg(long, default_value_t = 1)]
-    pub eval_every: usize,
-    /// Linear learning-rate warm-up over this many epochs (0 = none, as the demo).
-    #[arg(long, default_value_t = 0)]
-    pub warmup_epochs: usize,
+    /// Epochs in all (default 25000; with --resume, may extend the run).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// The modulus, an odd number ≥ 3 (default 113).
+    #[arg(long)]
+    pub p: Option<usize>,
+    /// Fraction of the p² pairs in the train split, in (0, 1) (default 0.3).
+    #[arg(long)]
+    pub frac_train: Option<f64>,
+    /// Model seed (TL's cfg.seed; default 999).
+    #[arg(long)]
+    pub seed: Option<i64>,
+    /// Seed of torch.randperm for the split (default 598).
+    #[arg(long)]
+    pub data_seed: Option<u64>,
+    /// AdamW learning rate, > 0 (default 1e-3).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// AdamW weight decay, ≥ 0 (default 1.0).
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// AdamW β1 in [0, 1) (default 0.9).
+    #[arg(long)]
+    pub beta1: Option<f64>,
+    /// AdamW β2 in [0, 1) (default 0.98).
+    #[arg(long)]
+    pub beta2: Option<f64>,
+    /// Save a checkpoint every this many epochs (default 100).
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+    /// Evaluate the test loss every this many epochs (default 1).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Linear learning-rate warm-up over this many epochs (default 0 = none, as the demo).
+    #[arg(long)]
+    pub warmup_epochs: Option<usize>,
     /// Continue the run in --out (written by an earlier, interrupted `tlens train`).
     #[arg(long)]
     pub resume: bool,
@@ -47,23 +61,95 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
+    /// The settings: the flags given, the reference setup's defaults for the others.
     pub fn settings(&self) -> TrainConfig {
+        self.settings_over(&TrainConfig::default())
+    }
+
+    /// The flags given over `base` (a resumed run's settings, or the defaults).
+    fn settings_over(&self, base: &TrainConfig) -> TrainConfig {
         TrainConfig {
-            p: self.p,
-            frac_train: self.frac_train,
-            seed: self.seed,
-            data_seed: self.data_seed,
-            epochs: self.epochs,
+            p: self.p.unwrap_or(base.p),
+            frac_train: self.frac_train.unwrap_or(base.frac_train),
+            seed: self.seed.unwrap_or(base.seed),
+            data_seed: self.data_seed.unwrap_or(base.data_seed),
+            epochs: self.epochs.unwrap_or(base.epochs),
             adamw: AdamWConfig {
-                lr: self.lr,
-                weight_decay: self.weight_decay,
-                beta1: self.beta1,
-                beta2: self.beta2,
-                eps: 1e-8,
+                lr: self.lr.unwrap_or(base.adamw.lr),
+                weight_decay: self.weight_decay.unwrap_or(base.adamw.weight_decay),
+                beta1: self.beta1.unwrap_or(base.adamw.beta1),
+                beta2: self.beta2.unwrap_or(base.adamw.beta2),
+                eps: base.adamw.eps,
             },
-            checkpoint_every: self.checkpoint_every,
-            eval_every: self.eval_every,
-            warmup_epochs: self.warmup_epochs,
+            checkpoint_every: self.checkpoint_every.unwrap_or(base.checkpoint_every),
+            eval_every: self.eval_every.unwrap_or(base.eval_every),
+            warmup_epochs: self.warmup_epochs.unwrap_or(base.warmup_epochs),
+        }
+    }
+
+    /// With `--resume`: flags that contradict the run's settings are an error (all of them
+    /// named), except `--epochs`, which may extend the run.
+    pub fn check_resume(&self, run: &TrainConfig) -> Result<()> {
+        let given = self.settings_over(run);
+        let mut diffs = Vec::new();
+        let mut cmp = |flag: &str, a: String, b: String| {
+            if a != b {
+                diffs.push(format!("{flag} {a} (the run has {b})"));
+            }
+        };
+        cmp("--p", given.p.to_string(), run.p.to_string());
+        cmp(
+            "--frac-train",
+            given.frac_train.to_string(),
+            run.frac_train.to_string(),
+        );
+        cmp("--seed", given.seed.to_string(), run.seed.to_string());
+        cmp(
+            "--data-seed",
+            given.data_seed.to_string(),
+            run.data_seed.to_string(),
+        );
+        cmp("--lr", given.adamw.lr.to_string(), run.adamw.lr.to_string());
+        cmp(
+            "--weight-decay",
+            given.adamw.weight_decay.to_string(),
+            run.adamw.weight_decay.to_string(),
+        );
+        cmp(
+            "--beta1",
+            given.adamw.beta1.to_string(),
+            run.adamw.beta1.to_string(),
+        );
+        cmp(
+            "--beta2",
+            given.adamw.beta2.to_string(),
+            run.adamw.beta2.to_string(),
+        );
+        cmp(
+            "--checkpoint-every",
+            given.checkpoint_every.to_string(),
+            run.checkpoint_every.to_string(),
+        );
+        cmp(
+            "--eval-every",
+            given.eval_every.to_string(),
+            run.eval_every.to_string(),
+        );
+        cmp(
+            "--warmup-epochs",
+            given.warmup_epochs.to_string(),
+            run.warmup_epochs.to_string(),
+        );
+        if diffs.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::invalid(
+                "--resume",
+                format!(
+                    "conflicting settings: {}; drop these flags or start a new run",
+                    diffs.join(", ")
+                ),
+            ))
         }
     }
 }
@@ -83,14 +169,27 @@ fn save(run: &crate::run::TrainingRun, out: &Path) -> Result<()> {
     }
 }
 
-pub fn run(out: &Path, settings: TrainConfig, resume: bool) -> Result<()> {
-    let mut t = if resume {
-        let run = RunFile::open(out)?;
+pub fn run(args: &TrainArgs) -> Result<()> {
+    let out = args.out.as_path();
+    crate::io::check_output(out, &["pth", "pt", "safetensors"], "--out")?;
+    let mut t = if args.resume {
+        let run = crate::cli::open_run(out)?;
         let mut t = Trainer::resume(run.load()?)?;
-        // Flags given on the command line may extend the run.
-        t.settings.epochs = settings.epochs.max(t.epoch);
+        args.check_resume(&t.settings)?;
+        // --epochs may extend the run.
+        if let Some(e) = args.epochs {
+            if e < t.epoch {
+                return Err(Error::invalid(
+                    "--epochs",
+                    format!("{e} is below the {} epochs the run has done", t.epoch),
+                ));
+            }
+            t.settings.epochs = e;
+        }
         t
     } else {
+        let settings = args.settings();
+        settings.validate()?;
         Trainer::new(settings)?
     };
     let total = t.settings.epochs;

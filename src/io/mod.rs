@@ -31,6 +31,9 @@ pub fn set_memory_budget(bytes: u64) {
     MEMORY_BUDGET.store(bytes, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Files up to this size are read into memory rather than mapped (see [`Source::map`]).
+pub const READ_WHOLE: u64 = 64 << 20;
+
 /// The bytes of a file: memory-mapped, or owned (for in-memory input and empty files).
 pub enum Source {
     Mmap(memmap2::Mmap),
@@ -38,14 +41,25 @@ pub enum Source {
 }
 
 impl Source {
-    /// Map a file read-only.
+    /// Open a file: read into memory when it is at most [`READ_WHOLE`] bytes, else mapped
+    /// read-only.
+    ///
+    /// Why both: a mapped file that another program truncates while tlens reads it kills
+    /// tlens with SIGBUS, which no error handling can catch; a file read into memory cannot.
+    /// Large runs (hundreds of MB of checkpoints) are mapped so that opening them reads only
+    /// what is used; for them the SIGBUS risk remains if the file is rewritten in place
+    /// while open (torch.save and tlens itself replace files by rename, which is safe).
     pub fn map(path: &Path) -> Result<Source> {
-        let f = std::fs::File::open(path)?;
-        if f.metadata()?.len() == 0 {
-            return Ok(Source::Bytes(Vec::new()));
+        use std::io::Read;
+        let mut f = std::fs::File::open(path)?;
+        let len = f.metadata()?.len();
+        if len <= READ_WHOLE {
+            let mut v = Vec::with_capacity(len as usize);
+            f.read_to_end(&mut v)?;
+            return Ok(Source::Bytes(v));
         }
-        // SAFETY: the map is read-only; tlens never writes through it. As with any mmap, a
-        // concurrent truncation of the file by another process is outside what we can guard.
+        // SAFETY: the map is read-only; tlens never writes through it. A concurrent truncation
+        // of the file by another process is the documented remaining risk (see above).
         let m = unsafe { memmap2::Mmap::map(&f)? };
         Ok(Source::Mmap(m))
     }
@@ -121,7 +135,87 @@ impl Format {
 /// torch's legacy magic number 0x1950a86a20f9469cfc6c as protocol 0/1's LONG opcode writes it.
 const LEGACY_MAGIC_DECIMAL: &[u8] = b"L119547037146038801333356L\n";
 
-/// Write `bytes` to `path` atomically: write a temporary sibling, fsync, rename.
+/// Check an output path before any work is done: its extension is one of `exts` (empty: any),
+/// its folder exists and is writable, and it is not a symbolic link, device, FIFO or folder
+/// (an atomic write would replace the link or node with a regular file). `flag` names the
+/// option in the error.
+pub fn check_output(path: &Path, exts: &[&str], flag: &str) -> Result<()> {
+    let shown = path.display().to_string();
+    if !exts.is_empty() {
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if !exts.contains(&ext) {
+            return Err(Error::invalid(
+                flag,
+                format!(
+                    "'{shown}' has extension '{ext}'; expected {}",
+                    exts.iter()
+                        .map(|e| format!(".{e}"))
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                ),
+            ));
+        }
+    }
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        let kind = m.file_type();
+        if kind.is_symlink() {
+            return Err(Error::invalid(
+                flag,
+                format!("'{shown}' is a symbolic link; write to its target instead"),
+            ));
+        }
+        if !kind.is_file() {
+            return Err(Error::invalid(
+                flag,
+                format!("'{shown}' exists and is not a regular file"),
+            ));
+        }
+    }
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(Error::invalid(
+            flag,
+            format!("folder '{}' does not exist", dir.display()),
+        ));
+    }
+    // Writable: create and remove a probe file (permissions alone do not tell, e.g. read-only
+    // mounts).
+    let probe = dir.join(format!(".tlens-probe{}", std::process::id()));
+    std::fs::File::create(&probe)
+        .and_then(|_| std::fs::remove_file(&probe))
+        .map_err(|e| Error::invalid(flag, format!("cannot write in '{}': {e}", dir.display())))
+}
+
+/// Remove temporary files `.NAME.tmp<pid>` left beside `path` by saves whose process is gone
+/// (killed mid-write). Only on Linux, where `/proc/<pid>` tells whether the process lives.
+fn remove_stale_temps(dir: &Path, name: &str) {
+    if !cfg!(target_os = "linux") {
+        return;
+    }
+    let prefix = format!(".{name}.tmp");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let fname = e.file_name();
+        let Some(pid) = fname
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Write `bytes` to `path` atomically: write a temporary sibling, fsync, rename. Stale temporary
+/// files of earlier, killed saves of the same target are removed first.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let dir = path
@@ -131,6 +225,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| Error::invalid(path.display().to_string(), "not a file path"))?;
+    remove_stale_temps(dir, &name.to_string_lossy());
     let tmp = dir.join(format!(
         ".{}.tmp{}",
         name.to_string_lossy(),

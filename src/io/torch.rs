@@ -49,6 +49,8 @@ pub struct TorchFile {
     pub big_endian: bool,
     pub records: ZipRecords,
     storages: HashMap<String, Loc>,
+    /// Every global the file's pickles name (`module.name`); nothing was imported or called.
+    pub globals: Vec<String>,
     /// Bytes of the memory budget left for tensors expanded beyond what the file stores
     /// (broadcast and overlapping views): the budget less the pickle tree's bytes.
     expansion_left: std::sync::atomic::AtomicU64,
@@ -337,7 +339,11 @@ fn parse_zip(source: Source, limits: &Limits) -> Result<TorchFile> {
         let loc = Loc::of(&e);
         if let Loc::Deflated { size, .. } = loc {
             if size > limits.max_total_bytes as u64 {
-                return Err(Error::limit("inflated size of a deflated zip entry", limits.max_total_bytes as u64, size));
+                return Err(Error::limit(
+                    "inflated size of a deflated zip entry",
+                    limits.max_total_bytes as u64,
+                    size,
+                ));
             }
         }
         entries.insert(e.name, loc);
@@ -398,6 +404,7 @@ fn parse_zip(source: Source, limits: &Limits) -> Result<TorchFile> {
         records,
         storages,
         expansion_left: left_after(limits, u.expanded_bytes),
+        globals: u.globals,
     })
 }
 
@@ -467,7 +474,7 @@ fn parse_legacy(source: Source, limits: &Limits) -> Result<TorchFile> {
     };
     let u = unpickle(&source[pos..], &mut load, limits).map_err(|e| shift_pos(e, pos))?;
     pos += u.end;
-    let (root, protocol, tree_bytes) = (u.value, u.protocol, u.expanded_bytes);
+    let (root, protocol, tree_bytes, globals) = (u.value, u.protocol, u.expanded_bytes, u.globals);
 
     let keys = next(&mut pos, &mut no_pid)?;
     let keys = keys
@@ -533,6 +540,7 @@ fn parse_legacy(source: Source, limits: &Limits) -> Result<TorchFile> {
         records: ZipRecords::default(),
         storages,
         expansion_left: left_after(limits, tree_bytes),
+        globals,
     })
 }
 

@@ -264,6 +264,13 @@ const KNOWN_CONFIG_MODULES: [&str; 3] = [
     "transformer_lens.config.hooked_transformer_config",
 ];
 
+/// Bounds on config sizes (far above any grokking model; a config beyond them is refused
+/// before anything is allocated from it).
+const MAX_LAYERS: i64 = 1 << 10;
+const MAX_DIM: i64 = 1 << 24;
+const MAX_HEADS: i64 = 1 << 12;
+const MAX_PARAMS: i64 = 1 << 34;
+
 impl HookedTransformerConfig {
     /// A config from the required fields, with TL's defaults and `__post_init__` applied.
     pub fn new(n_layers: i64, d_model: i64, n_ctx: i64, d_head: i64) -> Result<Self> {
@@ -445,14 +452,50 @@ impl HookedTransformerConfig {
                 "num_experts and experts_per_token must be set together",
             ));
         }
-        let mut n_params = self.n_layers * self.d_model * self.d_head * self.n_heads * 4;
+        // Sizes are checked before anything is sized from them: a hostile config (n_layers
+        // 2⁴⁰) is an error, never an allocation or an overflow.
+        for (name, v, max) in [
+            ("n_layers", self.n_layers, MAX_LAYERS),
+            ("d_model", self.d_model, MAX_DIM),
+            ("n_ctx", self.n_ctx, MAX_DIM),
+            ("d_head", self.d_head, MAX_DIM),
+            ("n_heads", self.n_heads, MAX_HEADS),
+            ("d_mlp", self.d_mlp.unwrap_or(1), MAX_DIM),
+            ("d_vocab", self.d_vocab, MAX_DIM),
+            ("d_vocab_out", self.d_vocab_out, MAX_DIM),
+            ("num_experts", self.num_experts.unwrap_or(1), MAX_HEADS),
+        ] {
+            if v > max || v < -1 || (v == 0 && name != "d_mlp") {
+                return Err(Error::invalid(
+                    ctx,
+                    format!("{name} = {v} is outside 1..={max}"),
+                ));
+            }
+        }
+        let overflow = || Error::invalid(ctx, "the parameter count overflows");
+        let mul = |a: i64, b: i64| a.checked_mul(b).ok_or_else(overflow);
+        let mut n_params = mul(
+            mul(
+                mul(self.n_layers, self.d_model)?,
+                mul(self.d_head, self.n_heads)?,
+            )?,
+            4,
+        )?;
         if !self.attn_only {
             let d_mlp = self.d_mlp.unwrap_or(0);
-            let mut per_layer = self.d_model * d_mlp * (2 + self.gated_mlp as i64);
+            let mut per_layer = mul(mul(self.d_model, d_mlp)?, 2 + self.gated_mlp as i64)?;
             if let Some(e) = self.num_experts.filter(|&e| e != 0) {
-                per_layer = (per_layer + self.d_model) * e;
+                per_layer = mul(per_layer + self.d_model, e)?;
             }
-            n_params += self.n_layers * per_layer;
+            n_params = n_params
+                .checked_add(mul(self.n_layers, per_layer)?)
+                .ok_or_else(overflow)?;
+        }
+        if n_params > MAX_PARAMS {
+            return Err(Error::invalid(
+                ctx,
+                format!("{n_params} parameters is more than tlens handles ({MAX_PARAMS})"),
+            ));
         }
         self.n_params = Some(n_params);
         if self.device.is_none() {

@@ -371,12 +371,28 @@ impl<B: Backend> HookedTransformer<B> {
         Ok((self.backend.download(out)?, cache))
     }
 
+    /// Every hook must match at least one hook point of this model ([`Error::UnknownHook`]).
+    pub fn check_hooks(&self, hooks: &[Hook<'_>]) -> Result<()> {
+        let names = self.hook_names();
+        for h in hooks {
+            if !names.iter().any(|n| h.filter.matches(n)) {
+                let name = match &h.filter {
+                    super::hooks::NameFilter::Name(n) => n.clone(),
+                    super::hooks::NameFilter::Pred(_) => "(a name filter)".to_string(),
+                };
+                return Err(unknown_hook(name, &names));
+            }
+        }
+        Ok(())
+    }
+
     /// Logits with `hooks` applied for this call only.
     pub fn run_with_hooks(
         &self,
         tokens: &Array2<u32>,
         hooks: &mut [Hook<'_>],
     ) -> Result<ArrayD<f32>> {
+        self.check_hooks(hooks)?;
         let mut ctx = HookCtx {
             hooks,
             cache: None,
@@ -393,6 +409,7 @@ impl<B: Backend> HookedTransformer<B> {
         hooks: &mut [Hook<'_>],
         names_filter: Option<&(dyn Fn(&str) -> bool + Sync)>,
     ) -> Result<(ArrayD<f32>, ActivationCache)> {
+        self.check_hooks(hooks)?;
         let mut ctx = HookCtx {
             hooks,
             cache: Some((names_filter, ActivationCache::new(self.cfg.n_layers()))),
@@ -689,5 +706,17 @@ impl<B: Backend> HookedTransformer<B> {
             &format!("{p}.hook_resid_post"),
             be.add(resid_mid, &mlp_out)?,
         )
+    }
+}
+
+/// [`Error::UnknownHook`] for `name`, listing some of the model's hook points.
+pub(crate) fn unknown_hook(name: String, names: &[String]) -> Error {
+    let mut known: Vec<&str> = names.iter().take(8).map(String::as_str).collect();
+    if names.len() > known.len() {
+        known.push("…");
+    }
+    Error::UnknownHook {
+        name: crate::error::clip(name),
+        known: known.join(", "),
     }
 }

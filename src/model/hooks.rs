@@ -38,19 +38,58 @@ pub struct Hook<'a> {
     pub f: HookFn<'a>,
 }
 
+/// A hook point's name as TL accepts it: a full name (`"blocks.0.attn.hook_z"`), shorthand
+/// (`"z0"`, `"pattern"` → resolved by [`get_act_name`]), or `(name, layer)` /
+/// `(name, layer, layer_type)` as TL's `utils.get_act_name(name, layer, layer_type)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HookName(pub String);
+
+impl From<&str> for HookName {
+    fn from(n: &str) -> HookName {
+        HookName(get_act_name(n, None, None))
+    }
+}
+
+impl From<String> for HookName {
+    fn from(n: String) -> HookName {
+        HookName::from(n.as_str())
+    }
+}
+
+impl From<(&str, i64)> for HookName {
+    fn from((n, l): (&str, i64)) -> HookName {
+        HookName(get_act_name(n, Some(l), None))
+    }
+}
+
+impl From<(&str, usize)> for HookName {
+    fn from((n, l): (&str, usize)) -> HookName {
+        HookName(get_act_name(n, Some(l as i64), None))
+    }
+}
+
+impl From<(&str, i64, &str)> for HookName {
+    fn from((n, l, t): (&str, i64, &str)) -> HookName {
+        HookName(get_act_name(n, Some(l), Some(t)))
+    }
+}
+
 impl<'a> Hook<'a> {
-    /// A hook on one hook point (exact name or `get_act_name` shorthand without a layer).
+    /// A hook on one hook point: a full TL name, shorthand, or `(name, layer)` ([`HookName`]).
+    /// A name that matches no hook point of the model is an error when the hooks run
+    /// ([`Error::UnknownHook`]), as in TL — never a hook that silently does nothing.
     pub fn new(
-        name: &str,
+        name: impl Into<HookName>,
         f: impl FnMut(&ArrayD<f32>, &str) -> Option<ArrayD<f32>> + 'a,
     ) -> Hook<'a> {
         Hook {
-            filter: NameFilter::Name(get_act_name(name, None, None)),
+            filter: NameFilter::Name(name.into().0),
             f: Box::new(f),
         }
     }
 
-    /// A hook on every point whose name satisfies `pred`.
+    /// A hook on every point whose name satisfies `pred` (one that matches no point of the
+    /// model is an error when the hooks run).
     pub fn filtered(
         pred: impl Fn(&str) -> bool + Sync + 'a,
         f: impl FnMut(&ArrayD<f32>, &str) -> Option<ArrayD<f32>> + 'a,

@@ -226,6 +226,9 @@ pub struct RunFile {
     pub unreadable: Vec<(String, String)>,
     /// What tlens changed while reading (renamed keys, …), for `inspect`.
     pub notes: Vec<String>,
+    /// Callables the file references (`os.system`, a user's class, …) that tlens did not run
+    /// ([`crate::io::pickle::foreign_globals`]); the CLI warns about them.
+    pub foreign_globals: Vec<String>,
 }
 
 /// A fully loaded run (TL layout).
@@ -324,16 +327,19 @@ impl RunFile {
             epoch: None,
             unreadable: Vec::new(),
             notes: Vec::new(),
+            foreign_globals: Vec::new(),
         }
     }
 
     fn from_torch(mut f: TorchFile, format: Format) -> Result<RunFile> {
         // The run keeps typed references, moved out of the value tree (which is then dropped).
         let root = std::mem::replace(&mut f.root, Value::None);
+        let foreign = crate::io::pickle::foreign_globals(&f.globals);
         let Value::Dict(mut dict) = root else {
             return Err(Error::NotARun(not_a_run(&root)));
         };
         let mut run = RunFile::empty(Container::Torch(f), format);
+        run.foreign_globals = foreign;
         let is_state_dict = !dict.items.is_empty()
             && dict
                 .items
@@ -972,6 +978,28 @@ impl RunFile {
         };
         debug_assert_eq!(train.len() + test.len(), n);
         Ok(Split { train, test, rule })
+    }
+
+    /// Epochs between two logged test losses: 1 when there is one per train loss, the
+    /// `eval_every` a tlens run recorded, 10 for a 2022 run that logged every 10 epochs; `None`
+    /// when the file does not say (test loss i is then not known to be at any epoch).
+    pub fn test_every(&self) -> Option<usize> {
+        let (n_train, n_test) = (self.train_losses.len(), self.test_losses.len());
+        if n_test == 0 {
+            return None;
+        }
+        if n_test == n_train {
+            return Some(1);
+        }
+        if let Some((_, _, _, settings)) = &self.optimizer {
+            if let Some(k) = settings
+                .get("eval_every")
+                .and_then(serde_json::Value::as_u64)
+            {
+                return (k > 0 && n_test == n_train.div_ceil(k as usize)).then_some(k as usize);
+            }
+        }
+        (self.is_2022() && n_test == n_train.div_ceil(10)).then_some(10)
     }
 
     /// Whether the file carries optimizer state (a resumable tlens training run).

@@ -35,6 +35,81 @@ pub struct TrainConfig {
     pub warmup_epochs: usize,
 }
 
+/// Bytes a run's training may use (inputs, per-input activations, gradients), estimated from
+/// its settings before anything is allocated; above this, `validate` refuses the run.
+pub const TRAIN_MEMORY_LIMIT: u64 = 16 << 30;
+
+impl TrainConfig {
+    /// Check every setting (finite, in range) before anything is allocated; the error names
+    /// the flag. p must be odd and ≥ 3 (the analyses' Fourier basis needs odd p), and the
+    /// run's estimated memory must stay under [`TRAIN_MEMORY_LIMIT`].
+    pub fn validate(&self) -> Result<()> {
+        let bad = |flag: &str, msg: String| Err(Error::invalid(flag, msg));
+        if self.epochs == 0 {
+            return bad("--epochs", "must be at least 1".into());
+        }
+        if self.p < 3 || self.p % 2 == 0 {
+            return bad("--p", format!("{} is not an odd number ≥ 3", self.p));
+        }
+        let finite_in = |flag: &str, x: f64, lo: f64, hi: f64, lo_open: bool, hi_open: bool| {
+            let ok = x.is_finite()
+                && if lo_open { x > lo } else { x >= lo }
+                && if hi_open { x < hi } else { x <= hi };
+            if ok {
+                Ok(())
+            } else {
+                Err(Error::invalid(
+                    flag,
+                    format!(
+                        "{x} is not in {}{lo}, {hi}{}",
+                        if lo_open { "(" } else { "[" },
+                        if hi_open { ")" } else { "]" }
+                    ),
+                ))
+            }
+        };
+        finite_in("--frac-train", self.frac_train, 0.0, 1.0, true, true)?;
+        finite_in("--lr", self.adamw.lr, 0.0, f64::MAX, true, false)?;
+        finite_in(
+            "--weight-decay",
+            self.adamw.weight_decay,
+            0.0,
+            f64::MAX,
+            false,
+            false,
+        )?;
+        finite_in("--beta1", self.adamw.beta1, 0.0, 1.0, false, true)?;
+        finite_in("--beta2", self.adamw.beta2, 0.0, 1.0, false, true)?;
+        if self.checkpoint_every == 0 {
+            return bad("--checkpoint-every", "must be at least 1".into());
+        }
+        if self.eval_every == 0 {
+            return bad("--eval-every", "must be at least 1".into());
+        }
+        let need = self.memory_estimate();
+        if need > TRAIN_MEMORY_LIMIT {
+            return bad(
+                "--p",
+                format!(
+                    "p = {} needs about {} GiB to train (limit {} GiB)",
+                    self.p,
+                    need >> 30,
+                    TRAIN_MEMORY_LIMIT >> 30
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Bytes the demo model's training needs for this p, roughly: per input the tokens, the
+    /// MLP activations and logits (and their gradients), checked with overflow-safe arithmetic.
+    pub fn memory_estimate(&self) -> u64 {
+        let n = (self.p as u64).saturating_mul(self.p as u64);
+        let per_input = 4 * (2 * 512 + 2 * (self.p as u64 + 1) + 4 * 128 + 3);
+        n.saturating_mul(per_input)
+    }
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
@@ -135,6 +210,8 @@ impl Trainer {
         settings: TrainConfig,
     ) -> Result<Trainer> {
         check_trainable(&cfg)?;
+        // Every setting, also those read back from a file for --resume.
+        settings.validate()?;
         if settings.p < 2 || settings.p + 1 != cfg.d_vocab() {
             return Err(Error::invalid(
                 "p",

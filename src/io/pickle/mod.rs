@@ -135,6 +135,53 @@ impl Default for Limits {
     }
 }
 
+/// Globals that a checkpoint names as data: torch's tensor and storage machinery, modules,
+/// OrderedDict, numpy scalars and arrays, TorchScript modules.
+const DATA_GLOBALS: [&str; 13] = [
+    "torch._utils.",
+    "torch._tensor.",
+    "torch.storage.",
+    "torch.nn.",
+    "collections.OrderedDict",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.dtype",
+    "numpy.ndarray",
+    "_codecs.encode",
+    "__torch__.",
+];
+
+/// Whether `module.name` is plain checkpoint data (see [`DATA_GLOBALS`]): also torch dtypes and
+/// storage classes, `torch.Size`, `torch.device`, TL config classes and sets.
+fn is_data_global(g: &str) -> bool {
+    if DATA_GLOBALS.iter().any(|d| g.starts_with(d) || g == *d) {
+        return true;
+    }
+    if let Some(name) = g.strip_prefix("torch.") {
+        return !name.contains('.')
+            && (DType::from_torch_name(name).is_some()
+                || DType::from_storage_class(name).is_some()
+                || matches!(name, "Size" | "device"));
+    }
+    if g.starts_with("transformer_lens.") {
+        return g.ends_with("HookedTransformerConfig");
+    }
+    matches!(g, "builtins.set" | "builtins.frozenset" | "__builtin__.set")
+}
+
+/// The globals among `names` that are not plain checkpoint data: callables that
+/// `torch.load(weights_only=False)` would import and may call (`os.system`, `builtins.eval`,
+/// a user's class). tlens imported and ran none of them; the CLI warns about them.
+pub fn foreign_globals(names: &[String]) -> Vec<String> {
+    names
+        .iter()
+        .filter(|g| !is_data_global(g))
+        .cloned()
+        .collect()
+}
+
 impl Value {
     /// Python-ish type name, for error messages.
     pub fn type_name(&self) -> String {

@@ -31,6 +31,8 @@ pub struct Unpickled {
     /// Approximate heap bytes of the expanded value tree (counted against
     /// [`Limits::max_expanded_bytes`]).
     pub expanded_bytes: u64,
+    /// The globals the pickle names (`module.name`; nothing was imported or called).
+    pub globals: Vec<String>,
 }
 
 type Id = usize;
@@ -87,7 +89,13 @@ struct Vm<'a, 'l> {
     /// Persistent ids already resolved, by node: a storage referenced many times is resolved
     /// once.
     pids: std::collections::HashMap<Id, Value>,
+    /// Every global the pickle names (`module.name`), in first-seen order, at most
+    /// [`MAX_GLOBALS_KEPT`].
+    globals: Vec<String>,
 }
+
+/// How many distinct global names a pickle's report keeps.
+const MAX_GLOBALS_KEPT: usize = 64;
 
 /// Unpickle one pickle starting at the beginning of `data`.
 pub fn unpickle(
@@ -113,6 +121,7 @@ pub fn unpickle(
         left_values: limits.max_values,
         left_bytes: limits.max_expanded_bytes,
         pids: std::collections::HashMap::new(),
+        globals: Vec::new(),
     };
     let top = vm.run()?;
     vm.count_refs(top);
@@ -122,6 +131,7 @@ pub fn unpickle(
         end: vm.pos,
         protocol: vm.protocol,
         expanded_bytes: (limits.max_expanded_bytes - vm.left_bytes) as u64,
+        globals: vm.globals,
     })
 }
 
@@ -190,17 +200,34 @@ impl<'a, 'l> Vm<'a, 'l> {
     /// Read a length-prefixed payload, checking the limit before trusting the length.
     fn payload(&mut self, len: u64) -> Result<&'a [u8]> {
         if len > self.limits.max_bytes_len as u64 {
-            return Err(Error::limit("string/bytes length", self.limits.max_bytes_len as u64, len));
+            return Err(Error::limit(
+                "string/bytes length",
+                self.limits.max_bytes_len as u64,
+                len,
+            ));
         }
         self.total_bytes += len as usize;
         if self.total_bytes > self.limits.max_total_bytes {
-            return Err(Error::limit("total string/bytes size", self.limits.max_total_bytes as u64, self.total_bytes as u64));
+            return Err(Error::limit(
+                "total string/bytes size",
+                self.limits.max_total_bytes as u64,
+                self.total_bytes as u64,
+            ));
         }
         self.take(len as usize, "string/bytes payload")
     }
 
     fn utf8(&self, b: &[u8]) -> Result<String> {
         String::from_utf8(b.to_vec()).map_err(|_| self.bad("string is not valid UTF-8"))
+    }
+
+    fn note_global(&mut self, module: &str, name: &str) {
+        if self.globals.len() < MAX_GLOBALS_KEPT {
+            let g = crate::error::clip(format!("{module}.{name}"));
+            if !self.globals.contains(&g) {
+                self.globals.push(g);
+            }
+        }
     }
 
     // ---- errors -----------------------------------------------------------------------
@@ -217,7 +244,11 @@ impl<'a, 'l> Vm<'a, 'l> {
 
     fn alloc(&mut self, n: Node) -> Result<Id> {
         if self.nodes.len() >= self.limits.max_values {
-            return Err(Error::limit("number of pickle values", self.limits.max_values as u64, self.nodes.len() as u64 + 1));
+            return Err(Error::limit(
+                "number of pickle values",
+                self.limits.max_values as u64,
+                self.nodes.len() as u64 + 1,
+            ));
         }
         self.nodes.push(n);
         Ok(self.nodes.len() - 1)
@@ -230,7 +261,11 @@ impl<'a, 'l> Vm<'a, 'l> {
 
     fn push_id(&mut self, id: Id) -> Result<()> {
         if self.stack.len() >= self.limits.max_stack {
-            return Err(Error::limit("pickle stack depth", self.limits.max_stack as u64, self.stack.len() as u64 + 1));
+            return Err(Error::limit(
+                "pickle stack depth",
+                self.limits.max_stack as u64,
+                self.stack.len() as u64 + 1,
+            ));
         }
         self.stack.push(id);
         Ok(())
@@ -267,7 +302,11 @@ impl<'a, 'l> Vm<'a, 'l> {
     fn memo_put(&mut self, index: u64) -> Result<()> {
         let id = self.top()?;
         if index >= self.limits.max_memo as u64 {
-            return Err(Error::limit("pickle memo index", self.limits.max_memo as u64, index));
+            return Err(Error::limit(
+                "pickle memo index",
+                self.limits.max_memo as u64,
+                index,
+            ));
         }
         let i = index as usize;
         if i >= self.memo.len() {
@@ -609,6 +648,7 @@ impl<'a, 'l> Vm<'a, 'l> {
                     self.op = "GLOBAL";
                     let module = self.line_str()?;
                     let name = self.line_str()?;
+                    self.note_global(&module, &name);
                     self.leaf(global(module, name))?;
                 }
                 0x93 => {
@@ -620,8 +660,9 @@ impl<'a, 'l> Vm<'a, 'l> {
                     else {
                         return Err(self.bad("STACK_GLOBAL needs two strings"));
                     };
-                    let v = global(m.clone(), n.clone());
-                    self.leaf(v)?;
+                    let (m, n) = (m.clone(), n.clone());
+                    self.note_global(&m, &n);
+                    self.leaf(global(m, n))?;
                 }
                 b'R' => {
                     self.op = "REDUCE";
@@ -1142,14 +1183,16 @@ impl<'a, 'l> Vm<'a, 'l> {
     fn expand_all(&mut self, ids: &[Id], d: usize, sh: bool) -> Result<Vec<Value>> {
         ids.iter()
             .enumerate()
-            .map(|(i, &c)| {
-                self.expand_node(c, d, sh)
-                    .map_err(|e| e.at(&i.to_string()))
-            })
+            .map(|(i, &c)| self.expand_node(c, d, sh).map_err(|e| e.at(&i.to_string())))
             .collect()
     }
 
-    fn expand_pairs(&mut self, ids: &[(Id, Id)], d: usize, sh: bool) -> Result<Vec<(Value, Value)>> {
+    fn expand_pairs(
+        &mut self,
+        ids: &[(Id, Id)],
+        d: usize,
+        sh: bool,
+    ) -> Result<Vec<(Value, Value)>> {
         ids.iter()
             .map(|&(k, v)| {
                 let key = self.expand_node(k, d, sh)?;
