@@ -48,7 +48,7 @@ impl TrainConfig {
         if self.epochs == 0 {
             return bad("--epochs", "must be at least 1".into());
         }
-        if self.p < 3 || self.p % 2 == 0 {
+        if self.p < 3 || self.p.is_multiple_of(2) {
             return bad("--p", format!("{} is not an odd number ≥ 3", self.p));
         }
         let finite_in = |flag: &str, x: f64, lo: f64, hi: f64, lo_open: bool, hi_open: bool| {
