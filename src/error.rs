@@ -203,6 +203,8 @@ impl Error {
                 found,
                 at: if at.is_empty() {
                     clip(key)
+                } else if key.is_empty() {
+                    at
                 } else {
                     format!("{}.{at}", clip(key))
                 },

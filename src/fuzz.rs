@@ -115,11 +115,25 @@ pub enum Target {
     Pickle,
 }
 
-fn run_one(target: Target, input: &[u8], limits: &Limits) -> Option<bool> {
+/// Run one input through `target`'s read path: `Some(loaded)`, or `None` if it panicked.
+/// (Aborts — allocation failure, stack overflow — end the process: run it in a child to see
+/// them, as `examples/fuzz.rs` does.)
+pub fn run_one(target: Target, input: &[u8], limits: &Limits) -> Option<bool> {
     catch_unwind(AssertUnwindSafe(|| match target {
-        Target::File => RunFile::from_bytes(input.to_vec())
-            .and_then(|r| r.load())
-            .is_ok(),
+        Target::File => {
+            // The run path (every tensor materialised), and the tree path of `inspect` /
+            // `convert` (every tensor read by its dotted path).
+            let run = RunFile::from_bytes(input.to_vec())
+                .and_then(|r| r.load())
+                .is_ok();
+            let tree = crate::io::tree::AnyFile::from_bytes(input.to_vec())
+                .and_then(|f| {
+                    crate::io::tree::describe(&f, crate::io::tree::Options { values: true })?;
+                    crate::io::tree::read_tensors(&f)
+                })
+                .is_ok();
+            run || tree
+        }
         Target::Pickle => {
             let mut load = |pid: Value, pos: usize| {
                 Ok(Value::Storage(std::sync::Arc::new(

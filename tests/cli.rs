@@ -450,7 +450,8 @@ fn cache_writes_every_hook_as_npz() {
         tokens.iter().copied().collect::<Vec<_>>(),
         vec![37, 58, 113, 1, 2, 113]
     );
-    // A names filter keeps only matching hooks (shorthand or substring).
+    // A names filter keeps only the named hooks (TL shorthand: `post` is every layer's
+    // mlp.hook_post, not hook_resid_post).
     let (code, _, _) = tlens(&[
         "cache",
         file.to_str().unwrap(),
@@ -459,7 +460,7 @@ fn cache_writes_every_hook_as_npz() {
         "--inputs",
         "3,4",
         "--names",
-        "pattern,hook_post",
+        "pattern,post",
     ]);
     assert_eq!(code, 0);
     let names = tlens::io::npz::NpzReader::open(&out).unwrap().names();

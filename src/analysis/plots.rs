@@ -46,11 +46,14 @@ pub struct PlotData<'a> {
 /// A figure's temporary path beside `path` (renamed over it once complete), as run files are
 /// written: a full disk or a kill never leaves a truncated figure under the real name.
 fn temp_of(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    // `.NAME.tmp<pid>.EXT`: the image encoder picks its format from the extension.
+    let stem = path.file_stem().map(|n| n.to_string_lossy().into_owned());
+    let ext = path.extension().map(|n| n.to_string_lossy().into_owned());
     path.with_file_name(format!(
-        ".{}.tmp{}",
-        name.unwrap_or_default(),
-        std::process::id()
+        ".{}.tmp{}.{}",
+        stem.unwrap_or_default(),
+        std::process::id(),
+        ext.unwrap_or_default()
     ))
 }
 

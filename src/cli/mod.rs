@@ -40,7 +40,7 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
     /// Bytes that reading one file may allocate beyond what it stores (the pickle's values,
-    /// broadcast tensors expanded, deflated entries inflated); e.g. 512M, 4G. Default 1G.
+    /// broadcast tensors expanded, deflated entries inflated); e.g. 256M, 4G. Default 512M.
     #[arg(long, global = true, value_name = "BYTES", value_parser = parse_bytes)]
     pub memory_budget: Option<u64>,
 }

@@ -17,9 +17,9 @@ use std::path::Path;
 
 /// The memory budget: how many bytes reading one file may allocate beyond the bytes it stores
 /// (the pickle's value tree, broadcast tensors expanded, deflated entries inflated). Every
-/// excess is an [`Error::Limit`] naming where in the file it happened. Default 1 GiB; the CLI's
+/// excess is an [`Error::Limit`] naming where in the file it happened. Default 512 MiB (so that the peak stays under 1 GiB with the copies around it); the CLI's
 /// `--memory-budget` sets it.
-static MEMORY_BUDGET: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1 << 30);
+static MEMORY_BUDGET: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(512 << 20);
 
 /// The current memory budget in bytes.
 pub fn memory_budget() -> u64 {
@@ -141,21 +141,6 @@ const LEGACY_MAGIC_DECIMAL: &[u8] = b"L119547037146038801333356L\n";
 /// option in the error.
 pub fn check_output(path: &Path, exts: &[&str], flag: &str) -> Result<()> {
     let shown = path.display().to_string();
-    if !exts.is_empty() {
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-        if !exts.contains(&ext) {
-            return Err(Error::invalid(
-                flag,
-                format!(
-                    "'{shown}' has extension '{ext}'; expected {}",
-                    exts.iter()
-                        .map(|e| format!(".{e}"))
-                        .collect::<Vec<_>>()
-                        .join(" or ")
-                ),
-            ));
-        }
-    }
     if let Ok(m) = std::fs::symlink_metadata(path) {
         let kind = m.file_type();
         if kind.is_symlink() {
@@ -168,6 +153,21 @@ pub fn check_output(path: &Path, exts: &[&str], flag: &str) -> Result<()> {
             return Err(Error::invalid(
                 flag,
                 format!("'{shown}' exists and is not a regular file"),
+            ));
+        }
+    }
+    if !exts.is_empty() {
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if !exts.contains(&ext) {
+            return Err(Error::invalid(
+                flag,
+                format!(
+                    "'{shown}' has extension '{ext}'; expected {}",
+                    exts.iter()
+                        .map(|e| format!(".{e}"))
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                ),
             ));
         }
     }

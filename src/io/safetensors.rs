@@ -96,6 +96,11 @@ impl SafetensorsFile {
         self.meta.offset_keys()
     }
 
+    /// Bytes of tensor data the file holds.
+    pub fn stored_bytes(&self) -> u64 {
+        (self.source.len() - self.data_start) as u64
+    }
+
     /// The `__metadata__` string map.
     pub fn metadata(&self) -> HashMap<String, String> {
         self.meta.metadata().clone().unwrap_or_default()

@@ -164,6 +164,11 @@ impl TorchFile {
         }
     }
 
+    /// Bytes of all storages the file holds (what it legitimately stores).
+    pub fn stored_bytes(&self) -> u64 {
+        self.storages.values().map(|l| l.len() as u64).sum()
+    }
+
     /// The bytes of a root storage.
     pub fn storage_bytes(&self, key: &str) -> Result<&[u8]> {
         match self.storages.get(key) {
@@ -604,7 +609,11 @@ impl TorchWriter {
     pub fn to_bytes(&self, root: &Value) -> Result<Vec<u8>> {
         let mut p = Pickler::new(self.protocol);
         p.value(root)?;
-        let pkl = p.finish();
+        self.to_bytes_with_pickle(&p.finish())
+    }
+
+    /// The zip layout around a given `data.pkl` (tests and fuzzing build pickles by hand).
+    pub fn to_bytes_with_pickle(&self, pkl: &[u8]) -> Result<Vec<u8>> {
         let mut buf = Cursor::new(Vec::new());
         {
             let mut z = zip::ZipWriter::new(&mut buf);
@@ -618,7 +627,7 @@ impl TorchWriter {
                 z.write_all(data)?;
                 Ok(())
             };
-            put("data.pkl", &pkl)?;
+            put("data.pkl", pkl)?;
             put(".format_version", b"1")?;
             put(".storage_alignment", b"64")?;
             put("byteorder", b"little")?;
@@ -626,7 +635,7 @@ impl TorchWriter {
                 put(&format!("data/{key}"), data)?;
             }
             put("version", b"3\n")?;
-            put(".data/serialization_id", serialization_id(&pkl).as_bytes())?;
+            put(".data/serialization_id", serialization_id(pkl).as_bytes())?;
             z.finish().map_err(|e| Error::Zip(e.to_string()))?;
         }
         Ok(buf.into_inner())

@@ -31,6 +31,11 @@ impl AnyFile {
         Self::from_source(source).with_path(path)
     }
 
+    /// Parse a file held in memory.
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<AnyFile> {
+        Self::from_source(super::Source::Bytes(bytes))
+    }
+
     pub(crate) fn from_source(source: super::Source) -> Result<AnyFile> {
         Ok(match super::Format::detect(&source)? {
             super::Format::Safetensors => {
@@ -56,6 +61,30 @@ pub struct Options {
     pub values: bool,
 }
 
+/// Most nodes a described tree may have (a file that repeats a shared structure can expand
+/// to more; the description is then refused, not allowed to fill memory).
+const MAX_NODES: usize = 2_000_000;
+
+thread_local! {
+    static NODES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+fn count_node() -> Result<()> {
+    NODES.with(|n| {
+        let v = n.get() + 1;
+        n.set(v);
+        if v > MAX_NODES {
+            Err(Error::limit(
+                "nodes in the described tree",
+                MAX_NODES as u64,
+                v as u64,
+            ))
+        } else {
+            Ok(())
+        }
+    })
+}
+
 /// How many leading values `--values` shows, and how long a list of numbers is shown whole.
 const HEAD: usize = 6;
 const SHORT_LIST: usize = 8;
@@ -70,6 +99,7 @@ pub enum Found<'a> {
 
 /// The tree of a file as JSON: `{"format", "tree"}` plus `"tensors"` (path → dtype, shape).
 pub fn describe(file: &AnyFile, opts: Options) -> Result<Json> {
+    NODES.with(|n| n.set(0));
     let tree = match file {
         AnyFile::Torch(f) => value(f, &f.root, opts)?,
         AnyFile::Safetensors(f) => safetensors_tree(f, opts)?,
@@ -317,13 +347,15 @@ fn tensor_node(f: &TorchFile, r: &TensorRef, opts: Options) -> Result<Json> {
         n["stride"] = json!(r.stride);
     }
     if opts.values {
-        add_values(&mut n, &f.tensor(r, "tensor")?);
+        // Unnamed here: the key path is added by the containers as the error unwinds.
+        add_values(&mut n, &f.tensor(r, "")?);
     }
     Ok(n)
 }
 
 /// One pickled value as a JSON node.
 fn value(f: &TorchFile, v: &Value, opts: Options) -> Result<Json> {
+    count_node()?;
     Ok(match v {
         Value::None => Json::Null,
         Value::Bool(b) => json!(b),
@@ -386,7 +418,8 @@ fn seq(f: &TorchFile, kind: &str, items: &[Value], opts: Options) -> Result<Json
     }
     let nodes = items
         .iter()
-        .map(|x| value(f, x, opts))
+        .enumerate()
+        .map(|(i, x)| value(f, x, opts).map_err(|e| e.at(&i.to_string())))
         .collect::<Result<Vec<_>>>()?;
     Ok(json!({"type": kind, "len": items.len(), "items": nodes}))
 }
@@ -394,7 +427,9 @@ fn seq(f: &TorchFile, kind: &str, items: &[Value], opts: Options) -> Result<Json
 fn dict(f: &TorchFile, d: &Dict, opts: Options) -> Result<Json> {
     let mut items = Map::new();
     for (k, x) in &d.items {
-        items.insert(key_str(k), value(f, x, opts)?);
+        let key = key_str(k);
+        let v = value(f, x, opts).map_err(|e| e.at(&key))?;
+        items.insert(key, v);
     }
     let kind = if d.ordered { "OrderedDict" } else { "dict" };
     Ok(json!({"type": kind, "len": d.items.len(), "items": items}))

@@ -797,8 +797,48 @@ impl RunFile {
             })
     }
 
-    /// Read everything.
+    /// Bytes that reading every state dict of the run (model, checkpoints, optimizer) would
+    /// allocate; a file that references one storage from many tensors (one checkpoint repeated
+    /// 100,000 times) costs each reference.
+    pub fn load_bytes(&self) -> u64 {
+        let sd = |r: &StateDictRef| -> u64 {
+            r.entries
+                .iter()
+                .map(|(_, _, shape, dtype)| {
+                    shape
+                        .iter()
+                        .fold(dtype.size() as u64, |a, &d| a.saturating_mul(d as u64))
+                })
+                .fold(0u64, u64::saturating_add)
+        };
+        let mut total = self.model.as_ref().map_or(0, sd);
+        for c in &self.checkpoints {
+            total = total.saturating_add(sd(c));
+        }
+        if let Some((_, m, v, _)) = &self.optimizer {
+            total = total.saturating_add(sd(m)).saturating_add(sd(v));
+        }
+        total
+    }
+
+    /// Read everything. Refused up front ([`Error::Limit`]) when that would allocate more
+    /// than the file stores plus the memory budget ([`crate::io::memory_budget`]).
     pub fn load(&self) -> Result<TrainingRun> {
+        let stored = match &self.container {
+            Container::Torch(f) => f.stored_bytes(),
+            Container::Safetensors(f) => f.stored_bytes(),
+        };
+        let allowed = stored.saturating_add(crate::io::memory_budget());
+        let need = self.load_bytes();
+        if need > allowed {
+            return self.with_path(Err(Error::limit(
+                "bytes to read every state dict (tensors referencing the same storage count \
+                 each time; raise the budget with --memory-budget)",
+                allowed,
+                need,
+            )
+            .at("model and checkpoints")));
+        }
         let model = if self.model.is_some() {
             self.model()?
         } else {
