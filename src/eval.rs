@@ -7,6 +7,17 @@
 //! the per-head OV products `v·W_O` are tabulated once per weight set; only the last position's
 //! attention is then a per-input computation (H × P scores), and ln2/MLP/unembed run as batched
 //! matrix products over the last position alone. Tested against the general path.
+//!
+//! ```
+//! let run = tlens::RunFile::open(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/demo_small.pth"))?;
+//! let model = tlens::HookedTransformer::new(run.config.clone().unwrap(), run.model()?)?;
+//! let split = run.split(23, tlens::run::SplitChoice::Auto)?;
+//! let ev = tlens::eval::evaluate(&model, &split.train, &split.test)?;
+//! // The run's last logged train loss is the loss before its last step; close to this one.
+//! assert!((ev.train_loss - run.train_losses.last().unwrap()).abs() < 0.05);
+//! assert!(ev.train_accuracy >= ev.test_accuracy);
+//! # Ok::<(), tlens::Error>(())
+//! ```
 
 use crate::backend::gemm::{Mat, PackedB};
 use crate::backend::{simd, Activation, Backend, Cpu};

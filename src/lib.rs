@@ -6,14 +6,17 @@
 //! is a restricted VM that interprets a fixed list of torch/numpy globals by name and keeps
 //! everything else as opaque data.
 //!
-//! ```no_run
-//! let run = tlens::RunFile::open("fixtures/demo_p113.pth")?;
+//! Opening a run (a small TL-demo run shipped in `fixtures/`, p = 23):
+//!
+//! ```
+//! let run = tlens::RunFile::open(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/demo_small.pth"))?;
 //! let cfg = run.config.as_ref().unwrap();
-//! println!("{} layers, d_model {}", cfg.n_layers, cfg.d_model);
+//! assert_eq!((cfg.n_layers, cfg.d_model, cfg.d_vocab), (1, 32, 24));
 //! let model = run.model()?;                 // final weights, TL layout
-//! let w_e = model.array::<f32>("embed.W_E", None)?;
+//! let w_e = model.array::<f32>("embed.W_E", Some(&[24, 32]))?;
 //! let first = run.checkpoint(0)?;           // checkpoints load one at a time
-//! # let _ = (w_e, first);
+//! assert_eq!(run.checkpoint_epochs, [99, 199, 299]);
+//! assert_eq!(first.get("embed.W_E").unwrap().shape(), w_e.shape());
 //! # Ok::<(), tlens::Error>(())
 //! ```
 

@@ -4,7 +4,20 @@
 //! The split must be bit-identical to `torch.manual_seed(seed); torch.randperm(p*p)`: torch's
 //! CPU generator is MT19937 (`init_genrand`, standard tempering) and its randperm is the
 //! Fisher–Yates variant `for i in 0..n−1: z = next_u32 % (n−i); swap(r[i], r[i+z])`
-//! (REFERENCE §5).
+//! (docs/reference.md §5).
+//!
+//! ```
+//! use tlens::task::{dataset, demo_split, torch_randperm, Operation};
+//! // torch.manual_seed(0); torch.randperm(5) gives tensor([4, 0, 1, 3, 2]) (torch 2.15).
+//! assert_eq!(torch_randperm(5, 0), [4, 0, 1, 3, 2]);
+//! let (train, test) = demo_split(113, 0.3, 598);    // the TL demo's split
+//! assert_eq!((train.len(), test.len()), (3830, 8939));
+//! let (tokens, labels) = dataset(5, Operation::Subtract)?;
+//! assert_eq!(tokens.row(7).to_vec(), [1, 2, 5]);    // [a, b, =], a-major
+//! assert_eq!(labels[7], 4);                          // (1 − 2) mod 5
+//! assert_eq!(Operation::X2xyy2.label(2, 3, 5), Some(4)); // 4 + 6 + 9 = 19 ≡ 4
+//! # Ok::<(), tlens::Error>(())
+//! ```
 
 use crate::backend::simd;
 use ndarray::{Array2, ArrayView2};
@@ -128,7 +141,7 @@ pub fn torch_randperm(n: usize, seed: u64) -> Vec<i64> {
     r
 }
 
-/// A binary operation mod p on inputs `[a, b, =]`: the 2022 code's `fns_dict` (REFERENCE §11).
+/// A binary operation mod p on inputs `[a, b, =]`: the 2022 code's `fns_dict` (docs/reference.md §11).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Operation {

@@ -163,7 +163,10 @@ fn train_and_test_indices_share_one_storage() {
         .unwrap();
     assert_eq!(tr.storage.key, te.storage.key, "two views of one storage");
     assert_eq!(tr.offset, 0);
-    assert_eq!(te.offset, 3830, "REFERENCE §6: test view starts at 3830");
+    assert_eq!(
+        te.offset, 3830,
+        "docs/reference.md §6: test view starts at 3830"
+    );
     assert_eq!(tr.storage.numel, 12769);
 }
 

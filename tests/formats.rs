@@ -88,7 +88,7 @@ fn config_is_read_under_every_tl_module_path() {
 
 #[test]
 fn tl_configs_hold_numpy_float64_scalars() {
-    // REFERENCE §6: initializer_range and attn_scale pickle as numpy float64 scalars.
+    // docs/reference.md §6: initializer_range and attn_scale pickle as numpy float64 scalars.
     let f = TorchFile::open(fixture("demo_p113.pth")).unwrap();
     let Value::Object(o) = f.root.get("config").unwrap() else {
         panic!()

@@ -2,7 +2,7 @@
 //! the embedding, neurons and logits, attention spectra, restricted and excluded loss, and the
 //! progress measures over every checkpoint of a run, with the phase boundaries.
 //!
-//! Every definition is the demo's (`../shared/REFERENCE.md` §8; `fixtures/demo_analysis.py` runs
+//! Every definition is the demo's (`docs/reference.md` §8; `fixtures/demo_analysis.py` runs
 //! the Python side), and `tests/analysis.rs` checks every scalar and array against it. What
 //! differs is how they are computed: activations come from the tabulated last-position pass
 //! ([`crate::eval::last_position`]) instead of a full cached forward, per-frequency power from
@@ -12,7 +12,20 @@
 //!
 //! These analyses are defined for the demo's model family: one layer with attention and MLP,
 //! no LayerNorm, inputs `[a, b, =]` with d_vocab = p + 1 and d_vocab_out = p, odd p. Other
-//! models get [`Error::Unsupported`].
+//! models get [`Error::Unsupported`] (or [`Error::NotModularArithmetic`]).
+//!
+//! Every analysis of a run's final model and its progress measures over the checkpoints:
+//!
+//! ```
+//! use tlens::analysis::{analyze_run, Options};
+//! let run = tlens::RunFile::open(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/demo_small.pth"))?;
+//! let (a, arrays) = analyze_run(&run, &Options::default())?;
+//! assert_eq!(a.p, 23);
+//! assert_eq!(a.checkpoints.len(), 3);                 // epochs 99, 199, 299
+//! assert!(a.final_.restricted_loss.is_finite() && a.final_.excluded_loss.is_finite());
+//! assert_eq!(arrays.neuron_freq_norm.shape(), &[11, 128]); // [p // 2, d_mlp]
+//! # Ok::<(), tlens::Error>(())
+//! ```
 
 pub mod ablation;
 pub mod fourier;

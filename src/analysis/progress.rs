@@ -2,6 +2,19 @@
 //! restricted and excluded loss, Gini coefficients of the Fourier norms of W_E and W_L, the total
 //! sum of squared weights, and the logits' cosine similarity with each frequency — plus the
 //! phase boundaries read off the loss curves.
+//!
+//! ```
+//! use tlens::analysis::progress::{gini, phases};
+//! assert_eq!(gini(&[1.0, 1.0, 1.0, 1.0]), 0.0);      // spread evenly
+//! assert!(gini(&[0.0, 0.0, 0.0, 8.0]) > 0.7);         // one frequency holds everything
+//! // Memorisation (test loss rises to a peak), circuit formation, clean-up:
+//! let test: Vec<f64> = (0..300)
+//!     .map(|e| if e < 100 { 1.0 + e as f64 } else { 100.0 * (-0.1 * (e - 100) as f64).exp() })
+//!     .collect();
+//! let ph = phases(&test);
+//! assert_eq!(ph.memorization_end, Some(99));
+//! assert!(ph.circuit_formation_end.unwrap() < ph.cleanup_end.unwrap());
+//! ```
 
 use serde::Serialize;
 

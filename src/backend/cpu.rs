@@ -3,7 +3,7 @@
 //!
 //! Arithmetic follows TL's float32 order where it matters (true division by `attn_scale`,
 //! max-subtracted softmax, addmm-style bias after the product); summation order inside the
-//! products differs from torch's, so results agree to ulp level, not bit level (REFERENCE §2).
+//! products differs from torch's, so results agree to ulp level, not bit level (docs/reference.md §2).
 
 use super::{Activation, Backend};
 use crate::error::{Error, Result};

@@ -13,7 +13,8 @@ pub fn run(path: &Path, plots: &Path) -> Result<()> {
     let start = Instant::now();
     outln!("tlens demo on {}\n", path.display())?;
     let run = crate::cli::open_run(path)?;
-    let cfg = run.config.clone().expect("the demo run has a config");
+    run.modular_p().map_err(|e| e.in_file(path))?;
+    let cfg = run.config.clone().expect("checked by modular_p");
     outln!(
         "a {}-layer, {}-head transformer (d_model {}, d_mlp {}) trained {} epochs on (a + b) mod {}",
         cfg.n_layers(),

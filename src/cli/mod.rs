@@ -123,9 +123,10 @@ pub enum Command {
         out: PathBuf,
         #[arg(long)]
         checkpoint: Option<i64>,
-        /// `all` (every a, b) or `a,b;a,b;…`.
-        #[arg(long, default_value = "all")]
-        inputs: String,
+        /// `all` (every a, b: p² inputs, hundreds of MB for p = 113) or `a,b;a,b;…`;
+        /// required, so that a whole-dataset cache is never written by accident.
+        #[arg(long)]
+        inputs: Option<String>,
         /// Comma-separated hook names or TL shorthand: `blocks.0.mlp.hook_post`, `post0`, or
         /// `post` (every layer's); a name matching no hook point is an error (default: every
         /// hook).
@@ -168,6 +169,8 @@ pub enum Command {
     /// The main job on the shipped grokked run: predictions, losses, key frequencies, neuron
     /// clusters, restricted/excluded loss, phases, and the figures.
     Demo {
+        /// The run (default: the grokked run shipped in fixtures/grokked_p113.pth).
+        file: Option<PathBuf>,
         /// Where to write the figures.
         #[arg(long, default_value = "tlens-demo-plots")]
         plots: PathBuf,
@@ -243,8 +246,9 @@ pub fn run(cli: Cli) -> Result<()> {
             inputs,
             names,
             device,
-        } => crate::backend::device::select(device)
-            .and_then(|_| model::cache(&file, &out, checkpoint, &inputs, names.as_deref())),
+        } => crate::backend::device::select(device).and_then(|_| {
+            model::cache(&file, &out, checkpoint, inputs.as_deref(), names.as_deref())
+        }),
         Command::Train(args) => {
             crate::backend::device::select(args.device)?;
             train::run(&args)
@@ -273,6 +277,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 })
             })
             .map(|_| ()),
-        Command::Demo { plots } => demo::run(std::path::Path::new(DEMO_FIXTURE), &plots),
+        Command::Demo { file, plots } => demo::run(
+            file.as_deref()
+                .unwrap_or(std::path::Path::new(DEMO_FIXTURE)),
+            &plots,
+        ),
     }
 }

@@ -229,14 +229,31 @@ pub fn cache(
     file: &Path,
     out: &Path,
     checkpoint: Option<i64>,
-    inputs: &str,
+    inputs: Option<&str>,
     names: Option<&str>,
 ) -> Result<()> {
     crate::io::check_output(out, &["npz"], "--out")?;
     let run = crate::cli::open_run(file)?;
     run.modular_p().map_err(|e| e.in_file(file))?;
     let model = load_model(&run, checkpoint)?;
-    let tokens = parse_inputs(inputs, task_p(&model.cfg))?;
+    let p = task_p(&model.cfg);
+    let Some(inputs) = inputs else {
+        // Every hook of every input: say how much that is instead of writing it silently.
+        let per_input: usize = model
+            .hook_names()
+            .len()
+            .saturating_mul(4 * model.cfg.d_mlp().max(model.cfg.d_model()) * 3);
+        return Err(Error::invalid(
+            "--inputs",
+            format!(
+                "give the inputs: `--inputs all` caches all {} inputs (about {} MB with every \
+                 hook), or `--inputs \"37,58;1,2\"`",
+                p * p,
+                (p * p).saturating_mul(per_input) >> 20
+            ),
+        ));
+    };
+    let tokens = parse_inputs(inputs, p)?;
     let wanted = match names {
         Some(spec) => Some(resolve_names(spec, &model)?),
         None => None,

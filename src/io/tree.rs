@@ -9,6 +9,19 @@
 //! (class path and fields). [`describe`] builds that tree as JSON (`inspect --json`), [`render`]
 //! prints it, and [`tensors`] lists every tensor under its dotted path (dict keys and list
 //! indices joined by `.`, as a flattened state dict names them), which `convert` writes.
+//!
+//! ```
+//! use tlens::io::tree::{self, AnyFile};
+//! // A sweep saved by the 2022 code as a list of three runs: not one run, but readable.
+//! let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/saved_runs/sweep_frac_train.pth");
+//! let file = AnyFile::open(path.as_ref())?;
+//! let d = tree::describe(&file, tree::Options::default())?;
+//! assert_eq!(d["tree"]["type"], "list");
+//! assert_eq!(d["tree"]["len"], 3);
+//! let tensors = tree::read_tensors(&file)?;
+//! assert_eq!(tensors[0].0, "0.model.embed.W_E");
+//! # Ok::<(), tlens::Error>(())
+//! ```
 
 use super::pickle::{Dict, Object, Value};
 use super::safetensors::SafetensorsFile;

@@ -1,6 +1,6 @@
 //! `HookedTransformer`: TransformerLens's forward pass, with every hook point, on any backend.
 //!
-//! The forward pass follows TL 2.18 operation for operation (REFERENCE §2): embed + pos_embed,
+//! The forward pass follows TL 2.18 operation for operation (docs/reference.md §2): embed + pos_embed,
 //! per block `ln1` (called once each for the query, key and value inputs, as TL does), per-head
 //! Q/K/V, scores divided by `attn_scale`, causal mask to IGNORE, softmax, z, output projection
 //! (b_O once), `ln2`, MLP (addmm), and `ln_final` + unembed. Hook points fire in TL's order.

@@ -6,6 +6,65 @@
 //! ([`crate::model::HookedTransformer::run_with_hooks`]). The cache records activations in
 //! firing order and answers TL's shorthand (`cache[("pattern", 0)]`, `"k6"`, `("post", 0,
 //! "mlp")`, negative layers) through [`get_act_name`].
+//!
+//! The cache, by TL's names and shorthand:
+//!
+//! ```
+//! use ndarray::array;
+//! let run = tlens::RunFile::open(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/demo_small.pth"))?;
+//! let model = tlens::HookedTransformer::new(run.config.clone().unwrap(), run.model()?)?;
+//! let tokens = array![[3u32, 5, 23], [7, 7, 23]];            // [a, b, =], p = 23
+//! let (logits, cache) = model.run_with_cache(&tokens, None)?;
+//! assert_eq!(logits.shape(), &[2, 3, 23]);
+//! assert_eq!(cache[("pattern", 0)].shape(), &[2, 4, 3, 3]);  // [batch, head, query, key]
+//! assert_eq!(cache["post0"], cache["blocks.0.mlp.hook_post"]);
+//! assert_eq!(tlens::model::get_act_name("k", Some(0), None), "blocks.0.attn.hook_k");
+//! # Ok::<(), tlens::Error>(())
+//! ```
+//!
+//! Ablation: zero one head's output for one call; a name that matches no hook point is an error:
+//!
+//! ```
+//! use ndarray::{array, Axis};
+//! use tlens::Hook;
+//! let run = tlens::RunFile::open(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/demo_small.pth"))?;
+//! let model = tlens::HookedTransformer::new(run.config.clone().unwrap(), run.model()?)?;
+//! let tokens = array![[3u32, 5, 23]];
+//! let mut hooks = [Hook::new(("z", 0), |z, _name| {
+//!     let mut z = z.clone();
+//!     z.index_axis_mut(Axis(2), 1).fill(0.0);                 // head 1
+//!     Some(z)
+//! })];
+//! let ablated = model.run_with_hooks(&tokens, &mut hooks)?;
+//! assert_ne!(ablated, model.forward(&tokens)?);
+//! let mut typo = [Hook::new("blocks.0.attn.hook_zz", |_, _| None)];
+//! assert!(matches!(
+//!     model.run_with_hooks(&tokens, &mut typo),
+//!     Err(tlens::Error::UnknownHook { .. })
+//! ));
+//! # Ok::<(), tlens::Error>(())
+//! ```
+//!
+//! Activation patching: run a clean input, then a corrupted one with the clean run's residual
+//! stream patched in at the last position:
+//!
+//! ```
+//! use ndarray::{array, s};
+//! use tlens::Hook;
+//! let run = tlens::RunFile::open(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/demo_small.pth"))?;
+//! let model = tlens::HookedTransformer::new(run.config.clone().unwrap(), run.model()?)?;
+//! let (clean_logits, clean) = model.run_with_cache(&array![[3u32, 5, 23]], None)?;
+//! let clean_resid = clean["blocks.0.hook_resid_post"].clone();
+//! let mut patch = [Hook::new("blocks.0.hook_resid_post", move |x, _| {
+//!     let mut x = x.clone();
+//!     x.slice_mut(s![.., 2, ..]).assign(&clean_resid.slice(s![.., 2, ..]));
+//!     Some(x)
+//! })];
+//! let patched = model.run_with_hooks(&array![[4u32, 9, 23]], &mut patch)?;
+//! // The logits read only the last position's residual stream: fully restored.
+//! assert_eq!(patched.slice(s![0, 2, ..]), clean_logits.slice(s![0, 2, ..]));
+//! # Ok::<(), tlens::Error>(())
+//! ```
 
 use crate::error::{Error, Result};
 use indexmap::IndexMap;
@@ -62,12 +121,6 @@ impl From<(&str, i64)> for HookName {
     }
 }
 
-impl From<(&str, usize)> for HookName {
-    fn from((n, l): (&str, usize)) -> HookName {
-        HookName(get_act_name(n, Some(l as i64), None))
-    }
-}
-
 impl From<(&str, i64, &str)> for HookName {
     fn from((n, l, t): (&str, i64, &str)) -> HookName {
         HookName(get_act_name(n, Some(l), Some(t)))
@@ -101,7 +154,7 @@ impl<'a> Hook<'a> {
     }
 }
 
-/// TL's `utils.get_act_name(name, layer, layer_type)` (REFERENCE §3).
+/// TL's `utils.get_act_name(name, layer, layer_type)` (docs/reference.md §3).
 pub fn get_act_name(name: &str, layer: Option<i64>, layer_type: Option<&str>) -> String {
     if (name.contains('.') || name.starts_with("hook_")) && layer.is_none() && layer_type.is_none()
     {

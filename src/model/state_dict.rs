@@ -21,7 +21,7 @@ pub fn is_buffer(name: &str) -> bool {
     name.ends_with(".attn.mask") || name.ends_with(".attn.IGNORE")
 }
 
-/// Sort key giving TransformerLens's `named_parameters()`/`state_dict()` order (REFERENCE §1),
+/// Sort key giving TransformerLens's `named_parameters()`/`state_dict()` order (docs/reference.md §1),
 /// for files such as safetensors that do not keep insertion order.
 pub fn tl_order_key(name: &str) -> (usize, usize, usize, String) {
     const ATTN: [&str; 10] = [

@@ -11,6 +11,47 @@
 //! Checkpoints load one at a time ([`RunFile::checkpoint`]); [`RunFile::load`] materialises the
 //! whole run as a [`TrainingRun`], which can be written back as a TL-demo `.pth` (TL config
 //! object or `weights_only`-safe dict) or as a safetensors run.
+//!
+//! What a run is and which split it was trained on:
+//!
+//! ```
+//! use tlens::run::{SplitChoice, SplitRule};
+//! let run = tlens::RunFile::open(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/demo_small.pth"))?;
+//! assert_eq!(run.layout.name(), "transformer_lens");
+//! let p = run.modular_p()?;                              // 23: inputs [a, b, =]
+//! let split = run.split(p, SplitChoice::Auto)?;          // the indices stored in the file
+//! assert_eq!(split.rule, SplitRule::Stored);
+//! assert_eq!(split.train.len() + split.test.len(), p * p);
+//! # Ok::<(), tlens::Error>(())
+//! ```
+//!
+//! A run saved by the 2022 code (`{model, optimizer, scheduler, …}`): its operation and the split
+//! its own `random.shuffle` made, never the TL demo's:
+//!
+//! ```
+//! use tlens::run::{SplitChoice, SplitRule};
+//! let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/saved_runs/run_subtract.pth");
+//! let run = tlens::RunFile::open(path)?;
+//! assert!(run.is_2022());
+//! assert_eq!(run.operation()?, tlens::task::Operation::Subtract);
+//! let split = run.split(23, SplitChoice::Auto)?;
+//! assert!(matches!(split.rule, SplitRule::Python2022 { seed: 1, .. }));
+//! # Ok::<(), tlens::Error>(())
+//! ```
+//!
+//! Converting: everything in memory, then written as a one-file safetensors run and read back:
+//!
+//! ```
+//! let run = tlens::RunFile::open(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/demo_small.pth"))?
+//!     .load()?;
+//! let out = std::env::temp_dir().join(format!("doc-{}.safetensors", std::process::id()));
+//! run.save_safetensors(&out)?;
+//! let back = tlens::RunFile::open(&out)?.load()?;
+//! assert_eq!(back.model, run.model);
+//! assert_eq!(back.checkpoints.len(), 3);
+//! # std::fs::remove_file(&out).ok();
+//! # Ok::<(), tlens::Error>(())
+//! ```
 
 pub mod original;
 

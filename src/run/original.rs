@@ -2,7 +2,7 @@
 //! TransformerLens layout.
 //!
 //! The original model stores some weights transposed relative to TL and has no attention biases
-//! or unembed bias. Conversion (REFERENCE §7):
+//! or unembed bias. Conversion (docs/reference.md §7):
 //!
 //! | original                        | TransformerLens                     |
 //! |---------------------------------|-------------------------------------|

@@ -5,7 +5,7 @@
 //! per-head products OV = v·W_O, OV·W_in, OV·W_U are tables over the (position, token) rows, and
 //! per input only the last query's pattern, `pre = base_in + Σ pattern·OVI`, and
 //! `logits = base_U + Σ pattern·OVU + post·W_L` (W_L = W_out·W_U) are computed. The backward
-//! pass differentiates exactly that computation, which equals TL's graph (REFERENCE §2) up to
+//! pass differentiates exactly that computation, which equals TL's graph (docs/reference.md §2) up to
 //! float32 rounding. Its per-input work is three [N, d_mlp]×[d_mlp, d_vocab_out] products
 //! (logits, `d_post = dlogits·W_Lᵀ`, `S = postᵀ·dlogits`); everything that goes through the
 //! residual stream is first summed per table row — `BI[r, h] = Σ pattern·d_pre`,

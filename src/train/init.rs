@@ -1,4 +1,4 @@
-//! TransformerLens's weight initialisation, reproduced bit for bit (REFERENCE §5).
+//! TransformerLens's weight initialisation, reproduced bit for bit (docs/reference.md §5).
 //!
 //! TL (init_mode "gpt2") seeds torch's CPU generator with `cfg.seed` and calls
 //! `normal_(std=initializer_range)` on every `W_` parameter in `named_parameters()` order; biases

@@ -1,6 +1,20 @@
 //! Training like the reference (the TL grokking demo): TL-identical initialisation ([`init`]),
 //! exact gradients ([`grad`]), `torch.optim.AdamW` ([`adamw`]), full-batch epochs with the train
 //! loss recorded before the step and the test loss after it, checkpoints every 100 epochs.
+//!
+//! ```
+//! use tlens::train::{TrainConfig, Trainer};
+//! // The reference setup with a small modulus; a few epochs.
+//! let mut t = Trainer::new(TrainConfig { p: 23, epochs: 3, ..TrainConfig::default() })?;
+//! for _ in 0..3 {
+//!     t.step()?;                        // loss + exact gradients, AdamW, test loss
+//! }
+//! assert_eq!(t.train_losses.len(), 3);
+//! assert!(t.train_losses[2] < t.train_losses[0]);
+//! let run = t.to_run();                 // the TL demo's file layout, with optimizer state
+//! assert_eq!(run.optimizer.as_ref().unwrap().step, 3);
+//! # Ok::<(), tlens::Error>(())
+//! ```
 
 pub mod adamw;
 pub mod grad;

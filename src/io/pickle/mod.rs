@@ -10,6 +10,20 @@
 //!
 //! Limits ([`Limits`]) bound memo size, nesting depth, string lengths and the total number of
 //! values built, so hostile files fail with [`crate::Error::Limit`] instead of exhausting memory.
+//!
+//! A pickle that would run `os.system("…")` under `pickle.load` is read as inert data:
+//!
+//! ```
+//! use tlens::io::pickle::{unpickle, Limits, Value};
+//! let armed = b"\x80\x02cos\nsystem\nX\x02\x00\x00\x00lsq\x00\x85R.";
+//! let mut no_storages = |_: Value, _: usize| -> tlens::Result<Value> { unreachable!() };
+//! let u = unpickle(armed, &mut no_storages, &Limits::default())?;
+//! let Value::Object(o) = u.value else { panic!() };
+//! assert_eq!(o.class(), "os.system");          // recorded, never imported or called
+//! assert_eq!(o.args, [Value::Str("ls".into())]);
+//! assert_eq!(tlens::io::pickle::foreign_globals(&u.globals), ["os.system"]);
+//! # Ok::<(), tlens::Error>(())
+//! ```
 
 mod read;
 mod write;
