@@ -187,8 +187,25 @@ fn demo_runs_on_the_shipped_fixture() {
         "{out}"
     );
     assert!(out.contains("restricted loss (test) 6.85"), "{out}");
-    assert!(std::fs::read_dir(&dir).unwrap().count() >= 16);
+    // Every figure as PNG and SVG: 12 for a run with checkpoints.
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 24);
     std::fs::remove_dir_all(&dir).ok();
+    // Any run: a 2022 single run (no checkpoints: the figures that need none).
+    let dir2 = std::env::temp_dir().join(format!("tlens-demo2-{}", std::process::id()));
+    let run = common::fixture("saved_runs/run_add.pth");
+    let (code, out, err) = tlens(&[
+        "demo",
+        run.to_str().unwrap(),
+        "--plots",
+        dir2.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("run_add.pth") && out.contains("mod 23"),
+        "{out}"
+    );
+    assert!(dir2.join("loss_curves.png").exists());
+    std::fs::remove_dir_all(&dir2).ok();
 }
 
 #[test]
@@ -265,6 +282,11 @@ fn analyze_writes_json_npz_and_figures() {
         z.array::<f32>("attention_patterns").unwrap().shape(),
         &[4, 2, 113, 113]
     );
+    // Two example neurons of each of the four clusters, over (a, b).
+    assert_eq!(
+        z.array::<f32>("neuron_examples").unwrap().shape(),
+        &[8, 113, 113]
+    );
     for name in ["W_E", "x1", "x2", "W_L"] {
         assert_eq!(
             z.array::<f64>(&format!("spectrum_{name}")).unwrap().shape(),
@@ -283,6 +305,8 @@ fn analyze_writes_json_npz_and_figures() {
         "attention_patterns",
         "signal_chain_spectra",
         "embedding_circles",
+        "accuracy",
+        "neuron_activations",
     ] {
         let png = std::fs::read(plots.join(format!("{fig}.png"))).unwrap();
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{fig}.png");

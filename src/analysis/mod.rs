@@ -223,6 +223,12 @@ fn activations(model: &HookedTransformer, task: &Task, with_resid: bool) -> Resu
     Ok(last)
 }
 
+fn rows_accuracy(logits: &Array2<f32>, idx: &[i64], labels: &[u32]) -> f64 {
+    let rows: Vec<usize> = idx.iter().map(|&i| i as usize).collect();
+    let ys: Vec<u32> = rows.iter().map(|&i| labels[i]).collect();
+    task::accuracy(logits.select(Axis(0), &rows).view(), &ys)
+}
+
 fn rows_loss(logits: &Array2<f32>, idx: &[i64], labels: &[u32]) -> f64 {
     let rows = logits.select(
         Axis(0),
@@ -268,6 +274,8 @@ fn measures_of(
         epoch,
         train_loss: rows_loss(&last.logits, &task.train, &task.labels),
         test_loss: rows_loss(&last.logits, &task.test, &task.labels),
+        train_accuracy: rows_accuracy(&last.logits, &task.train, &task.labels),
+        test_accuracy: rows_accuracy(&last.logits, &task.test, &task.labels),
         restricted_loss: if task.is_addition() {
             proj.restricted_loss(last.logits.view(), &task.test, &task.labels)
         } else {
@@ -449,6 +457,11 @@ pub struct AnalysisArrays {
     /// Power per frequency (index 0: constant / mean term) at each stage of the signal chain.
     pub spectra: Vec<(&'static str, Array1<f64>)>,
     pub checkpoint_epochs: Array1<i64>,
+    /// Example neurons of the largest clusters: their last-position activation over (a, b),
+    /// [n_examples, p (a), p (b)].
+    pub neuron_examples: ndarray::Array3<f32>,
+    /// (neuron index, cluster frequency) of each example.
+    pub neuron_example_ids: Vec<(usize, usize)>,
 }
 
 impl AnalysisArrays {
@@ -467,6 +480,12 @@ impl AnalysisArrays {
         w.add("embed_pcs", &self.embed_pcs)?;
         w.add("embed_key_circles", &self.embed_key_circles)?;
         w.add("checkpoint_epochs", &self.checkpoint_epochs)?;
+        w.add("neuron_examples", &self.neuron_examples)?;
+        let ids = Array2::from_shape_fn((self.neuron_example_ids.len(), 2), |(i, j)| {
+            let (n, k) = self.neuron_example_ids[i];
+            [n, k][j] as i64
+        });
+        w.add("neuron_example_ids", &ids)?;
         for (name, spec) in &self.spectra {
             w.add(&format!("spectrum_{name}"), spec)?;
         }
@@ -629,6 +648,20 @@ pub fn analyze_model(
         key_freq_logits_loss: add_only(periodicity.rebuilt_loss(&keys)),
     };
     let embedding = embedding_svd(&w.w_e, basis)?;
+    // Two neurons (the best explained) of each of the four largest clusters.
+    let clusters = neurons::clusters(&neuron_list);
+    let mut by_size: Vec<&Cluster> = clusters.iter().collect();
+    by_size.sort_by_key(|c| std::cmp::Reverse(c.neurons.len()));
+    let mut example_ids = Vec::new();
+    for c in by_size.iter().take(4) {
+        let mut ns = c.neurons.clone();
+        ns.sort_by(|&x, &y| {
+            neuron_list[y]
+                .frac_explained
+                .total_cmp(&neuron_list[x].frac_explained)
+        });
+        example_ids.extend(ns.iter().take(2).map(|&n| (n, c.freq)));
+    }
     let embed_key_circles = key_circles(&w.w_e, basis, &keys)?;
     let arrays = AnalysisArrays {
         fourier_basis: basis.basis.clone(),
@@ -650,6 +683,10 @@ pub fn analyze_model(
             ("W_L", Array1::from(spec_w_l)),
         ],
         checkpoint_epochs: Array1::zeros(0),
+        neuron_example_ids: example_ids.clone(),
+        neuron_examples: ndarray::Array3::from_shape_fn((example_ids.len(), p, p), |(i, a, b)| {
+            acts[[a * p + b, example_ids[i].0]]
+        }),
     };
     let analysis = Analysis {
         p,

@@ -11,6 +11,7 @@ use super::{Analysis, AnalysisArrays};
 use crate::error::{Error, Result};
 use ndarray::{s, ArrayView2};
 use plotters::coord::Shift;
+use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
 use std::sync::Once;
@@ -131,15 +132,26 @@ pub fn write_all(dir: &Path, d: &PlotData) -> Result<Vec<PathBuf>> {
         render!(dir, "gini_and_weights", (1100, 440), out, |area| {
             gini_and_weights(&area, d)
         });
+        render!(dir, "accuracy", (900, 520), out, |area| accuracy(&area, d));
     }
-    render!(dir, "attention_patterns", (1200, 640), out, |area| {
+    render!(dir, "attention_patterns", (1300, 660), out, |area| {
         attention(&area, d)
     });
+    if !d.arrays.neuron_example_ids.is_empty() {
+        let rows = d.arrays.neuron_example_ids.len().div_ceil(2) as u32;
+        render!(
+            dir,
+            "neuron_activations",
+            (820, 60 + 330 * rows),
+            out,
+            |area| { neuron_examples(&area, d) }
+        );
+    }
     render!(dir, "signal_chain_spectra", (1200, 720), out, |area| {
         signal_chain(&area, d)
     });
     if !d.analysis.key_freqs.is_empty() {
-        render!(dir, "embedding_circles", (1200, 340), out, |area| {
+        render!(dir, "embedding_circles", (1300, 380), out, |area| {
             embedding_circles(&area, d)
         });
     }
@@ -155,6 +167,8 @@ const TEST: RGBColor = RGBColor(214, 39, 40);
 const RESTRICTED: RGBColor = RGBColor(44, 160, 44);
 const EXCLUDED: RGBColor = RGBColor(148, 103, 189);
 const PHASE: RGBColor = RGBColor(90, 90, 90);
+const PHASE_MEM: RGBColor = RGBColor(140, 86, 75);
+const PHASE_CLEAN: RGBColor = RGBColor(23, 150, 170);
 const SERIES: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
@@ -185,24 +199,85 @@ fn phase_lines<'a, DB: DrawingBackend + 'a, Y: Ranged<ValueType = f64>>(
     y: (f64, f64),
 ) -> Result<()> {
     let ph = a.phases;
-    for (epoch, label) in [
-        (ph.memorization_end, "memorisation ends"),
-        (ph.circuit_formation_end, "circuit formed"),
-        (ph.cleanup_end, "clean-up ends"),
+    // One style per boundary (colour and dash pattern), drawn the same in the legend.
+    for (epoch, label, color, dash, gap) in [
+        (
+            ph.memorization_end,
+            "memorisation ends",
+            PHASE_MEM,
+            8u32,
+            4u32,
+        ),
+        (ph.circuit_formation_end, "circuit formed", PHASE, 2, 3),
+        (ph.cleanup_end, "clean-up ends", PHASE_CLEAN, 12, 3),
     ] {
         if let Some(e) = epoch {
             let x = e as f64;
+            let style = color.stroke_width(2);
             chart
                 .draw_series(DashedLineSeries::new(
                     vec![(x, y.0), (x, y.1)],
-                    6,
-                    4,
-                    PHASE.stroke_width(1),
+                    dash,
+                    gap,
+                    style,
                 ))
                 .map_err(pe)?
-                .label(format!("{label} ({e})"))
-                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], PHASE));
+                .label(format!("{label} (epoch {e})"))
+                .legend(move |(x, y)| {
+                    DashedPathElement::new(vec![(x, y), (x + 20, y)].into_iter(), dash, gap, style)
+                });
         }
+    }
+    Ok(())
+}
+
+/// The three phases as shaded bands (memorisation, circuit formation, clean-up), named at the
+/// top of the plot, as in the paper's figure of the restricted and excluded loss.
+fn phase_bands<'a, DB: DrawingBackend + 'a>(
+    chart: &mut ChartContext<
+        'a,
+        DB,
+        Cartesian2d<
+            plotters::coord::types::RangedCoordf64,
+            plotters::coord::combinators::LogCoord<f64>,
+        >,
+    >,
+    a: &Analysis,
+    x_max: f64,
+    y: (f64, f64),
+) -> Result<()> {
+    let ph = a.phases;
+    let edges = [
+        Some(0i64),
+        ph.memorization_end,
+        ph.circuit_formation_end,
+        ph.cleanup_end,
+    ];
+    let bands = [
+        ("memorisation", PHASE_MEM),
+        ("circuit formation", PHASE),
+        ("clean-up", PHASE_CLEAN),
+    ];
+    for (i, (name, color)) in bands.iter().enumerate() {
+        let (Some(x0), Some(x1)) = (edges[i], edges[i + 1]) else {
+            continue;
+        };
+        let (x0, x1) = (x0 as f64, (x1 as f64).min(x_max));
+        chart
+            .draw_series(std::iter::once(Rectangle::new(
+                [(x0, y.0), (x1, y.1)],
+                color.mix(0.10).filled(),
+            )))
+            .map_err(pe)?;
+        // Staggered heights, so that a narrow band's name does not run into the next one's.
+        let at = y.1 / (1.8 * 4f64.powi(i as i32));
+        chart
+            .draw_series(std::iter::once(Text::new(
+                name.to_string(),
+                (x0 + x_max * 0.005, at),
+                font(13).color(color),
+            )))
+            .map_err(pe)?;
     }
     Ok(())
 }
@@ -492,10 +567,11 @@ fn neuron_heatmap<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, d: &PlotDat
         )
     });
     let sorted = ndarray::Array2::from_shape_fn((n_freqs, d_mlp), |(k, j)| nfn[[k, order[j]]]);
-    let (main, bar) = area.split_horizontally(area.dim_in_pixel().0 - 90);
+    let (main, bar) = area.split_horizontally(area.dim_in_pixel().0 - 110);
+    let keys = d.analysis.key_freqs.clone();
     let mut chart = ChartBuilder::on(&main)
         .caption(
-            "Neuron fraction of variance explained by each frequency (neurons sorted by frequency)",
+            "Fraction of each neuron's variance explained by each frequency (neurons sorted by frequency)",
             font(18),
         )
         .margin(12)
@@ -506,30 +582,54 @@ fn neuron_heatmap<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, d: &PlotDat
     chart
         .configure_mesh()
         .disable_mesh()
-        .x_desc("neuron (sorted)")
+        .x_desc("neuron (sorted by dominant frequency)")
         .x_label_formatter(&|v| format!("{v:.0}"))
-        .y_desc("frequency k")
-        .y_label_formatter(&|v| format!("{:.0}", v + 1.0))
+        .y_desc("frequency k (key frequencies labelled)")
+        // One tick per row, labelled only at the key frequencies (row k−1 holds frequency k).
+        .y_labels(n_freqs + 1)
+        .y_label_formatter(&|v| {
+            let k = v.round() as usize + 1;
+            if (v - v.round()).abs() < 1e-6 && keys.contains(&k) {
+                format!("k={k}")
+            } else {
+                String::new()
+            }
+        })
         .label_style(font(13))
         .draw()
         .map_err(pe)?;
     heatmap(&mut chart, sorted.view(), 0.0, 1.0)?;
-    colorbar(&bar, 0.0, 1.0)
+    colorbar(&bar, 0.0, 1.0, "fraction of variance")
 }
 
-fn colorbar<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, lo: f64, hi: f64) -> Result<()> {
+/// A vertical colour bar for values lo..hi, labelled (what the colour means, with units).
+fn colorbar<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    lo: f64,
+    hi: f64,
+    label: &str,
+) -> Result<()> {
     let mut chart = ChartBuilder::on(area)
         .margin_top(40)
         .margin_bottom(50)
-        .margin_right(10)
-        .y_label_area_size(45)
+        .margin_right(6)
+        .y_label_area_size(62)
         .build_cartesian_2d(0f64..1.0, lo..hi)
         .map_err(pe)?;
     chart
         .configure_mesh()
         .disable_mesh()
         .disable_x_axis()
+        .y_desc(label)
+        .axis_desc_style(font(12))
         .label_style(font(12))
+        .y_label_formatter(&|v| {
+            if hi - lo >= 10.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.2}")
+            }
+        })
         .draw()
         .map_err(pe)?;
     let n = 64;
@@ -634,6 +734,7 @@ fn progress_losses<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, d: &PlotDa
         .y_label_formatter(&|v| format!("{v:.0e}"))
         .draw()
         .map_err(pe)?;
+    phase_bands(&mut chart, a, x_max, (y.start, y.end))?;
     type Get = fn(&super::CheckpointMeasures) -> f64;
     let series: [(&str, RGBColor, Get); 4] = [
         ("train", TRAIN, |c| c.train_loss),
@@ -776,37 +877,152 @@ fn attention<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, d: &PlotData) ->
     let (title, body) = area.split_vertically(36);
     title
         .draw_text(
-            "Attention from '=' to a (top) and to b (bottom), per head; rows a, columns b",
+            "Attention from '=' to a (top row) and to b (bottom row), per head; a down, b across",
             &font(18),
             (12, 8),
         )
         .map_err(pe)?;
-    let cells = body.split_evenly((2, h));
+    let (grid, bar) = body.split_horizontally(body.dim_in_pixel().0 - 100);
+    let cells = grid.split_evenly((2, h));
     for (i, cell) in cells.iter().enumerate() {
         let (key, head) = (i / h, i % h);
-        let mut chart = ChartBuilder::on(cell)
-            .caption(
-                format!("head {head} -> {}", if key == 0 { "a" } else { "b" }),
-                font(14),
-            )
-            .margin(6)
-            .x_label_area_size(20)
-            .y_label_area_size(28)
-            .build_cartesian_2d(0f64..p as f64, 0f64..p as f64)
-            .map_err(pe)?;
-        chart
-            .configure_mesh()
-            .disable_mesh()
-            .label_style(font(10))
-            .x_labels(3)
-            .y_labels(3)
-            .x_label_formatter(&|v| format!("{v:.0}"))
-            .y_label_formatter(&|v| format!("{v:.0}"))
-            .draw()
-            .map_err(pe)?;
-        heatmap(&mut chart, pats.slice(s![head, key, .., ..]), 0.0, 1.0)?;
+        grid_heatmap(
+            cell,
+            &format!(
+                "head {head}, attention to {}",
+                if key == 0 { "a" } else { "b" }
+            ),
+            pats.slice(s![head, key, .., ..]),
+            (0.0, 1.0),
+            p,
+        )?;
     }
-    Ok(())
+    colorbar(&bar, 0.0, 1.0, "attention weight")
+}
+
+/// A p × p heatmap over the inputs with a down and b across (a = 0 at the top, as the paper
+/// draws them), axes named.
+fn grid_heatmap<DB: DrawingBackend>(
+    cell: &DrawingArea<DB, Shift>,
+    caption: &str,
+    values: ArrayView2<f32>,
+    range: (f64, f64),
+    p: usize,
+) -> Result<()> {
+    let mut chart = ChartBuilder::on(cell)
+        .caption(caption, font(13))
+        .margin(6)
+        .x_label_area_size(30)
+        .y_label_area_size(36)
+        .build_cartesian_2d(0f64..p as f64, 0f64..p as f64)
+        .map_err(pe)?;
+    let pf = p as f64;
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_desc("b")
+        .y_desc("a")
+        .axis_desc_style(font(11))
+        .label_style(font(10))
+        .x_labels(3)
+        // A tick per row (marks hidden), labelled where a is a multiple of 50: row r of the
+        // flipped array, drawn at height r, holds a = p − 1 − r.
+        .y_labels(p + 1)
+        .set_tick_mark_size(LabelAreaPosition::Left, 0)
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&move |v| {
+            let a = pf - 1.0 - v.round();
+            if (v - v.round()).abs() < 1e-6 && a >= 0.0 && a % 50.0 == 0.0 {
+                format!("{a:.0}")
+            } else {
+                String::new()
+            }
+        })
+        .draw()
+        .map_err(pe)?;
+    let flipped = values.slice(s![..;-1, ..]);
+    heatmap(&mut chart, flipped, range.0, range.1)
+}
+
+/// Activations of example neurons of the largest clusters over all inputs (a down, b across):
+/// the periodic patterns of the paper's neuron figure, one row per cluster.
+fn neuron_examples<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, d: &PlotData) -> Result<()> {
+    let ex = &d.arrays.neuron_examples; // [n, p, p]
+    let ids = &d.arrays.neuron_example_ids;
+    let (n, p, _) = ex.dim();
+    let (title, body) = area.split_vertically(36);
+    title
+        .draw_text(
+            "Activations of example neurons of each cluster over the inputs (a down, b across)",
+            &font(18),
+            (12, 8),
+        )
+        .map_err(pe)?;
+    let hi = ex.iter().copied().fold(0f32, f32::max).max(1e-6) as f64;
+    let (grid, bar) = body.split_horizontally(body.dim_in_pixel().0 - 100);
+    let cols = n.min(2).max(1);
+    let rows = n.div_ceil(cols).max(1);
+    let cells = grid.split_evenly((rows, cols));
+    for (i, cell) in cells.iter().enumerate().take(n) {
+        let (neuron, freq) = ids[i];
+        grid_heatmap(
+            cell,
+            &format!("neuron {neuron} (cluster k = {freq})"),
+            ex.slice(s![i, .., ..]),
+            (0.0, hi),
+            p,
+        )?;
+    }
+    colorbar(&bar, 0.0, hi, "activation (after ReLU)")
+}
+
+/// Train and test accuracy at each checkpoint, with the phase boundaries.
+fn accuracy<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, d: &PlotData) -> Result<()> {
+    let a = d.analysis;
+    let ck = &a.checkpoints;
+    let x_max = ck.last().map(|c| c.epoch as f64).unwrap_or(1.0).max(1.0);
+    let mut chart = ChartBuilder::on(area)
+        .caption("Train and test accuracy over training", font(22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..x_max, 0f64..1.05)
+        .map_err(pe)?;
+    chart
+        .configure_mesh()
+        .x_desc("epoch")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_desc("accuracy (fraction correct)")
+        .label_style(font(13))
+        .draw()
+        .map_err(pe)?;
+    for (label, color, acc) in [
+        (
+            "train",
+            TRAIN,
+            ck.iter().map(|c| c.train_accuracy).collect::<Vec<_>>(),
+        ),
+        ("test", TEST, ck.iter().map(|c| c.test_accuracy).collect()),
+    ] {
+        let pts: Vec<(f64, f64)> = ck
+            .iter()
+            .zip(acc)
+            .map(|(c, v)| (c.epoch as f64, v))
+            .collect();
+        labelled_line(&mut chart, pts.clone(), color, label)?;
+        chart
+            .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))
+            .map_err(pe)?;
+    }
+    phase_lines(&mut chart, a, (0.0, 1.05))?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .label_font(font(13))
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(pe)
 }
 
 fn signal_chain<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, d: &PlotData) -> Result<()> {
@@ -963,11 +1179,13 @@ fn embedding_circles<DB: DrawingBackend>(
     let (title, body) = area.split_vertically(36);
     title
         .draw_text(
-            "Embedding on its cos k / sin k directions per key frequency (colour: k*a mod p)",
+            "Each token a's embedding on W_E's cos k / sin k directions, per key frequency (equal axes)",
             &font(16),
             (12, 8),
         )
         .map_err(pe)?;
+    let (body, bar) = body.split_horizontally(body.dim_in_pixel().0 - 100);
+    colorbar(&bar, 0.0, (p.max(2) - 1) as f64, "k·a mod p")?;
     let cells = body.split_evenly((1, n_keys.max(1)));
     for (i, cell) in cells.iter().enumerate().take(n_keys) {
         let k = a.key_freqs[i];
@@ -980,13 +1198,28 @@ fn embedding_circles<DB: DrawingBackend>(
             .fold(0.0, f64::max)
             .max(1e-9)
             * 1.15;
-        let mut chart = ChartBuilder::on(cell)
-            .caption(format!("k = {k}"), font(14))
-            .margin(8)
-            .x_label_area_size(25)
-            .y_label_area_size(35)
-            .build_cartesian_2d(-r..r, -r..r)
-            .map_err(pe)?;
+        // Equal aspect: the axis with more pixels gets the wider range.
+        let build = |rx: f64, ry: f64| {
+            ChartBuilder::on(cell)
+                .caption(format!("k = {k}"), font(14))
+                .margin(8)
+                .x_label_area_size(32)
+                .y_label_area_size(40)
+                .build_cartesian_2d(-rx..rx, -ry..ry)
+        };
+        let probe = build(r, r).map_err(pe)?;
+        let (xr, yr) = probe.plotting_area().get_pixel_range();
+        let (w, h) = (
+            (xr.end - xr.start).max(1) as f64,
+            (yr.end - yr.start).max(1) as f64,
+        );
+        drop(probe);
+        let mut chart = if w >= h {
+            build(r * w / h, r)
+        } else {
+            build(r, r * h / w)
+        }
+        .map_err(pe)?;
         chart
             .configure_mesh()
             .disable_mesh()

@@ -41,6 +41,9 @@ pub struct CheckpointMeasures {
     pub epoch: i64,
     pub train_loss: f64,
     pub test_loss: f64,
+    /// Share of train / test inputs whose argmax logit is the label.
+    pub train_accuracy: f64,
+    pub test_accuracy: f64,
     pub restricted_loss: f64,
     pub excluded_loss: f64,
     #[serde(rename = "gini_W_E")]

@@ -13,20 +13,21 @@ pub fn run(path: &Path, plots: &Path) -> Result<()> {
     let start = Instant::now();
     outln!("tlens demo on {}\n", path.display())?;
     let run = crate::cli::open_run(path)?;
-    run.modular_p().map_err(|e| e.in_file(path))?;
+    let p = run.modular_p().map_err(|e| e.in_file(path))?;
+    let op = run.operation()?;
     let cfg = run.config.clone().expect("checked by modular_p");
     outln!(
-        "a {}-layer, {}-head transformer (d_model {}, d_mlp {}) trained {} epochs on (a + b) mod {}",
+        "a {}-layer, {}-head transformer (d_model {}, d_mlp {}) trained {} epochs on ({}) mod {p}",
         cfg.n_layers(),
         cfg.n_heads(),
         cfg.d_model(),
         cfg.d_mlp(),
         run.train_losses.len(),
-        cfg.d_vocab_out()
+        op.formula()
     )?;
     let model = HookedTransformer::new(cfg, run.model()?)?;
-    let p = crate::eval::task_p(&model.cfg) as u32;
-    let pairs = [(37u32, 58u32), (100, 100), (0, 112), (56, 57)];
+    let p = p as u32;
+    let pairs = [(37u32, 58u32), (100, 100), (0, 112), (56, 57)].map(|(a, b)| (a % p, b % p));
     let tokens = Array2::from_shape_fn((pairs.len(), 3), |(i, j)| match j {
         0 => pairs[i].0,
         1 => pairs[i].1,
@@ -36,7 +37,11 @@ pub fn run(path: &Path, plots: &Path) -> Result<()> {
     outln!("\npredictions:")?;
     for (row, (a, b)) in logits.outer_iter().zip(pairs) {
         let c = crate::task::argmax(row.as_slice().expect("contiguous"));
-        outln!("  {a} + {b} mod {p} = {c}")?;
+        let expr = op
+            .formula()
+            .replace('a', &a.to_string())
+            .replace('b', &b.to_string());
+        outln!("  {expr} mod {p} = {c}")?;
     }
     outln!("")?;
     super::analyze::run(&super::analyze::AnalyzeArgs {
