@@ -224,7 +224,7 @@ fn phase_lines<'a, DB: DrawingBackend + 'a, Y: Ranged<ValueType = f64>>(
                 .map_err(pe)?
                 .label(format!("{label} (epoch {e})"))
                 .legend(move |(x, y)| {
-                    DashedPathElement::new(vec![(x, y), (x + 20, y)].into_iter(), dash, gap, style)
+                    DashedPathElement::new(vec![(x, y), (x + 20, y)], dash, gap, style)
                 });
         }
     }
@@ -960,7 +960,7 @@ fn neuron_examples<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, d: &PlotDa
         .map_err(pe)?;
     let hi = ex.iter().copied().fold(0f32, f32::max).max(1e-6) as f64;
     let (grid, bar) = body.split_horizontally(body.dim_in_pixel().0 - 100);
-    let cols = n.min(2).max(1);
+    let cols = n.clamp(1, 2);
     let rows = n.div_ceil(cols).max(1);
     let cells = grid.split_evenly((rows, cols));
     for (i, cell) in cells.iter().enumerate().take(n) {
