@@ -118,6 +118,69 @@ impl Task {
     }
 }
 
+/// Everything an analysis of one weight set starts from, in one call: the model, the task (its
+/// inputs `[a, b, =]` and labels in the paper's a-major order, index a·p + b, and the split)
+/// and the last-position activations as `[p², d]` arrays named as TL names their hooks.
+///
+/// ```
+/// let run = tlens::RunFile::open(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/demo_small.pth"))?;
+/// let acts = tlens::analysis::Activations::of_run(&run, None)?;      // or Some(epoch)
+/// let p = acts.task.p;                                                 // 23
+/// assert_eq!(acts.mlp_post.shape(), &[p * p, 128]);                  // blocks.0.mlp.hook_post
+/// assert_eq!(acts.logits.shape(), &[p * p, p]);
+/// let neuron_7 = acts.neuron(7);                                       // [a, b] grid
+/// assert_eq!(neuron_7[[3, 5]], acts.mlp_post[[3 * p + 5, 7]]);
+/// assert_eq!(acts.task.labels[3 * p + 5], 8);                          // (3 + 5) mod 23
+/// # Ok::<(), tlens::Error>(())
+/// ```
+pub struct Activations {
+    /// The model (the run's final weights, or a checkpoint's).
+    pub model: HookedTransformer,
+    /// Inputs, labels and split of the run's task.
+    pub task: Task,
+    /// `blocks.0.hook_resid_mid` at the last position, [p², d_model].
+    pub resid_mid: Array2<f32>,
+    /// `blocks.0.mlp.hook_post` at the last position, [p², d_mlp].
+    pub mlp_post: Array2<f32>,
+    /// `blocks.0.hook_resid_post` at the last position, [p², d_model].
+    pub resid_post: Array2<f32>,
+    /// Logits at the last position over the p answers, [p², p] (a 2022 model's extra logit
+    /// for `=` dropped, as the paper's `test_logits`).
+    pub logits: Array2<f32>,
+    /// Attention of the last position (`=`) to each position, [p², n_heads, n_ctx].
+    pub pattern: ndarray::Array3<f32>,
+}
+
+impl Activations {
+    /// The activations of a run's final model (`checkpoint: None`) or of the checkpoint saved
+    /// at an epoch, over all p² inputs.
+    pub fn of_run(run: &RunFile, checkpoint: Option<i64>) -> Result<Activations> {
+        let task = Task::for_run(run)?;
+        let cfg = run.config.clone().expect("checked by Task::for_run");
+        let sd = match checkpoint {
+            Some(epoch) => run.checkpoint(run.checkpoint_index(epoch)?)?,
+            None => run.model()?,
+        };
+        let model = HookedTransformer::new(cfg, sd)?;
+        let last = activations(&model, &task, true)?;
+        Ok(Activations {
+            resid_mid: last.resid_mid.expect("asked for"),
+            mlp_post: last.mlp_post.expect("checked"),
+            resid_post: last.resid_post.expect("asked for"),
+            logits: last.logits,
+            pattern: last.pattern,
+            model,
+            task,
+        })
+    }
+
+    /// One neuron's activation as a [p (a), p (b)] grid.
+    pub fn neuron(&self, n: usize) -> Array2<f32> {
+        let p = self.task.p;
+        Array2::from_shape_fn((p, p), |(a, b)| self.mlp_post[[a * p + b, n]])
+    }
+}
+
 /// Check that a config is in the family the analyses are defined for; returns p. Inputs are
 /// `[a, b, =]`, so p = d_vocab − 1; the output has p logits (TL demo) or p + 1 (the 2022
 /// original also has one for `=`, which the analyses drop, as the paper's `test_logits` does).
