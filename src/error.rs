@@ -16,8 +16,10 @@ pub enum Error {
     /// An error that happened while reading or writing a particular file.
     #[error("{}: {source}", path.display())]
     File {
+        /// The file.
         path: PathBuf,
         #[source]
+        /// What went wrong in it.
         source: Box<Error>,
     },
 
@@ -39,43 +41,73 @@ pub enum Error {
 
     /// The pickle stream ended before a complete opcode or before STOP.
     #[error("pickle truncated at byte {pos}: {what}")]
-    PickleEof { pos: usize, what: &'static str },
+    PickleEof {
+        /// Byte offset where the data ran out.
+        pos: usize,
+        /// What was being read.
+        what: &'static str,
+    },
 
     /// An opcode byte that is not part of pickle protocols 0-5.
     #[error("unknown pickle opcode 0x{opcode:02x} at byte {pos}")]
-    PickleOpcode { pos: usize, opcode: u8 },
+    PickleOpcode {
+        /// Byte offset of the opcode.
+        pos: usize,
+        /// The byte.
+        opcode: u8,
+    },
 
     /// An opcode that tlens deliberately does not execute (out-of-band buffers, extension registry).
     #[error("unsupported pickle opcode {name} at byte {pos}")]
-    PickleUnsupported { pos: usize, name: &'static str },
+    PickleUnsupported {
+        /// Byte offset of the opcode.
+        pos: usize,
+        /// The opcode's name.
+        name: &'static str,
+    },
 
     /// The stack or mark stack does not hold what the opcode needs.
     #[error("malformed pickle at byte {pos} ({opcode}): {msg}")]
     PickleStack {
+        /// Byte offset of the opcode.
         pos: usize,
+        /// The opcode's name.
         opcode: &'static str,
+        /// What was wrong.
         msg: String,
     },
 
     /// A memo lookup for an index that was never stored.
     #[error("pickle memo index {index} not found (at byte {pos})")]
-    PickleMemo { pos: usize, index: u64 },
+    PickleMemo {
+        /// Byte offset of the lookup.
+        pos: usize,
+        /// The memo index asked for.
+        index: u64,
+    },
 
     /// A limit that protects against hostile files was exceeded (`at`: the key path inside
     /// the file, when known; empty otherwise).
     #[error("limit exceeded{}: {what} (limit {limit}, found {found})", at_path(at))]
     Limit {
+        /// What was limited.
         what: &'static str,
+        /// The limit.
         limit: u64,
+        /// What the file asked for.
         found: u64,
+        /// Where in the file (key path), when known.
         at: String,
     },
 
     /// A section of the file is shorter than its header says.
     #[error("truncated {what}: needs {needed} bytes, {available} available")]
     Truncated {
+        /// What was cut short.
         what: String,
+        /// Bytes needed.
         needed: u64,
+        /// Bytes available.
         available: u64,
     },
 
@@ -84,35 +116,55 @@ pub enum Error {
         "tensor '{tensor}': view needs {needed} elements of storage '{storage}' but it holds {available}"
     )]
     StorageBounds {
+        /// The tensor's name.
         tensor: String,
+        /// The storage's key.
         storage: String,
+        /// Elements the view needs.
         needed: u64,
+        /// Elements the storage holds.
         available: u64,
     },
 
     /// A key that the layout requires is absent.
     #[error("{context}: missing key '{key}'")]
-    MissingKey { context: String, key: String },
+    MissingKey {
+        /// Where the key was expected.
+        context: String,
+        /// The key.
+        key: String,
+    },
 
     /// A value has the wrong type.
     #[error("{context}: expected {expected}, found {found}")]
     Type {
+        /// Where the value was found.
         context: String,
+        /// The type expected.
         expected: String,
+        /// The type found.
         found: String,
     },
 
     /// A tensor has the wrong shape.
     #[error("{name}: expected shape {expected:?}, found {found:?}")]
     Shape {
+        /// The tensor's name.
         name: String,
+        /// The shape expected.
         expected: Vec<usize>,
+        /// The shape found.
         found: Vec<usize>,
     },
 
     /// A value is well-typed but not acceptable (e.g. a config field out of range).
     #[error("{context}: invalid value: {msg}")]
-    Invalid { context: String, msg: String },
+    Invalid {
+        /// Where the value was found.
+        context: String,
+        /// What is wrong with it.
+        msg: String,
+    },
 
     /// The requested device cannot be used (see `backend::device`).
     #[error("{0}")]
@@ -138,7 +190,12 @@ pub enum Error {
 
     /// A hook, or a `--names` term, that matches no hook point of the model (TL raises too).
     #[error("no hook point matches '{name}' in this model (its hook points include {known})")]
-    UnknownHook { name: String, known: String },
+    UnknownHook {
+        /// The name or term given.
+        name: String,
+        /// Some of the model's hook points.
+        known: String,
+    },
 
     /// Something valid that tlens does not implement.
     #[error("unsupported: {0}")]
@@ -261,6 +318,7 @@ impl Error {
 
 /// Extension to attach a file path to any fallible result.
 pub trait WithPath<T> {
+    /// Attach `path` to the error, if any.
     fn with_path(self, path: impl Into<PathBuf>) -> Result<T>;
 }
 

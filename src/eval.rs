@@ -1040,11 +1040,17 @@ impl NormFreePass {
 /// Loss and accuracy of a model on the train split, the test split and all inputs.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
 pub struct Evaluation {
+    /// Mean loss over the train split.
     pub train_loss: f64,
+    /// Mean loss over the test split.
     pub test_loss: f64,
+    /// Mean loss over all p² inputs.
     pub full_loss: f64,
+    /// Share of train inputs answered correctly.
     pub train_accuracy: f64,
+    /// Share of test inputs answered correctly.
     pub test_accuracy: f64,
+    /// Share of all inputs answered correctly.
     pub accuracy: f64,
 }
 

@@ -42,6 +42,7 @@ impl Mt19937 {
         Mt19937 { mt, idx: 624 }
     }
 
+    /// The next 32-bit output.
     pub fn next_u32(&mut self) -> u32 {
         if self.idx >= 624 {
             for i in 0..624 {

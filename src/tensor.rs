@@ -15,22 +15,36 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DType {
+    /// 32-bit float.
     F32,
+    /// 64-bit float.
     F64,
+    /// 16-bit float.
     F16,
+    /// bfloat16.
     BF16,
+    /// 64-bit integer.
     I64,
+    /// 32-bit integer.
     I32,
+    /// 16-bit integer.
     I16,
+    /// 8-bit integer.
     I8,
+    /// 8-bit unsigned integer.
     U8,
+    /// 16-bit unsigned integer.
     U16,
+    /// 32-bit unsigned integer.
     U32,
+    /// 64-bit unsigned integer.
     U64,
+    /// Boolean (one byte).
     Bool,
 }
 
 impl DType {
+    /// Every dtype.
     pub const ALL: [DType; 13] = [
         DType::F32,
         DType::F64,
@@ -145,6 +159,7 @@ impl DType {
         }
     }
 
+    /// Whether it is a floating-point type.
     pub fn is_float(self) -> bool {
         matches!(self, DType::F32 | DType::F64 | DType::F16 | DType::BF16)
     }
@@ -158,14 +173,21 @@ impl std::fmt::Display for DType {
 
 /// A plain element type that can be decoded from storage bytes.
 pub trait Element: Copy + Default + Send + Sync + std::fmt::Debug + 'static {
+    /// The dtype of this element type.
     const DTYPE: DType;
     /// Whether every bit pattern is a valid value, so storage bytes may be borrowed in place.
     const BORROWABLE: bool = true;
+    /// Decode one little-endian element.
     fn from_le_slice(b: &[u8]) -> Self;
+    /// Decode one big-endian element.
     fn from_be_slice(b: &[u8]) -> Self;
+    /// Append the little-endian bytes.
     fn write_le(self, out: &mut Vec<u8>);
+    /// The value as f64.
     fn to_f64(self) -> f64;
+    /// Wrap an array in a `Tensor`.
     fn wrap(a: ArrayD<Self>) -> Tensor;
+    /// The array, if the tensor has this element type.
     fn unwrap_ref(t: &Tensor) -> Option<&ArrayD<Self>>;
 }
 
@@ -241,18 +263,31 @@ impl Element for bool {
 /// An owned tensor of any supported dtype (always in standard, C-contiguous layout).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Tensor {
+    /// f32 data.
     F32(ArrayD<f32>),
+    /// f64 data.
     F64(ArrayD<f64>),
+    /// f16 data.
     F16(ArrayD<f16>),
+    /// bf16 data.
     BF16(ArrayD<bf16>),
+    /// i64 data.
     I64(ArrayD<i64>),
+    /// i32 data.
     I32(ArrayD<i32>),
+    /// i16 data.
     I16(ArrayD<i16>),
+    /// i8 data.
     I8(ArrayD<i8>),
+    /// u8 data.
     U8(ArrayD<u8>),
+    /// u16 data.
     U16(ArrayD<u16>),
+    /// u32 data.
     U32(ArrayD<u32>),
+    /// u64 data.
     U64(ArrayD<u64>),
+    /// bool data.
     Bool(ArrayD<bool>),
 }
 
@@ -339,6 +374,7 @@ macro_rules! with_dtype {
 pub(crate) use with_dtype;
 
 impl Tensor {
+    /// The element type.
     pub fn dtype(&self) -> DType {
         match self {
             Tensor::F32(_) => DType::F32,
@@ -357,14 +393,17 @@ impl Tensor {
         }
     }
 
+    /// The shape.
     pub fn shape(&self) -> &[usize] {
         with_array!(self, a => a.shape())
     }
 
+    /// Number of elements.
     pub fn len(&self) -> usize {
         with_array!(self, a => a.len())
     }
 
+    /// Whether it has no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -499,6 +538,7 @@ impl<T: Element> From<ArrayD<T>> for Tensor {
 pub struct StorageRef {
     /// Record name (`data/<key>` in a zip file; the legacy format's root key).
     pub key: String,
+    /// The element type.
     pub dtype: DType,
     /// Number of elements this (view of the) storage spans.
     pub numel: u64,
@@ -515,8 +555,11 @@ pub struct TensorRef {
     pub storage: std::sync::Arc<StorageRef>,
     /// Element offset into the storage.
     pub offset: u64,
+    /// The tensor's shape.
     pub shape: Vec<usize>,
+    /// Element strides into the storage.
     pub stride: Vec<usize>,
+    /// torch's `requires_grad`.
     pub requires_grad: bool,
     /// Saved as an `nn.Parameter` (`_rebuild_parameter`).
     pub is_parameter: bool,
@@ -548,10 +591,12 @@ impl TensorRef {
         }
     }
 
+    /// The element type.
     pub fn dtype(&self) -> DType {
         self.storage.dtype
     }
 
+    /// Number of elements.
     pub fn numel(&self) -> u64 {
         self.shape.iter().map(|&d| d as u64).product()
     }

@@ -31,6 +31,7 @@ use std::f64::consts::PI;
 /// The demo's Fourier basis F [p, p]: row 0 constant, row 2k−1 = sin k, row 2k = cos k.
 #[derive(Clone, Debug)]
 pub struct FourierBasis {
+    /// The modulus (the basis is p × p).
     pub p: usize,
     /// Rows are basis vectors, each of unit norm.
     pub basis: Array2<f32>,

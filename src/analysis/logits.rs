@@ -12,6 +12,7 @@ use std::f64::consts::PI;
 /// Coefficients of the logits with every normalised cos cube, and the logits' norm.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LogitPeriodicity {
+    /// The modulus.
     pub p: usize,
     /// ⟨logits, ĉ_k⟩ for k = 1..p//2 (index k−1) — the demo's `get_cos_coeffs`.
     pub coeffs: Vec<f64>,

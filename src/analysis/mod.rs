@@ -51,11 +51,17 @@ use std::path::Path;
 /// the split.
 #[derive(Clone, Debug)]
 pub struct Task {
+    /// The modulus: inputs are `[a, b, =]` with a, b < p and `=` = token p.
     pub p: usize,
+    /// The operation whose value mod p is the label.
     pub op: task::Operation,
+    /// All p² inputs `[a, b, p]`, a-major (row a·p + b).
     pub tokens: Array2<u32>,
+    /// The label of each input, `op(a, b) mod p`.
     pub labels: Vec<u32>,
+    /// Train inputs, as row indices into `tokens`.
     pub train: Vec<i64>,
+    /// Test inputs, as row indices into `tokens`.
     pub test: Vec<i64>,
 }
 
@@ -225,6 +231,7 @@ pub struct Weights {
 }
 
 impl Weights {
+    /// The weights of a demo-family model (W_E without `=`, W_L, the logit bias).
     pub fn new(model: &HookedTransformer) -> Result<Weights> {
         let sd = &model.state_dict;
         let get = |name: &str| -> Result<Array2<f64>> {
@@ -375,20 +382,31 @@ pub struct SignalChain {
 /// The analysed model's measures (the JSON's `final`).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct FinalMeasures {
+    /// Loss on the train split (last position, f64 log-softmax over the p answers).
     pub train_loss: f64,
+    /// Loss on the test split.
     pub test_loss: f64,
+    /// Restricted loss (test split): logits rebuilt from the key frequencies only.
     pub restricted_loss: f64,
+    /// Excluded loss (train split): logits with the key frequencies removed.
     pub excluded_loss: f64,
+    /// Share of train inputs answered correctly.
     pub train_accuracy: f64,
+    /// Share of test inputs answered correctly.
     pub test_accuracy: f64,
+    /// Share of all p² inputs answered correctly.
     pub accuracy: f64,
     /// Share of neurons with more than 85% of their variance in one frequency.
     pub frac_neurons_explained: f64,
+    /// Fraction of power in the key frequencies at each stage of the signal chain.
     pub key_freq_power_fraction: SignalChain,
     #[serde(rename = "gini_W_E")]
+    /// Gini coefficient of W_E's Fourier-component norms (sparsity in frequency).
     pub gini_w_e: f64,
     #[serde(rename = "gini_W_L")]
+    /// Gini coefficient of W_L's Fourier-component norms.
     pub gini_w_l: f64,
+    /// Sum of squared parameters (what weight decay shrinks).
     pub sum_sq_weights: f64,
     /// ‖logits − Σ_key coeff·cos cube‖ / ‖logits‖.
     pub logit_residual_fraction_key: f64,
@@ -401,6 +419,7 @@ pub struct FinalMeasures {
 /// The embedding's principal components (SVD of W_E[:-1], as the demo's `torch.svd(W_E)`).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct EmbeddingSvd {
+    /// Singular values of W_E[:-1], largest first.
     pub singular_values: Vec<f64>,
     /// Dominant frequency of each of the first principal components (0 = constant).
     pub pc_freq: Vec<usize>,
@@ -476,6 +495,7 @@ pub fn key_circles(
 /// The whole analysis of a run (what `tlens analyze --json` writes).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Analysis {
+    /// The modulus.
     pub p: usize,
     /// The run's operation (the labels of every loss and accuracy).
     pub operation: task::Operation,
@@ -483,42 +503,58 @@ pub struct Analysis {
     pub skipped: Vec<&'static str>,
     /// The epoch of the analysed checkpoint; None for the run's final model.
     pub epoch: Option<i64>,
+    /// The key frequencies the measures use.
     pub key_freqs: Vec<usize>,
     /// "auto" (found by [`neurons::key_freqs_auto`]) or "given".
     pub key_freqs_source: &'static str,
     #[serde(rename = "final")]
+    /// The measures of the analysed model.
     pub final_: FinalMeasures,
+    /// Each MLP neuron's dominant frequency and how much of its variance it explains.
     pub neurons: Vec<NeuronFreq>,
+    /// Neurons explained > 85% by one frequency, grouped by that frequency.
     pub clusters: Vec<Cluster>,
+    /// The embedding's principal components and their frequencies.
     pub embedding: EmbeddingSvd,
     /// Cosine similarity of the final logits with each key frequency's cos cube.
     pub logit_cos_sim_key: Vec<f64>,
+    /// The progress measures at every checkpoint (empty with `skip_checkpoints`).
     pub checkpoints: Vec<CheckpointMeasures>,
+    /// The phase boundaries read off the run's test loss.
     pub phases: Phases,
 }
 
 /// The arrays of an analysis (what `--npz` writes).
 #[derive(Clone, Debug)]
 pub struct AnalysisArrays {
+    /// The demo's Fourier basis [p, p].
     pub fourier_basis: Array2<f32>,
+    /// Norm of each Fourier component of `W_E[:-1]`, `[p]`.
     pub embed_fourier_norms: Array1<f32>,
+    /// Norm of each Fourier component of W_L along the output token, `[p]`.
     pub w_l_fourier_norms: Array1<f32>,
+    /// Fraction of each neuron's variance per frequency, [p // 2, d_mlp].
     pub neuron_freq_norm: Array2<f32>,
     /// Last-position attention to a (index 0) and b (index 1), per head: [n_heads, 2, p, p].
     pub attention_patterns: Array4<f32>,
     /// Their 2-D Fourier transforms F · pattern · Fᵀ.
     pub attention_fourier: Array4<f32>,
+    /// The final logits' coefficient on each frequency's cos cube, [p // 2].
     pub logit_cos_coeffs: Array1<f64>,
+    /// The final logits' cosine similarity with each frequency's cos cube, [p // 2].
     pub logit_cos_sim_final: Array1<f64>,
     /// [n_checkpoints, p//2].
     pub logit_cos_sim: Array2<f64>,
+    /// Singular values of W_E[:-1].
     pub embed_singular_values: Array1<f64>,
+    /// The first principal components of W_E[:-1], [p, 8].
     pub embed_pcs: Array2<f32>,
     /// The circles: each token's embedding on the directions of W_E's cos k and sin k
     /// components, for each key frequency k: [n_keys, p, 2].
     pub embed_key_circles: ndarray::Array3<f32>,
     /// Power per frequency (index 0: constant / mean term) at each stage of the signal chain.
     pub spectra: Vec<(&'static str, Array1<f64>)>,
+    /// The epoch of each row of `logit_cos_sim`.
     pub checkpoint_epochs: Array1<i64>,
     /// Example neurons of the largest clusters: their last-position activation over (a, b),
     /// [n_examples, p (a), p (b)].
@@ -528,6 +564,7 @@ pub struct AnalysisArrays {
 }
 
 impl AnalysisArrays {
+    /// Write every array to an `.npz` (names as the fields; atomic).
     pub fn write_npz(&self, path: &Path) -> Result<()> {
         let mut w = NpzWriter::new();
         w.add("fourier_basis", &self.fourier_basis)?;

@@ -36,8 +36,11 @@ pub fn neuron_freq_norm(acts: ArrayView2<f32>, p: usize) -> Array2<f32> {
 /// One neuron's dominant frequency and the fraction of its variance that frequency explains.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
 pub struct NeuronFreq {
+    /// The neuron's index in the MLP.
     pub index: usize,
+    /// Its dominant frequency k (1..=p/2).
     pub freq: usize,
+    /// Fraction of its variance in frequency k's 3×3 Fourier block.
     pub frac_explained: f64,
 }
 
@@ -64,7 +67,9 @@ pub fn dominant_freqs(nfn: ArrayView2<f32>) -> Vec<NeuronFreq> {
 /// The neurons explained (> 0.85) by one frequency.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Cluster {
+    /// The frequency the cluster's neurons share.
     pub freq: usize,
+    /// The neurons' indices.
     pub neurons: Vec<usize>,
 }
 

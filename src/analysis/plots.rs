@@ -35,9 +35,13 @@ fn pe<E: std::error::Error + Send + Sync>(e: DrawingAreaErrorKind<E>) -> Error {
 
 /// What the figures show: an analysis, its arrays, and the run's per-epoch losses.
 pub struct PlotData<'a> {
+    /// The analysis to draw.
     pub analysis: &'a Analysis,
+    /// Its arrays.
     pub arrays: &'a AnalysisArrays,
+    /// The run's train loss per epoch.
     pub train_losses: &'a [f64],
+    /// The run's logged test losses (see `test_every`).
     pub test_losses: &'a [f64],
     /// Epochs between two test losses (`tlens train --eval-every`, the 2022 code's 10 for
     /// some runs); `None` when the file does not say, and then no test curve is drawn.

@@ -38,18 +38,27 @@ pub fn gini(values: &[f32]) -> f64 {
 /// Every progress measure of one checkpoint.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct CheckpointMeasures {
+    /// The checkpoint's epoch (-1 for the analysed model itself).
     pub epoch: i64,
+    /// Loss on the train split.
     pub train_loss: f64,
+    /// Loss on the test split.
     pub test_loss: f64,
     /// Share of train / test inputs whose argmax logit is the label.
     pub train_accuracy: f64,
+    /// Share of test inputs answered correctly.
     pub test_accuracy: f64,
+    /// Restricted loss (test split): only the key frequencies kept.
     pub restricted_loss: f64,
+    /// Excluded loss (train split): the key frequencies removed.
     pub excluded_loss: f64,
     #[serde(rename = "gini_W_E")]
+    /// Gini coefficient of W_E's Fourier-component norms.
     pub gini_w_e: f64,
     #[serde(rename = "gini_W_L")]
+    /// Gini coefficient of W_L's Fourier-component norms.
     pub gini_w_l: f64,
+    /// Sum of squared parameters.
     pub sum_sq_weights: f64,
     /// Cosine similarity of the logits with the cos cube of each key frequency (same order as
     /// the analysis' `key_freqs`); all frequencies are in the npz's `logit_cos_sim`.
@@ -59,8 +68,11 @@ pub struct CheckpointMeasures {
 /// The three phase boundaries of grokking (epochs); `None` when the run does not show that phase.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Phases {
+    /// Epoch where the test loss peaks (the model has memorised the train set).
     pub memorization_end: Option<i64>,
+    /// Epoch where the test loss has fallen 10% of the way from its peak to its minimum.
     pub circuit_formation_end: Option<i64>,
+    /// Epoch where the test loss is within 10% (in log) of its minimum.
     pub cleanup_end: Option<i64>,
 }
 

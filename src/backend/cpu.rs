@@ -263,6 +263,7 @@ fn as4<'a>(x: &'a ArrayD<f32>, op: &str) -> Result<ndarray::ArrayView4<'a, f32>>
 /// The operations on host arrays. The model reaches them through [`Backend`] (whose tensors
 /// share their storage with the activation cache); the tabulated passes call them directly.
 impl Cpu {
+    /// Gather rows of `table` for every index (embedding-style lookup).
     pub fn take_rows(&self, table: &ArrayD<f32>, index: &Array2<u32>) -> Result<ArrayD<f32>> {
         let table = std_layout(table);
         let (u, p) = (table.shape()[0], table.shape().get(1).copied().unwrap_or(0));
@@ -295,6 +296,7 @@ impl Cpu {
         Ok(ArrayD::from_shape_vec(shape, out).expect("sizes"))
     }
 
+    /// `W_E[tokens]`: [batch, pos, d_model].
     pub fn embed(&self, w_e: &ArrayD<f32>, tokens: &Array2<u32>) -> Result<ArrayD<f32>> {
         let (v, d) = (w_e.shape()[0], w_e.shape()[1]);
         let (b, p) = tokens.dim();
@@ -320,6 +322,7 @@ impl Cpu {
         Ok(ArrayD::from_shape_vec(IxDyn(&[b, p, d]), out).expect("sizes match"))
     }
 
+    /// `W_pos[0..pos]` broadcast over the batch.
     pub fn pos_embed(&self, w_pos: &ArrayD<f32>, batch: usize, pos: usize) -> Result<ArrayD<f32>> {
         let (n_ctx, d) = (w_pos.shape()[0], w_pos.shape()[1]);
         if pos > n_ctx {
@@ -339,6 +342,7 @@ impl Cpu {
         Ok(ArrayD::from_shape_vec(IxDyn(&[batch, pos, d]), out).expect("sizes match"))
     }
 
+    /// Elementwise sum `a + b`.
     pub fn add(&self, a: ArrayD<f32>, b: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         if a.shape() != b.shape() {
             return Err(shape_err(
@@ -360,6 +364,7 @@ impl Cpu {
         Ok(out)
     }
 
+    /// `x @ w + b` over the last axis.
     pub fn linear(
         &self,
         x: &ArrayD<f32>,
@@ -408,6 +413,7 @@ impl Cpu {
         Ok(matmul_bias(x, w2, bias))
     }
 
+    /// Per-head `x @ W[h] + b[h]`: [batch, pos, head, d_head].
     pub fn head_linear(
         &self,
         x: &ArrayD<f32>,
@@ -456,6 +462,7 @@ impl Cpu {
         Ok(out)
     }
 
+    /// Attention scores `q·k / scale`, masked as the config says.
     pub fn attn_scores(
         &self,
         q: &ArrayD<f32>,
@@ -491,10 +498,12 @@ impl Cpu {
         Ok(ArrayD::from_shape_vec(IxDyn(&[b, h, pq, pk]), out).expect("sizes match"))
     }
 
+    /// Softmax over the last axis (NaN → 0, as TL).
     pub fn softmax(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         Ok(map_rows(x, softmax_row))
     }
 
+    /// `z = pattern · v` per head.
     pub fn attn_z(&self, pattern: &ArrayD<f32>, v: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         let (b, h, pq, pk) = as4(pattern, "attn_z")?.dim();
         let e = as4(v, "attn_z")?.dim().3;
@@ -520,6 +529,7 @@ impl Cpu {
         Ok(ArrayD::from_shape_vec(IxDyn(&[b, pq, h, e]), out).expect("sizes match"))
     }
 
+    /// Per-head outputs `z[h] @ W_O[h]` (TL's `hook_result`).
     pub fn attn_result(&self, z: &ArrayD<f32>, w_o: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         let z4 = as4(z, "attn_result")?;
         let (b, p, h, e) = z4.dim();
@@ -542,12 +552,14 @@ impl Cpu {
         Ok(out.into_dyn())
     }
 
+    /// Sum over heads plus the bias.
     pub fn sum_heads(&self, x: &ArrayD<f32>, bias: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         let mut out = x.sum_axis(Axis(2));
         out += bias;
         Ok(out)
     }
 
+    /// Repeat `x` along a new head axis (split-QKV inputs).
     pub fn repeat_heads(&self, x: &ArrayD<f32>, n_heads: usize) -> Result<ArrayD<f32>> {
         let (b, p, d) = (x.shape()[0], x.shape()[1], x.shape()[2]);
         let v = x.view().insert_axis(Axis(2));
@@ -556,6 +568,7 @@ impl Cpu {
             .to_owned())
     }
 
+    /// Apply an activation function elementwise.
     pub fn activation(&self, x: ArrayD<f32>, act: Activation) -> Result<ArrayD<f32>> {
         let mut x = if x.is_standard_layout() {
             x
@@ -589,6 +602,7 @@ impl Cpu {
         }
     }
 
+    /// LayerNorm / RMSNorm without the affine part; returns the normalised values and the scale.
     pub fn normalize(
         &self,
         x: &ArrayD<f32>,
@@ -628,6 +642,7 @@ impl Cpu {
         Ok((out, scale))
     }
 
+    /// Normalise with a scale computed earlier.
     pub fn normalize_with(
         &self,
         x: &ArrayD<f32>,
@@ -647,6 +662,7 @@ impl Cpu {
         Ok(out)
     }
 
+    /// `x * w + b` (the affine part of LayerNorm).
     pub fn affine(
         &self,
         x: &ArrayD<f32>,

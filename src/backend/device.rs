@@ -18,13 +18,16 @@ pub enum DeviceArg {
     /// The GPU when one can be used, else the CPU.
     #[default]
     Auto,
+    /// The CPU (always available).
     Cpu,
+    /// An NVIDIA GPU through CUDA (feature `cuda`).
     Cuda,
 }
 
 /// A device a model can run on in this build.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
+    /// The CPU backend.
     Cpu,
 }
 

@@ -26,8 +26,11 @@ const NR: usize = 32;
 /// A matrix operand: pointer and element strides (row, column).
 #[derive(Clone, Copy)]
 pub struct Mat {
+    /// Pointer to element [0, 0].
     pub ptr: *const f32,
+    /// Row stride in elements.
     pub rs: isize,
+    /// Column stride in elements.
     pub cs: isize,
 }
 

@@ -22,11 +22,17 @@ pub use device::{Device, DeviceArg};
 /// Element-wise activation functions of TL's `SUPPORTED_ACTIVATIONS`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
+    /// max(x, 0).
     Relu,
+    /// GELU with the exact erf.
     Gelu,
+    /// GELU, tanh approximation (GPT-2's `gelu_new`).
     GeluNew,
+    /// GELU, TL's `gelu_fast` approximation.
     GeluFast,
+    /// GELU as `torch.nn.functional.gelu(approximate='tanh')`.
     GeluPytorchTanh,
+    /// x·sigmoid(x).
     Silu,
     /// `x * softmax(x)` over the last axis (`solu`, and `solu_ln` before its LayerNorm).
     Solu,
@@ -63,6 +69,7 @@ pub trait Backend: Sync {
     fn download_shared(&self, t: &Self::Tensor) -> Result<Arc<ArrayD<f32>>>;
     /// The tensor on the host as an array the caller owns.
     fn download(&self, t: Self::Tensor) -> Result<ArrayD<f32>>;
+    /// The shape of a tensor.
     fn shape(&self, t: &Self::Tensor) -> Vec<usize>;
 
     /// `W_E[tokens]`: tokens [B, P] → [B, P, D].

@@ -24,14 +24,23 @@ pub fn parse_key_freqs(spec: &str) -> Result<Option<Vec<usize>>> {
         .map(Some)
 }
 
+/// What `tlens analyze` was asked to do.
 pub struct AnalyzeArgs<'a> {
+    /// The run file.
     pub file: &'a Path,
+    /// Analyse this checkpoint (its epoch) instead of the final model.
     pub checkpoint: Option<i64>,
+    /// `auto` or a comma-separated list of frequencies.
     pub key_freqs: &'a str,
+    /// Write the analysis as JSON here.
     pub json: Option<PathBuf>,
+    /// Write the arrays as `.npz` here.
     pub npz: Option<PathBuf>,
+    /// Write the figures to this folder.
     pub plots: Option<PathBuf>,
+    /// Skip the progress measures over the checkpoints.
     pub skip_checkpoints: bool,
+    /// Which train/test split to use.
     pub split: crate::run::SplitChoice,
 }
 

@@ -36,8 +36,10 @@ pub const DEMO_FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/gr
     version,
     about = "TransformerLens for grokking models, in Rust"
 )]
+/// The command line (`tlens --help`).
 pub struct Cli {
     #[command(subcommand)]
+    /// The subcommand.
     pub command: Command,
     /// Bytes that reading one file may allocate beyond what it stores (the pickle's values,
     /// broadcast tensors expanded, deflated entries inflated); e.g. 256M, 4G. Default 512M.
@@ -62,9 +64,11 @@ fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
 }
 
 #[derive(Subcommand, Debug)]
+/// The subcommands.
 pub enum Command {
     /// Describe a checkpoint file: format, layout, config, tensors, checkpoints, losses.
     Inspect {
+        /// The file to describe.
         file: PathBuf,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -78,7 +82,9 @@ pub enum Command {
     },
     /// Convert between .pth (either layout) and safetensors; output format from OUT's extension.
     Convert {
+        /// The file to read.
         input: PathBuf,
+        /// The file to write (.pth or .safetensors).
         output: PathBuf,
         /// How to pickle the config in a .pth: tl2 (the demo's TL object), tl3, or dict
         /// (loadable with torch.load(weights_only=True)).
@@ -87,8 +93,11 @@ pub enum Command {
     },
     /// Predict (a + b) mod p with a run's model: `tlens predict RUN.pth 37 58`.
     Predict {
+        /// The run file.
         file: PathBuf,
+        /// First operand.
         a: u32,
+        /// Second operand.
         b: u32,
         /// Use the checkpoint saved at this epoch instead of the final model.
         #[arg(long)]
@@ -99,6 +108,7 @@ pub enum Command {
     },
     /// Train/test/full loss and accuracy of the final model, one checkpoint, or all checkpoints.
     Eval {
+        /// The run file.
         file: PathBuf,
         /// Evaluate the checkpoint saved at this epoch.
         #[arg(long, conflicts_with = "all_checkpoints")]
@@ -107,6 +117,7 @@ pub enum Command {
         #[arg(long)]
         all_checkpoints: bool,
         #[arg(long)]
+        /// Print JSON instead of a table.
         json: bool,
         /// Train/test split: auto (stored indices, or the 2022 code's rule for its runs),
         /// demo (torch.randperm seed 598, 30%), or 2022 (random.shuffle seed 0, 30%).
@@ -118,10 +129,13 @@ pub enum Command {
     },
     /// Run with cache and save every hook's activation (TL names), logits and tokens as .npz.
     Cache {
+        /// The run file.
         file: PathBuf,
         #[arg(long)]
+        /// The `.npz` to write.
         out: PathBuf,
         #[arg(long)]
+        /// Cache this checkpoint (its epoch) instead of the final model.
         checkpoint: Option<i64>,
         /// `all` (every a, b: p² inputs, hundreds of MB for p = 113) or `a,b;a,b;…`;
         /// required, so that a whole-dataset cache is never written by accident.
@@ -139,6 +153,7 @@ pub enum Command {
     /// The paper's analyses: Fourier structure, neuron clusters, restricted/excluded loss,
     /// progress measures over every checkpoint, phases; a report plus JSON, npz and figures.
     Analyze {
+        /// The run file.
         file: PathBuf,
         /// Analyse the checkpoint saved at this epoch instead of the final model.
         #[arg(long)]
@@ -147,8 +162,10 @@ pub enum Command {
         #[arg(long, default_value = "auto")]
         key_freqs: String,
         #[arg(long, value_name = "OUT.json")]
+        /// Write the analysis as JSON here.
         json: Option<PathBuf>,
         #[arg(long, value_name = "OUT.npz")]
+        /// Write the arrays as `.npz` here.
         npz: Option<PathBuf>,
         /// Write the figures (PNG and SVG) to this folder.
         #[arg(long, value_name = "DIR")]
@@ -206,6 +223,7 @@ pub fn print_out(text: &str) -> Result<()> {
     Ok(())
 }
 
+/// Run a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     if let Some(b) = cli.memory_budget {
         crate::io::set_memory_budget(b);

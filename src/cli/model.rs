@@ -32,6 +32,7 @@ pub fn load_model(run: &RunFile, checkpoint: Option<i64>) -> Result<HookedTransf
     HookedTransformer::new(cfg, sd)
 }
 
+/// `tlens predict`: the model's answer to `a op b mod p`, with its probability.
 pub fn predict(file: &Path, a: u32, b: u32, checkpoint: Option<i64>) -> Result<()> {
     let run = crate::cli::open_run(file)?;
     let p = run.modular_p().map_err(|e| e.in_file(file))?;
@@ -72,6 +73,7 @@ pub fn predict(file: &Path, a: u32, b: u32, checkpoint: Option<i64>) -> Result<(
     Ok(())
 }
 
+/// `tlens eval`: loss and accuracy on the train, test and full data.
 pub fn eval(
     file: &Path,
     checkpoint: Option<i64>,
@@ -225,6 +227,7 @@ pub fn resolve_names(spec: &str, model: &HookedTransformer) -> Result<Vec<String
     Ok(out)
 }
 
+/// `tlens cache`: every (or the named) hook's activation on the given inputs, as `.npz`.
 pub fn cache(
     file: &Path,
     out: &Path,

@@ -57,6 +57,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub resume: bool,
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    /// Where to run: auto, cpu or cuda.
     pub device: DeviceArg,
 }
 
@@ -169,6 +170,7 @@ fn save(run: &crate::run::TrainingRun, out: &Path) -> Result<()> {
     }
 }
 
+/// `tlens train`: run (or resume) a training run and write it.
 pub fn run(args: &TrainArgs) -> Result<()> {
     let out = args.out.as_path();
     crate::io::check_output(out, &["pth", "pt", "safetensors"], "--out")?;

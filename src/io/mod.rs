@@ -36,7 +36,9 @@ pub const READ_WHOLE: u64 = 64 << 20;
 
 /// The bytes of a file: memory-mapped, or owned (for in-memory input and empty files).
 pub enum Source {
+    /// A read-only memory map (files over `READ_WHOLE`).
     Mmap(memmap2::Mmap),
+    /// Bytes read into memory.
     Bytes(Vec<u8>),
 }
 
@@ -79,14 +81,18 @@ impl Deref for Source {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum Format {
     #[serde(rename = "torch-zip")]
+    /// torch ≥ 1.6's zip archive.
     TorchZip,
     #[serde(rename = "torch-legacy")]
+    /// torch's legacy stream of pickles (before 1.6, or when asked).
     TorchLegacy,
     #[serde(rename = "safetensors")]
+    /// A safetensors file.
     Safetensors,
 }
 
 impl Format {
+    /// The name `inspect` prints.
     pub fn name(self) -> &'static str {
         match self {
             Format::TorchZip => "torch-zip",

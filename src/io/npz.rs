@@ -19,6 +19,7 @@ impl Default for NpzWriter {
 }
 
 impl NpzWriter {
+    /// An empty archive.
     pub fn new() -> NpzWriter {
         NpzWriter {
             zip: zip::ZipWriter::new(Cursor::new(Vec::new())),
@@ -45,6 +46,7 @@ impl NpzWriter {
         Ok(())
     }
 
+    /// The archive's bytes.
     pub fn finish(self) -> Result<Vec<u8>> {
         Ok(self
             .zip
@@ -66,12 +68,14 @@ pub struct NpzReader {
 }
 
 impl NpzReader {
+    /// Open an `.npz` file.
     pub fn open(path: impl AsRef<Path>) -> Result<NpzReader> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|e| Error::from(e).in_file(path))?;
         Self::from_bytes(bytes)
     }
 
+    /// Parse an `.npz` held in memory.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<NpzReader> {
         let zip =
             zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| Error::Zip(e.to_string()))?;

@@ -70,12 +70,14 @@ fn dtype_to_st(d: DType) -> StDtype {
 }
 
 impl SafetensorsFile {
+    /// Open and parse a safetensors file (header only).
     pub fn open(path: impl AsRef<Path>) -> Result<SafetensorsFile> {
         let path = path.as_ref();
         let source = Source::map(path).with_path(path)?;
         Self::from_source(source).with_path(path)
     }
 
+    /// Parse a safetensors file held in memory.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<SafetensorsFile> {
         Self::from_source(Source::Bytes(bytes))
     }
@@ -136,6 +138,7 @@ impl SafetensorsFile {
         Ok((bytes, r))
     }
 
+    /// Read one tensor (owned).
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         let (bytes, r) = self.bytes_and_ref(name)?;
         with_dtype!(r.dtype(), T => {

@@ -23,7 +23,10 @@ use std::path::Path;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TorchContainer {
     /// Zip archive; `prefix` is what precedes `data.pkl` (e.g. `archive/`, `model/`).
-    Zip { prefix: String },
+    Zip {
+        /// What precedes `data.pkl` in the entry names.
+        prefix: String,
+    },
     /// Consecutive pickles followed by raw storages.
     Legacy,
 }
@@ -31,22 +34,30 @@ pub enum TorchContainer {
 /// Metadata records of a zip-format file (all optional).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ZipRecords {
+    /// The `version` record.
     pub version: Option<String>,
+    /// The `.format_version` record.
     pub format_version: Option<String>,
+    /// The `.storage_alignment` record.
     pub storage_alignment: Option<String>,
+    /// The `.data/serialization_id` record.
     pub serialization_id: Option<String>,
+    /// The `byteorder` record.
     pub byteorder: Option<String>,
 }
 
 /// A parsed torch file: the unpickled object tree plus the location of every storage.
 pub struct TorchFile {
     source: Source,
+    /// Zip or legacy.
     pub container: TorchContainer,
     /// The unpickled top-level object.
     pub root: Value,
     /// Pickle protocol of the main pickle.
     pub protocol: u8,
+    /// Whether the storages are big-endian (`byteorder` = big).
     pub big_endian: bool,
+    /// The zip metadata records.
     pub records: ZipRecords,
     storages: HashMap<String, Loc>,
     /// Every global the file's pickles name (`module.name`); nothing was imported or called.
@@ -146,6 +157,7 @@ impl TorchFile {
         Self::parse(Source::Bytes(bytes), &Limits::default())
     }
 
+    /// Parse a torch file's bytes under `limits`.
     pub fn parse(source: Source, limits: &Limits) -> Result<TorchFile> {
         match Format::detect(&source)? {
             Format::TorchZip => parse_zip(source, limits),

@@ -32,7 +32,9 @@ use serde_json::{json, Map, Value as Json};
 
 /// A parsed container of either kind.
 pub enum AnyFile {
+    /// A torch file (zip, legacy or TorchScript).
     Torch(TorchFile),
+    /// A safetensors file.
     Safetensors(SafetensorsFile),
 }
 

@@ -15,12 +15,15 @@ use std::ops::Range;
 /// One central-directory entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
+    /// The entry's path in the archive.
     pub name: String,
     /// 0 = stored, 8 = deflated (TorchScript archives deflate their `code/` entries).
     pub method: u16,
+    /// Bytes stored (after compression).
     pub compressed_size: u64,
     /// Size once inflated (= `compressed_size` for stored entries).
     pub uncompressed_size: u64,
+    /// Offset of the entry's local header.
     pub header_start: u64,
 }
 

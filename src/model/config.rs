@@ -19,11 +19,14 @@ use serde_json::Value as Json;
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Num {
+    /// An integer.
     Int(i64),
+    /// A float.
     Float(f64),
 }
 
 impl Num {
+    /// The value as f64.
     pub fn as_f64(self) -> f64 {
         match self {
             Num::Int(i) => i as f64,
@@ -65,183 +68,268 @@ defaults! {
 /// new in TL 3.x are `Option`s that are `None` when absent, so 2.x configs round-trip exactly).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HookedTransformerConfig {
+    /// Number of transformer blocks.
     pub n_layers: i64,
+    /// Width of the residual stream.
     pub d_model: i64,
+    /// Maximum context length.
     pub n_ctx: i64,
+    /// Width of each attention head.
     pub d_head: i64,
     #[serde(default = "default::model_name")]
+    /// TL's model name (`custom` for hand-made configs).
     pub model_name: String,
     #[serde(default = "default::minus_one")]
+    /// Number of attention heads (TL: -1 → d_model / d_head).
     pub n_heads: i64,
     #[serde(default)]
+    /// Width of the MLP (None for attention-only models; TL: 4·d_model).
     pub d_mlp: Option<i64>,
     /// None by default as in TL 2.18; a non-attn-only model without one gets "relu" (TL 3.x's
     /// default) where 2.18 would reject the config.
     #[serde(default)]
     pub act_fn: Option<String>,
     #[serde(default = "default::minus_one")]
+    /// Input vocabulary size.
     pub d_vocab: i64,
     #[serde(default = "default::eps")]
+    /// LayerNorm epsilon.
     pub eps: f64,
     #[serde(default)]
+    /// Whether attention fires `hook_result` (per-head outputs).
     pub use_attn_result: bool,
     #[serde(default = "default::yes")]
+    /// Whether scores are divided by `attn_scale`.
     pub use_attn_scale: bool,
     #[serde(default = "default::minus_one_f")]
+    /// The divisor of attention scores (TL: sqrt(d_head)).
     pub attn_scale: f64,
     #[serde(default)]
+    /// Whether Q, K, V get separate residual inputs (and hooks).
     pub use_split_qkv_input: bool,
     #[serde(default)]
+    /// Whether the MLP input is hooked (`hook_mlp_in`).
     pub use_hook_mlp_in: bool,
     #[serde(default)]
+    /// Whether attention's input is hooked (`hook_attn_in`).
     pub use_attn_in: bool,
     #[serde(default)]
+    /// Whether Q and K are normalised (refused by tlens).
     pub use_qk_norm: bool,
     #[serde(default)]
+    /// Local attention (refused by tlens).
     pub use_local_attn: bool,
     #[serde(default)]
+    /// TL's grouped-query-attention option.
     pub ungroup_grouped_query_attention: bool,
     #[serde(default)]
+    /// The Hugging Face architecture the config came from.
     pub original_architecture: Option<String>,
     #[serde(default)]
+    /// Whether the weights came from a named checkpoint.
     pub from_checkpoint: bool,
     #[serde(default)]
+    /// That checkpoint's index.
     pub checkpoint_index: Option<i64>,
     #[serde(default)]
+    /// That checkpoint's label type.
     pub checkpoint_label_type: Option<String>,
     #[serde(default)]
+    /// That checkpoint's value.
     pub checkpoint_value: Option<i64>,
     #[serde(default)]
+    /// The tokenizer's name.
     pub tokenizer_name: Option<String>,
     #[serde(default)]
+    /// Local attention window.
     pub window_size: Option<i64>,
     #[serde(default)]
+    /// Per-layer attention types.
     pub attn_types: Option<Vec<String>>,
     #[serde(default = "default::init_mode")]
+    /// Weight initialisation scheme (`gpt2`, `xavier_uniform`, …).
     pub init_mode: String,
     #[serde(default = "default::normalization_type")]
+    /// `LN`, `LNPre`, `RMS`, `RMSPre` or None.
     pub normalization_type: Option<String>,
     #[serde(default)]
+    /// Device TL would use.
     pub device: Option<String>,
     #[serde(default = "default::one")]
+    /// Number of devices.
     pub n_devices: i64,
     #[serde(default = "default::attention_dir")]
+    /// `causal` or `bidirectional`.
     pub attention_dir: String,
     #[serde(default)]
+    /// Whether the blocks have no MLP.
     pub attn_only: bool,
     #[serde(default)]
+    /// Initialisation seed.
     pub seed: Option<i64>,
     #[serde(default = "default::minus_one_f")]
+    /// Standard deviation of the `gpt2` init (TL: 0.8 / sqrt(d_model)).
     pub initializer_range: f64,
     #[serde(default = "default::yes")]
+    /// Whether TL initialises weights.
     pub init_weights: bool,
     #[serde(default)]
+    /// Divide layer l's scores by l + 1 as well.
     pub scale_attn_by_inverse_layer_idx: bool,
     #[serde(default = "default::positional_embedding_type")]
+    /// `standard`, `rotary`, `shortformer` or `alibi`.
     pub positional_embedding_type: String,
     #[serde(default)]
+    /// RMS scaling of the final norm.
     pub final_rms: bool,
     #[serde(default = "default::minus_one")]
+    /// Output vocabulary size (TL: -1 → d_vocab).
     pub d_vocab_out: i64,
     #[serde(default)]
+    /// Attention and MLP in parallel (refused by tlens).
     pub parallel_attn_mlp: bool,
     #[serde(default)]
+    /// Rotary dimensions.
     pub rotary_dim: Option<i64>,
     #[serde(default)]
+    /// Parameter count (derived).
     pub n_params: Option<i64>,
     #[serde(default)]
+    /// Whether tokens are hooked.
     pub use_hook_tokens: bool,
     #[serde(default)]
+    /// Gated MLP (refused by tlens).
     pub gated_mlp: bool,
     #[serde(default = "default::yes")]
+    /// Prepend BOS by default.
     pub default_prepend_bos: bool,
     /// torch dtype name without the `torch.` prefix.
     #[serde(default = "default::dtype")]
     pub dtype: String,
     #[serde(default)]
+    /// Whether the tokenizer prepends BOS.
     pub tokenizer_prepends_bos: Option<bool>,
     #[serde(default)]
+    /// Key/value heads (grouped-query attention).
     pub n_key_value_heads: Option<i64>,
     #[serde(default)]
+    /// LayerNorm after the embedding.
     pub post_embedding_ln: bool,
     #[serde(default = "default::rotary_base")]
+    /// Rotary base.
     pub rotary_base: Num,
     #[serde(default)]
+    /// Rotary base of local layers.
     pub rotary_base_local: Option<i64>,
     #[serde(default)]
+    /// Trust remote code (HF).
     pub trust_remote_code: bool,
     #[serde(default)]
+    /// Rotary over adjacent pairs.
     pub rotary_adjacent_pairs: bool,
     #[serde(default)]
+    /// 4-bit loading.
     pub load_in_4bit: bool,
     #[serde(default)]
+    /// Mixture-of-experts: number of experts.
     pub num_experts: Option<i64>,
     #[serde(default)]
+    /// Mixture-of-experts: experts per token.
     pub experts_per_token: Option<i64>,
     #[serde(default)]
+    /// T5 relative attention: max distance.
     pub relative_attention_max_distance: Option<i64>,
     #[serde(default)]
+    /// T5 relative attention: buckets.
     pub relative_attention_num_buckets: Option<i64>,
     #[serde(default)]
+    /// T5 decoder start token.
     pub decoder_start_token_id: Option<i64>,
     #[serde(default)]
+    /// Tie input and output embeddings.
     pub tie_word_embeddings: bool,
     #[serde(default)]
+    /// Norms before and after each sublayer.
     pub use_normalization_before_and_after: bool,
     #[serde(default = "default::minus_one_f")]
+    /// Soft cap of attention scores.
     pub attn_scores_soft_cap: f64,
     #[serde(default = "default::minus_one_f")]
+    /// Soft cap of output logits.
     pub output_logits_soft_cap: f64,
     #[serde(rename = "use_NTK_by_parts_rope", default)]
+    /// NTK-by-parts RoPE scaling.
     pub use_ntk_by_parts_rope: bool,
     #[serde(rename = "NTK_by_parts_low_freq_factor", default = "default::ntk_low")]
+    /// NTK-by-parts: low-frequency factor.
     pub ntk_by_parts_low_freq_factor: f64,
     #[serde(
         rename = "NTK_by_parts_high_freq_factor",
         default = "default::ntk_high"
     )]
+    /// NTK-by-parts: high-frequency factor.
     pub ntk_by_parts_high_freq_factor: f64,
     #[serde(rename = "NTK_by_parts_factor", default = "default::ntk_factor")]
+    /// NTK-by-parts: factor.
     pub ntk_by_parts_factor: f64,
     #[serde(rename = "NTK_original_ctx_len", default = "default::ntk_ctx")]
+    /// NTK-by-parts: original context length.
     pub ntk_original_ctx_len: i64,
 
     // ---- fields added in TL 3.x (None when the config is from TL 2.x) ----
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// TL 3.x: whether RMS norm is used.
     pub uses_rms_norm: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// TL 3.x: LayerNorm folding.
     pub layer_norm_folding: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// TL 3.x: QKV clipping.
     pub clip_qkv: Option<Option<f64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// TL 3.x: log-n attention.
     pub use_logn_attn: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// TL 3.x: training sequence length.
     pub train_seq_length: Option<Option<i64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// TL 3.x: dynamic NTK RoPE.
     pub use_dynamic_ntk_rope: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// TL 3.x: rotary scaling factor.
     pub rotary_scaling_factor: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// TL 3.x: quantization method.
     pub quantization_method: Option<Option<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// TL 3.x: YaRN RoPE.
     pub use_yarn_rope: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// TL 3.x: YaRN factor.
     pub yarn_factor: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// TL 3.x: YaRN attention factor.
     pub yarn_attention_factor: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// TL 3.x: YaRN beta fast.
     pub yarn_beta_fast: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// TL 3.x: YaRN beta slow.
     pub yarn_beta_slow: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// TL 3.x: YaRN original max positions.
     pub yarn_original_max_position_embeddings: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// TL 3.x: YaRN truncate.
     pub yarn_truncate: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// TL 3.x: YaRN on global attention only.
     pub yarn_global_attn_only: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// TL 3.x: attention sinks.
     pub use_attention_sinks: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// TL 3.x: normalise top-k probabilities (MoE).
     pub norm_topk_prob: Option<bool>,
 
     /// Fields tlens does not know, kept in file order and written back unchanged.
@@ -254,6 +342,7 @@ pub const TL2_CONFIG_CLASS: (&str, &str) = (
     "transformer_lens.HookedTransformerConfig",
     "HookedTransformerConfig",
 );
+/// The TL ≥ 3.3 config class path (module, name).
 pub const TL3_CONFIG_CLASS: (&str, &str) = (
     "transformer_lens.config.hooked_transformer_config",
     "HookedTransformerConfig",
@@ -513,27 +602,35 @@ impl HookedTransformerConfig {
         Ok(())
     }
 
+    /// `n_heads` as a size.
     pub fn n_heads(&self) -> usize {
         self.n_heads as usize
     }
+    /// `d_model` as a size.
     pub fn d_model(&self) -> usize {
         self.d_model as usize
     }
+    /// `d_head` as a size.
     pub fn d_head(&self) -> usize {
         self.d_head as usize
     }
+    /// `n_layers` as a size.
     pub fn n_layers(&self) -> usize {
         self.n_layers as usize
     }
+    /// `n_ctx` as a size.
     pub fn n_ctx(&self) -> usize {
         self.n_ctx as usize
     }
+    /// `d_mlp` as a size (0 when absent).
     pub fn d_mlp(&self) -> usize {
         self.d_mlp.unwrap_or(0) as usize
     }
+    /// `d_vocab` as a size.
     pub fn d_vocab(&self) -> usize {
         self.d_vocab.max(0) as usize
     }
+    /// `d_vocab_out` as a size.
     pub fn d_vocab_out(&self) -> usize {
         self.d_vocab_out.max(0) as usize
     }

@@ -16,10 +16,15 @@ use ndarray::{Array2, ArrayD, IxDyn};
 /// TL's normalization types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NormKind {
+    /// No normalisation.
     None,
+    /// LayerNorm with weight and bias.
     LN,
+    /// LayerNorm without weight and bias.
     LNPre,
+    /// RMSNorm with weight.
     RMS,
+    /// RMSNorm without weight.
     RMSPre,
 }
 
@@ -74,6 +79,7 @@ struct Block<T> {
 
 /// A TransformerLens HookedTransformer on backend `B` (the CPU by default).
 pub struct HookedTransformer<B: Backend = Cpu> {
+    /// The config.
     pub cfg: HookedTransformerConfig,
     backend: B,
     norm: NormKind,
@@ -200,6 +206,7 @@ impl HookedTransformer<Cpu> {
 }
 
 impl<B: Backend> HookedTransformer<B> {
+    /// A model on a given backend.
     pub fn with_backend(cfg: HookedTransformerConfig, sd: StateDict, backend: B) -> Result<Self> {
         check_supported(&cfg)?;
         let (d, h, e) = (cfg.d_model(), cfg.n_heads(), cfg.d_head());
@@ -329,6 +336,7 @@ impl<B: Backend> HookedTransformer<B> {
         })
     }
 
+    /// The backend the model runs on.
     pub fn backend(&self) -> &B {
         &self.backend
     }

@@ -83,6 +83,7 @@ pub enum NameFilter<'a> {
 }
 
 impl NameFilter<'_> {
+    /// Whether the hook applies at `name`.
     pub fn matches(&self, name: &str) -> bool {
         match self {
             NameFilter::Name(n) => n == name,
@@ -93,7 +94,9 @@ impl NameFilter<'_> {
 
 /// A forward hook.
 pub struct Hook<'a> {
+    /// Where the hook applies.
     pub filter: NameFilter<'a>,
+    /// What it does.
     pub f: HookFn<'a>,
 }
 
@@ -237,6 +240,7 @@ pub struct ActivationCache {
 
 /// A cache key: a name (exact or shorthand), or (name, layer[, layer type]) as in TL.
 pub trait CacheKey {
+    /// The full hook name, for a model of `n_layers` layers.
     fn resolve(&self, n_layers: usize) -> String;
 }
 
@@ -299,18 +303,22 @@ impl ActivationCache {
         self.acts.keys().map(String::as_str)
     }
 
+    /// Every activation, in firing order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &ArrayD<f32>)> {
         self.acts.iter().map(|(k, v)| (k.as_str(), &**v))
     }
 
+    /// Number of cached activations.
     pub fn len(&self) -> usize {
         self.acts.len()
     }
 
+    /// Whether nothing was cached.
     pub fn is_empty(&self) -> bool {
         self.acts.is_empty()
     }
 
+    /// The activations by name.
     pub fn into_map(self) -> IndexMap<String, ArrayD<f32>> {
         self.acts
             .into_iter()

@@ -59,14 +59,17 @@ pub fn tl_order_key(name: &str) -> (usize, usize, usize, String) {
 }
 
 impl StateDict {
+    /// An empty state dict.
     pub fn new() -> StateDict {
         StateDict::default()
     }
 
+    /// Add or replace a tensor.
     pub fn insert(&mut self, name: impl Into<String>, t: Tensor) {
         self.tensors.insert(name.into(), t);
     }
 
+    /// The tensor under `name`.
     pub fn get(&self, name: &str) -> Option<&Tensor> {
         self.tensors.get(name)
     }
@@ -93,22 +96,27 @@ impl StateDict {
         Ok(a)
     }
 
+    /// Remove and return the tensor under `name`.
     pub fn remove(&mut self, name: &str) -> Option<Tensor> {
         self.tensors.shift_remove(name)
     }
 
+    /// Number of tensors.
     pub fn len(&self) -> usize {
         self.tensors.len()
     }
 
+    /// Whether it holds none.
     pub fn is_empty(&self) -> bool {
         self.tensors.is_empty()
     }
 
+    /// Names in order.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)
     }
 
+    /// Names and tensors in order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
         self.tensors.iter().map(|(k, v)| (k.as_str(), v))
     }

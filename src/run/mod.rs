@@ -105,12 +105,20 @@ pub enum SplitRule {
     /// The 2022 code's `gen_train_test`; `from_defaults` when the run's config lacked the seed
     /// or fraction and the `Config` defaults were used.
     Python2022 {
+        /// The seed passed to `random.seed`.
         seed: u64,
+        /// Fraction of pairs in the train split.
         frac_train: f64,
+        /// Whether the Config defaults stood in for a missing seed or fraction.
         from_defaults: bool,
     },
     /// `torch.manual_seed(seed); torch.randperm(p²)`, as the TL demo.
-    TorchRandperm { seed: u64, frac_train: f64 },
+    TorchRandperm {
+        /// The seed passed to `torch.manual_seed`.
+        seed: u64,
+        /// Fraction of pairs in the train split.
+        frac_train: f64,
+    },
 }
 
 impl std::fmt::Display for SplitRule {
@@ -141,8 +149,11 @@ impl std::fmt::Display for SplitRule {
 /// A train/test split: indices into the a-major dataset of p² inputs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Split {
+    /// Train inputs (indices a·p + b).
     pub train: Vec<i64>,
+    /// Test inputs.
     pub test: Vec<i64>,
+    /// How they were obtained.
     pub rule: SplitRule,
 }
 
@@ -150,11 +161,14 @@ pub struct Split {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Layout {
+    /// TransformerLens names and shapes.
     TransformerLens,
+    /// The 2022 code's names and shapes (converted as read).
     Original,
 }
 
 impl Layout {
+    /// The name `inspect` prints.
     pub fn name(self) -> &'static str {
         match self {
             Layout::TransformerLens => "transformer_lens",
@@ -189,10 +203,12 @@ impl StateDictRef {
             .map(|(n, _, s, d)| (n.as_str(), s.as_slice(), *d))
     }
 
+    /// Number of entries.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    /// Whether it has none.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -234,9 +250,12 @@ impl StateDictRef {
 
 /// A run file opened lazily.
 pub struct RunFile {
+    /// The file's path (None for bytes in memory).
     pub path: Option<PathBuf>,
     container: Container,
+    /// The container format.
     pub format: Format,
+    /// How keys and weights are arranged.
     pub layout: Layout,
     /// The TL config (for original-layout files: the equivalent TL config).
     pub config: Option<HookedTransformerConfig>,
@@ -244,10 +263,15 @@ pub struct RunFile {
     pub config_class: Option<(String, String)>,
     model: Option<StateDictRef>,
     checkpoints: Vec<StateDictRef>,
+    /// The epoch of each checkpoint.
     pub checkpoint_epochs: Vec<i64>,
+    /// Train loss per epoch.
     pub train_losses: Vec<f64>,
+    /// Test losses as logged (see `test_every`).
     pub test_losses: Vec<f64>,
+    /// Train indices stored in the file.
     pub train_indices: Option<Vec<i64>>,
+    /// Test indices stored in the file.
     pub test_indices: Option<Vec<i64>>,
     original: Option<OriginalShapes>,
     optimizer: Option<(i64, StateDictRef, StateDictRef, serde_json::Value)>,
@@ -275,13 +299,21 @@ pub struct RunFile {
 /// A fully loaded run (TL layout).
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainingRun {
+    /// The TL config.
     pub config: Option<HookedTransformerConfig>,
+    /// The final weights.
     pub model: StateDict,
+    /// The checkpoints' weights.
     pub checkpoints: Vec<StateDict>,
+    /// The epoch of each checkpoint.
     pub checkpoint_epochs: Vec<i64>,
+    /// Train loss per epoch.
     pub train_losses: Vec<f64>,
+    /// Test losses as logged.
     pub test_losses: Vec<f64>,
+    /// Train indices.
     pub train_indices: Option<Vec<i64>>,
+    /// Test indices.
     pub test_indices: Option<Vec<i64>>,
     /// Optimizer state, for resuming training (tlens writes it under the extra top-level key
     /// `optimizer`, which TransformerLens and torch.load simply carry along).
@@ -293,7 +325,9 @@ pub struct TrainingRun {
 pub struct OptimizerState {
     /// AdamW steps taken (= epochs completed).
     pub step: i64,
+    /// AdamW's first moments by parameter name.
     pub exp_avg: StateDict,
+    /// AdamW's second moments by parameter name.
     pub exp_avg_sq: StateDict,
     /// The training settings (`tlens::train::TrainConfig` as JSON).
     pub settings: serde_json::Value,
@@ -807,6 +841,7 @@ impl RunFile {
         self.model.as_ref()
     }
 
+    /// Number of checkpoints.
     pub fn n_checkpoints(&self) -> usize {
         self.checkpoints.len()
     }

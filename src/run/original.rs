@@ -28,13 +28,21 @@ use serde_json::Value as Json;
 
 /// Shapes the conversion needs, read from tensor metadata (no data).
 pub struct OriginalShapes {
+    /// Number of blocks.
     pub n_layers: usize,
+    /// Residual width.
     pub d_model: usize,
+    /// Input vocabulary (p + 1).
     pub d_vocab: usize,
+    /// Context length.
     pub n_ctx: usize,
+    /// Attention heads.
     pub n_heads: usize,
+    /// Head width.
     pub d_head: usize,
+    /// MLP width (None: attention-only).
     pub d_mlp: Option<usize>,
+    /// Output vocabulary (the 2022 unembedding covers all p + 1 tokens).
     pub d_vocab_out: usize,
 }
 

@@ -13,10 +13,15 @@ use ndarray::{ArrayD, Zip};
 /// AdamW hyper-parameters (defaults: the demo's lr 1e-3, wd 1.0, betas (0.9, 0.98), eps 1e-8).
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdamWConfig {
+    /// Learning rate.
     pub lr: f64,
+    /// Decoupled weight decay.
     pub weight_decay: f64,
+    /// β1.
     pub beta1: f64,
+    /// β2.
     pub beta2: f64,
+    /// ε in the denominator.
     pub eps: f64,
 }
 
@@ -35,13 +40,18 @@ impl Default for AdamWConfig {
 /// Optimizer state: step count and the two moment estimates per parameter.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdamW {
+    /// The hyper-parameters.
     pub config: AdamWConfig,
+    /// Steps taken.
     pub step: u64,
+    /// First moments by parameter name.
     pub exp_avg: StateDict,
+    /// Second moments by parameter name.
     pub exp_avg_sq: StateDict,
 }
 
 impl AdamW {
+    /// An optimizer with no state yet.
     pub fn new(config: AdamWConfig) -> AdamW {
         AdamW {
             config,

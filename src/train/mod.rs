@@ -34,14 +34,19 @@ use ndarray::{Array2, Axis};
 /// The demo's settings; every field is a `tlens train` flag with this default.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainConfig {
+    /// The modulus.
     pub p: usize,
+    /// Fraction of the p² pairs in the train split.
     pub frac_train: f64,
     /// Model seed (TL's `cfg.seed`).
     pub seed: i64,
     /// Seed of the train/test permutation.
     pub data_seed: u64,
+    /// Epochs to train.
     pub epochs: usize,
+    /// AdamW's hyper-parameters.
     pub adamw: AdamWConfig,
+    /// Save a checkpoint every this many epochs.
     pub checkpoint_every: usize,
     /// Evaluate the test loss every this many epochs (1 = every epoch, as the demo).
     pub eval_every: usize,
@@ -158,19 +163,29 @@ pub fn flush_subnormals() {
 
 /// A training run in progress.
 pub struct Trainer {
+    /// The model's config.
     pub cfg: HookedTransformerConfig,
+    /// The run's settings.
     pub settings: TrainConfig,
+    /// The current weights.
     pub params: StateDict,
+    /// The optimizer and its state.
     pub opt: AdamW,
     /// Epochs completed.
     pub epoch: usize,
+    /// Train inputs (indices a·p + b).
     pub train_indices: Vec<i64>,
+    /// Test inputs.
     pub test_indices: Vec<i64>,
     train: (Array2<u32>, Vec<u32>),
     test: (Array2<u32>, Vec<u32>),
+    /// Train loss per epoch.
     pub train_losses: Vec<f64>,
+    /// Test loss per evaluation.
     pub test_losses: Vec<f64>,
+    /// Saved checkpoints.
     pub checkpoints: Vec<StateDict>,
+    /// The epoch of each checkpoint.
     pub checkpoint_epochs: Vec<i64>,
     /// Worker threads with subnormals flushed (see [`flush_subnormals`]).
     pool: std::sync::Arc<rayon::ThreadPool>,

@@ -36,22 +36,35 @@ use crate::tensor::{DType, StorageRef, TensorRef};
 /// A decoded pickle value. Containers keep insertion order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
+    /// Python's `None`.
     None,
+    /// A bool.
     Bool(bool),
+    /// An int that fits in i64.
     Int(i64),
     /// An integer that does not fit in i64: little-endian two's-complement bytes (LONG1/LONG4).
     BigInt(Vec<u8>),
+    /// A float.
     Float(f64),
+    /// A str.
     Str(String),
+    /// A bytes object.
     Bytes(Vec<u8>),
+    /// A list.
     List(Vec<Value>),
+    /// A tuple.
     Tuple(Vec<Value>),
+    /// A set.
     Set(Vec<Value>),
+    /// A frozenset.
     FrozenSet(Vec<Value>),
+    /// A dict or OrderedDict.
     Dict(Dict),
     /// A global that was referenced but not called (`GLOBAL module name`).
     Global {
+        /// The global's module.
         module: String,
+        /// The global's name.
         name: String,
     },
     /// A torch dtype global such as `torch.float32`.
@@ -64,12 +77,16 @@ pub enum Value {
     Tensor(Box<TensorRef>),
     /// A numpy scalar (`numpy.core.multiarray.scalar(dtype, bytes)`), decoded.
     NumpyScalar {
+        /// numpy's dtype code (`f8`, `i8`, …).
         dtype: String,
+        /// The scalar's value.
         value: Box<Value>,
     },
     /// A numpy dtype object (`numpy.dtype('f8')` + its BUILD state).
     NumpyDtype {
+        /// The type code (`f8`, `u1`, …).
         code: String,
+        /// `<`, `>` or `|`.
         byteorder: String,
     },
     /// Anything else: a class instance that was *not* constructed.
@@ -79,7 +96,9 @@ pub enum Value {
 /// A dict (plain or `collections.OrderedDict`), with the attributes a BUILD gave it.
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct Dict {
+    /// Whether it was a `collections.OrderedDict`.
     pub ordered: bool,
+    /// Key/value pairs in insertion order.
     pub items: Vec<(Value, Value)>,
     /// Instance attributes (torch state dicts carry `_metadata` here).
     pub attrs: Option<Box<Value>>,
@@ -103,8 +122,11 @@ pub struct Object {
     pub module: String,
     /// Qualified name of the class or callable.
     pub name: String,
+    /// How the object was created.
     pub construct: Construct,
+    /// Positional arguments.
     pub args: Vec<Value>,
+    /// Keyword arguments (NEWOBJ_EX).
     pub kwargs: Vec<(Value, Value)>,
     /// The BUILD state (for dataclasses such as `HookedTransformerConfig`, a dict of fields).
     pub state: Option<Value>,
@@ -223,6 +245,7 @@ impl Value {
         }
     }
 
+    /// The string, if this is a str.
     pub fn as_str(&self) -> Option<&str> {
         match self {
             Value::Str(s) => Some(s),
@@ -250,6 +273,7 @@ impl Value {
         }
     }
 
+    /// The bool (also of a numpy bool scalar).
     pub fn as_bool(&self) -> Option<bool> {
         match self {
             Value::Bool(b) => Some(*b),
@@ -266,6 +290,7 @@ impl Value {
         }
     }
 
+    /// The dict, if this is one.
     pub fn as_dict(&self) -> Option<&Dict> {
         match self {
             Value::Dict(d) => Some(d),
@@ -273,6 +298,7 @@ impl Value {
         }
     }
 
+    /// The tensor reference, if this is a tensor.
     pub fn as_tensor(&self) -> Option<&TensorRef> {
         match self {
             Value::Tensor(t) => Some(t),
@@ -298,6 +324,7 @@ impl Object {
 }
 
 impl Dict {
+    /// The value under a string key.
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.items
             .iter()

@@ -11,6 +11,7 @@ use crate::tensor::{DType, TensorRef};
 
 /// Resolves persistent ids (BINPERSID): torch uses them for every storage.
 pub trait PersistentLoad {
+    /// Resolve the persistent id `pid` (met at byte `pos`).
     fn load(&mut self, pid: Value, pos: usize) -> Result<Value>;
 }
 
@@ -23,6 +24,7 @@ impl<F: FnMut(Value, usize) -> Result<Value>> PersistentLoad for F {
 /// The result of one pickle: its value and where it ended.
 #[derive(Debug)]
 pub struct Unpickled {
+    /// The unpickled value.
     pub value: Value,
     /// Offset just past the STOP opcode (the next pickle starts here in the legacy format).
     pub end: usize,

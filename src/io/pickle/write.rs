@@ -17,6 +17,7 @@ pub struct Pickler {
 }
 
 impl Pickler {
+    /// A pickler for `protocol` (2–5).
     pub fn new(protocol: u8) -> Pickler {
         let protocol = protocol.clamp(2, 5);
         Pickler {
