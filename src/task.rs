@@ -143,7 +143,7 @@ pub fn torch_randperm(n: usize, seed: u64) -> Vec<i64> {
 }
 
 /// A binary operation mod p on inputs `[a, b, =]`: the 2022 code's `fns_dict` (docs/reference.md §11).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Operation {
     /// (a + b) mod p — the TL demo's and the paper's task.
@@ -152,18 +152,45 @@ pub enum Operation {
     Subtract,
     /// (a² + ab + b²) mod p.
     X2xyy2,
+    /// (a · b) mod p (Power et al.).
+    Mul,
+    /// (a² + b²) mod p (Power et al.).
+    X2y2,
+    /// (a² + ab + b² + a) mod p (Power et al.).
+    X2xyy2x,
+    /// (a³ + ab) mod p (Power et al.).
+    X3xy,
+    /// (a³ + ab² + b) mod p (Power et al.).
+    X3xy2y,
     /// A random table: the 2022 code drew it from numpy's unseeded global generator, so no
     /// file says what it was ([`Operation::label`] is `None`).
     Rand,
 }
 
 impl Operation {
-    /// From the 2022 `Config.fn_name`.
+    /// Every operation defined on all p² pairs whose labels a file can recover.
+    pub const TRAINABLE: [Operation; 8] = [
+        Operation::Add,
+        Operation::Subtract,
+        Operation::Mul,
+        Operation::X2y2,
+        Operation::X2xyy2,
+        Operation::X2xyy2x,
+        Operation::X3xy,
+        Operation::X3xy2y,
+    ];
+
+    /// From the 2022 `Config.fn_name` or tlens's `--op` (`sub` = `subtract`).
     pub fn from_2022_name(name: &str) -> Option<Operation> {
         Some(match name {
             "add" => Operation::Add,
             "subtract" | "sub" => Operation::Subtract,
             "x2xyy2" => Operation::X2xyy2,
+            "mul" => Operation::Mul,
+            "x2y2" => Operation::X2y2,
+            "x2xyy2x" => Operation::X2xyy2x,
+            "x3xy" => Operation::X3xy,
+            "x3xy2y" => Operation::X3xy2y,
             "rand" => Operation::Rand,
             _ => return None,
         })
@@ -175,6 +202,11 @@ impl Operation {
             Operation::Add => "add",
             Operation::Subtract => "subtract",
             Operation::X2xyy2 => "x2xyy2",
+            Operation::Mul => "mul",
+            Operation::X2y2 => "x2y2",
+            Operation::X2xyy2x => "x2xyy2x",
+            Operation::X3xy => "x3xy",
+            Operation::X3xy2y => "x3xy2y",
             Operation::Rand => "rand",
         }
     }
@@ -185,6 +217,11 @@ impl Operation {
             Operation::Add => "a + b",
             Operation::Subtract => "a - b",
             Operation::X2xyy2 => "a^2 + ab + b^2",
+            Operation::Mul => "a * b",
+            Operation::X2y2 => "a^2 + b^2",
+            Operation::X2xyy2x => "a^2 + ab + b^2 + a",
+            Operation::X3xy => "a^3 + ab",
+            Operation::X3xy2y => "a^3 + ab^2 + b",
             Operation::Rand => "random table",
         }
     }
@@ -196,9 +233,21 @@ impl Operation {
             Operation::Add => (a + b) % p,
             Operation::Subtract => (a + p - b) % p,
             // a, b < p ≤ 2³²: the products fit in u128.
-            Operation::X2xyy2 => {
+            Operation::X2xyy2
+            | Operation::Mul
+            | Operation::X2y2
+            | Operation::X2xyy2x
+            | Operation::X3xy
+            | Operation::X3xy2y => {
                 let (a, b, p) = (a as u128, b as u128, p as u128);
-                ((a * a + a * b + b * b) % p) as usize
+                (match self {
+                    Operation::X2xyy2 => a * a + a * b + b * b,
+                    Operation::Mul => a * b,
+                    Operation::X2y2 => a * a + b * b,
+                    Operation::X2xyy2x => a * a + a * b + b * b + a,
+                    Operation::X3xy => a * a % p * a + a * b,
+                    _ => a * a % p * a + a * b % p * b + b,
+                } % p) as usize
             }
             Operation::Rand => return None,
         } as u32)

@@ -1245,3 +1245,124 @@ fn embedding_circles<DB: DrawingBackend>(
     }
     Ok(())
 }
+
+/// A sweep's phase diagram: the grokking epoch (first epoch with test accuracy ≥ 99%, the
+/// median over the runs that share the cell, e.g. several seeds) over two swept axes; cells
+/// where no run grokked are grey and say "never". Written as `dir/phase_diagram.{png,svg}`.
+pub fn write_phase_diagram(
+    dir: &Path,
+    rows: &[crate::train::sweep::RunSummary],
+    x: &str,
+    y: &str,
+) -> Result<Vec<PathBuf>> {
+    use crate::train::sweep::axis_value;
+    register_font()?;
+    let values = |axis: &str| {
+        let mut v: Vec<f64> = rows.iter().filter_map(|r| axis_value(r, axis)).collect();
+        v.sort_by(f64::total_cmp);
+        v.dedup();
+        v
+    };
+    let (xs, ys) = (values(x), values(y));
+    // Median grokking epoch per cell (None: no run of the cell grokked; runs that did not
+    // grok count as never).
+    let cell = |xi: usize, yi: usize| -> (Option<f64>, usize) {
+        let mut g: Vec<f64> = Vec::new();
+        let mut n = 0;
+        for r in rows {
+            if axis_value(r, x) == Some(xs[xi]) && axis_value(r, y) == Some(ys[yi]) {
+                n += 1;
+                if let Some(e) = r.grokking_epoch {
+                    g.push(e as f64);
+                }
+            }
+        }
+        if g.len() * 2 <= n || g.is_empty() {
+            return (None, n);
+        }
+        g.sort_by(f64::total_cmp);
+        (Some(g[g.len() / 2]), n)
+    };
+    let hi = (0..xs.len())
+        .flat_map(|i| (0..ys.len()).map(move |j| (i, j)))
+        .filter_map(|(i, j)| cell(i, j).0)
+        .fold(1.0f64, f64::max);
+    let mut out = Vec::new();
+    let fmt = |v: f64| {
+        if v.fract() == 0.0 && v.abs() < 1e6 {
+            format!("{v:.0}")
+        } else {
+            format!("{v}")
+        }
+    };
+    let (xs_l, ys_l): (Vec<String>, Vec<String>) = (
+        xs.iter().map(|&v| fmt(v)).collect(),
+        ys.iter().map(|&v| fmt(v)).collect(),
+    );
+    render!(dir, "phase_diagram", (900, 640), out, |area| {
+        let (main, bar) = area.split_horizontally(area.dim_in_pixel().0 - 110);
+        let mut chart = ChartBuilder::on(&main)
+            .caption(
+                format!("Grokking epoch (first test accuracy >= 99%) over {x} and {y}"),
+                font(20),
+            )
+            .margin(14)
+            .x_label_area_size(50)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0f64..xs.len() as f64, 0f64..ys.len() as f64)
+            .map_err(pe)?;
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .x_desc(x)
+            .y_desc(y)
+            .axis_desc_style(font(15))
+            .label_style(font(13))
+            .x_labels(xs.len() * 2 + 1)
+            .y_labels(ys.len() * 2 + 1)
+            .x_label_formatter(&|v| {
+                let i = (v - 0.5).round();
+                if (v - 0.5 - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < xs_l.len() {
+                    xs_l[i as usize].clone()
+                } else {
+                    String::new()
+                }
+            })
+            .y_label_formatter(&|v| {
+                let i = (v - 0.5).round();
+                if (v - 0.5 - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < ys_l.len() {
+                    ys_l[i as usize].clone()
+                } else {
+                    String::new()
+                }
+            })
+            .draw()
+            .map_err(pe)?;
+        for xi in 0..xs.len() {
+            for yi in 0..ys.len() {
+                let (g, n) = cell(xi, yi);
+                let (fill, label) = match g {
+                    Some(e) => (colormap(e / hi), format!("{e:.0}")),
+                    None if n == 0 => (RGBColor(255, 255, 255), String::new()),
+                    None => (RGBColor(200, 200, 200), "never".to_string()),
+                };
+                let (x0, y0) = (xi as f64, yi as f64);
+                chart
+                    .draw_series(std::iter::once(Rectangle::new(
+                        [(x0, y0), (x0 + 1.0, y0 + 1.0)],
+                        fill.filled(),
+                    )))
+                    .map_err(pe)?;
+                chart
+                    .draw_series(std::iter::once(Text::new(
+                        label,
+                        (x0 + 0.38, y0 + 0.55),
+                        font(14),
+                    )))
+                    .map_err(pe)?;
+            }
+        }
+        colorbar(&bar, 0.0, hi, "grokking epoch")
+    });
+    Ok(out)
+}

@@ -21,6 +21,7 @@ mod convert;
 mod demo;
 mod inspect;
 pub mod model;
+pub mod sweep;
 pub mod train;
 
 use crate::error::Result;
@@ -183,6 +184,10 @@ pub enum Command {
     },
     /// Train like the TL grokking demo (defaults: the reference setup) and write a TL-demo .pth.
     Train(train::TrainArgs),
+    /// Train one run per combination of comma-separated settings (`--seeds 1,2,3
+    /// --weight-decay 1,0.3`), sharded with `--shard I/N`; `--summarize DIR` merges the shards'
+    /// summaries (memorisation and grokking epochs) and draws the phase diagram.
+    Sweep(sweep::SweepArgs),
     /// The main job on the shipped grokked run: predictions, losses, key frequencies, neuron
     /// clusters, restricted/excluded loss, phases, and the figures.
     Demo {
@@ -267,6 +272,7 @@ pub fn run(cli: Cli) -> Result<()> {
         } => crate::backend::device::select(device).and_then(|_| {
             model::cache(&file, &out, checkpoint, inputs.as_deref(), names.as_deref())
         }),
+        Command::Sweep(args) => sweep::run(&args),
         Command::Train(args) => {
             crate::backend::device::select(args.device)?;
             train::run(&args)

@@ -53,6 +53,12 @@ pub struct TrainArgs {
     /// Linear learning-rate warm-up over this many epochs (default 0 = none, as the demo).
     #[arg(long)]
     pub warmup_epochs: Option<usize>,
+    /// The operation mod p: add (default), sub, mul, x2y2, x2xyy2, x2xyy2x, x3xy, x3xy2y.
+    #[arg(long)]
+    pub op: Option<String>,
+    /// Record train and test accuracy after every evaluated epoch (saved in the run file).
+    #[arg(long)]
+    pub track_accuracy: bool,
     /// Continue the run in --out (written by an earlier, interrupted `tlens train`).
     #[arg(long)]
     pub resume: bool,
@@ -63,13 +69,19 @@ pub struct TrainArgs {
 
 impl TrainArgs {
     /// The settings: the flags given, the reference setup's defaults for the others.
-    pub fn settings(&self) -> TrainConfig {
+    pub fn settings(&self) -> Result<TrainConfig> {
         self.settings_over(&TrainConfig::default())
     }
 
     /// The flags given over `base` (a resumed run's settings, or the defaults).
-    fn settings_over(&self, base: &TrainConfig) -> TrainConfig {
-        TrainConfig {
+    fn settings_over(&self, base: &TrainConfig) -> Result<TrainConfig> {
+        let op = match &self.op {
+            Some(name) => parse_op(name)?,
+            None => base.op,
+        };
+        Ok(TrainConfig {
+            op,
+            track_accuracy: self.track_accuracy || base.track_accuracy,
             p: self.p.unwrap_or(base.p),
             frac_train: self.frac_train.unwrap_or(base.frac_train),
             seed: self.seed.unwrap_or(base.seed),
@@ -85,13 +97,13 @@ impl TrainArgs {
             checkpoint_every: self.checkpoint_every.unwrap_or(base.checkpoint_every),
             eval_every: self.eval_every.unwrap_or(base.eval_every),
             warmup_epochs: self.warmup_epochs.unwrap_or(base.warmup_epochs),
-        }
+        })
     }
 
     /// With `--resume`: flags that contradict the run's settings are an error (all of them
     /// named), except `--epochs`, which may extend the run.
     pub fn check_resume(&self, run: &TrainConfig) -> Result<()> {
-        let given = self.settings_over(run);
+        let given = self.settings_over(run)?;
         let mut diffs = Vec::new();
         let mut cmp = |flag: &str, a: String, b: String| {
             if a != b {
@@ -135,6 +147,11 @@ impl TrainArgs {
             "--eval-every",
             given.eval_every.to_string(),
             run.eval_every.to_string(),
+        );
+        cmp(
+            "--op",
+            given.op.name().to_string(),
+            run.op.name().to_string(),
         );
         cmp(
             "--warmup-epochs",
@@ -190,7 +207,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         }
         t
     } else {
-        let settings = args.settings();
+        let settings = args.settings()?;
         settings.validate()?;
         Trainer::new(settings)?
     };
@@ -236,4 +253,23 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         t.test_losses.last().copied().unwrap_or(f64::NAN)
     )?;
     Ok(())
+}
+
+/// `--op`: one of [`crate::task::Operation::TRAINABLE`] by name.
+pub fn parse_op(name: &str) -> Result<crate::task::Operation> {
+    crate::task::Operation::from_2022_name(name.trim())
+        .filter(|op| crate::task::Operation::TRAINABLE.contains(op))
+        .ok_or_else(|| {
+            Error::invalid(
+                "--op",
+                format!(
+                    "'{name}' is not one of {}",
+                    crate::task::Operation::TRAINABLE
+                        .iter()
+                        .map(|o| o.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+        })
 }

@@ -269,6 +269,10 @@ pub struct RunFile {
     pub train_losses: Vec<f64>,
     /// Test losses as logged (see `test_every`).
     pub test_losses: Vec<f64>,
+    /// Train accuracy per evaluated epoch (tlens runs trained with accuracy tracking).
+    pub train_accuracies: Vec<f64>,
+    /// Test accuracy per evaluated epoch.
+    pub test_accuracies: Vec<f64>,
     /// Train indices stored in the file.
     pub train_indices: Option<Vec<i64>>,
     /// Test indices stored in the file.
@@ -317,6 +321,11 @@ pub struct TrainingRun {
     pub test_indices: Option<Vec<i64>>,
     /// Optimizer state, for resuming training (tlens writes it under the extra top-level key
     /// `optimizer`, which TransformerLens and torch.load simply carry along).
+    /// Train accuracy after each evaluated epoch (runs trained with `track_accuracy`; saved
+    /// under the extra top-level key `train_accuracies`, which TL and torch.load ignore).
+    pub train_accuracies: Vec<f64>,
+    /// Test accuracy after each evaluated epoch (key `test_accuracies`).
+    pub test_accuracies: Vec<f64>,
     pub optimizer: Option<OptimizerState>,
 }
 
@@ -391,6 +400,8 @@ impl RunFile {
             checkpoint_epochs: Vec::new(),
             train_losses: Vec::new(),
             test_losses: Vec::new(),
+            train_accuracies: Vec::new(),
+            test_accuracies: Vec::new(),
             train_indices: None,
             test_indices: None,
             original: None,
@@ -556,6 +567,8 @@ impl RunFile {
             }
             run.train_losses = floats_opt(dict.get("train_losses"), "train_losses")?;
             run.test_losses = floats_opt(dict.get("test_losses"), "test_losses")?;
+            run.train_accuracies = floats_opt(dict.get("train_accuracies"), "train_accuracies")?;
+            run.test_accuracies = floats_opt(dict.get("test_accuracies"), "test_accuracies")?;
             run.train_indices = run.index_tensor(dict.get("train_indices"), "train_indices")?;
             run.test_indices = run.index_tensor(dict.get("test_indices"), "test_indices")?;
             if run.model.is_none() && run.checkpoints.is_empty() {
@@ -761,6 +774,12 @@ impl RunFile {
         if let Some(t) = vec_of(&run, "test_losses")? {
             run.test_losses = t.to_f64_vec();
         }
+        if let Some(t) = vec_of(&run, "train_accuracies")? {
+            run.train_accuracies = t.to_f64_vec();
+        }
+        if let Some(t) = vec_of(&run, "test_accuracies")? {
+            run.test_accuracies = t.to_f64_vec();
+        }
         if let Some(t) = vec_of(&run, "checkpoint_epochs")? {
             run.checkpoint_epochs = t.to_i64_vec().ok_or_else(|| {
                 Error::type_err("checkpoint_epochs", "integer tensor", t.dtype().to_string())
@@ -933,6 +952,8 @@ impl RunFile {
             checkpoint_epochs: self.checkpoint_epochs.clone(),
             train_losses: self.train_losses.clone(),
             test_losses: self.test_losses.clone(),
+            train_accuracies: self.train_accuracies.clone(),
+            test_accuracies: self.test_accuracies.clone(),
             train_indices: self.train_indices.clone(),
             test_indices: self.test_indices.clone(),
             optimizer: match &self.optimizer {
@@ -1214,9 +1235,11 @@ fn scheduler_summary(d: &Dict) -> serde_json::Value {
 }
 
 /// Names of run-level tensors in a tlens safetensors run.
-const RUN_TENSORS: [&str; 5] = [
+const RUN_TENSORS: [&str; 7] = [
     "train_losses",
     "test_losses",
+    "train_accuracies",
+    "test_accuracies",
     "checkpoint_epochs",
     "train_indices",
     "test_indices",
@@ -1310,6 +1333,8 @@ impl TrainingRun {
             checkpoint_epochs: Vec::new(),
             train_losses: Vec::new(),
             test_losses: Vec::new(),
+            train_accuracies: Vec::new(),
+            test_accuracies: Vec::new(),
             train_indices: None,
             test_indices: None,
             optimizer: None,
@@ -1350,6 +1375,14 @@ impl TrainingRun {
             Value::Str("train_losses".into()),
             floats(&self.train_losses),
         ));
+        for (key, v) in [
+            ("train_accuracies", &self.train_accuracies),
+            ("test_accuracies", &self.test_accuracies),
+        ] {
+            if !v.is_empty() {
+                items.push((Value::Str(key.into()), floats(v)));
+            }
+        }
         for (key, idx) in [
             ("train_indices", &self.train_indices),
             ("test_indices", &self.test_indices),
@@ -1421,6 +1454,14 @@ impl TrainingRun {
         }
         if !self.checkpoint_epochs.is_empty() {
             tensors.push(("checkpoint_epochs".into(), vec_i64(&self.checkpoint_epochs)));
+        }
+        for (key, v) in [
+            ("train_accuracies", &self.train_accuracies),
+            ("test_accuracies", &self.test_accuracies),
+        ] {
+            if !v.is_empty() {
+                tensors.push((key.into(), vec_f64(v)));
+            }
         }
         if let Some(v) = &self.train_indices {
             tensors.push(("train_indices".into(), vec_i64(v)));

@@ -19,6 +19,7 @@
 pub mod adamw;
 pub mod grad;
 pub mod init;
+pub mod sweep;
 
 pub use adamw::{AdamW, AdamWConfig};
 pub use grad::{check_trainable, loss_and_grads};
@@ -52,6 +53,19 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Linear learning-rate warm-up over this many epochs (0 = none, as the demo).
     pub warmup_epochs: usize,
+    /// The operation mod p (the demo's addition by default; recorded in the run file's config
+    /// as `operation`).
+    #[serde(default = "default_op")]
+    pub op: task::Operation,
+    /// Record train and test accuracy after every evaluated epoch (sweeps use it for the
+    /// memorisation and grokking epochs); off by default, so the demo's epoch costs nothing
+    /// more.
+    #[serde(default)]
+    pub track_accuracy: bool,
+}
+
+fn default_op() -> task::Operation {
+    task::Operation::Add
 }
 
 /// Bytes a run's training may use (inputs, per-input activations, gradients), estimated from
@@ -66,6 +80,12 @@ impl TrainConfig {
         let bad = |flag: &str, msg: String| Err(Error::invalid(flag, msg));
         if self.epochs == 0 {
             return bad("--epochs", "must be at least 1".into());
+        }
+        if !task::Operation::TRAINABLE.contains(&self.op) {
+            return bad(
+                "--op",
+                format!("{} has no labels to train on", self.op.name()),
+            );
         }
         if self.p < 3 || self.p.is_multiple_of(2) {
             return bad("--p", format!("{} is not an odd number ≥ 3", self.p));
@@ -141,6 +161,8 @@ impl Default for TrainConfig {
             checkpoint_every: 100,
             eval_every: 1,
             warmup_epochs: 0,
+            op: task::Operation::Add,
+            track_accuracy: false,
         }
     }
 }
@@ -183,6 +205,10 @@ pub struct Trainer {
     pub train_losses: Vec<f64>,
     /// Test loss per evaluation.
     pub test_losses: Vec<f64>,
+    /// Train accuracy after each evaluated epoch's step (with `track_accuracy`).
+    pub train_accuracies: Vec<f64>,
+    /// Test accuracy after each evaluated epoch's step (with `track_accuracy`).
+    pub test_accuracies: Vec<f64>,
     /// Saved checkpoints.
     pub checkpoints: Vec<StateDict>,
     /// The epoch of each checkpoint.
@@ -256,7 +282,7 @@ impl Trainer {
                 "frac_train in [0, 1], intervals ≥ 1",
             ));
         }
-        let (tokens, labels) = task::modular_addition(settings.p);
+        let (tokens, labels) = task::dataset(settings.p, settings.op)?;
         let (train_indices, test_indices) =
             task::demo_split(settings.p, settings.frac_train, settings.data_seed);
         if train_indices.is_empty() {
@@ -290,6 +316,8 @@ impl Trainer {
             test_indices,
             train_losses: Vec::new(),
             test_losses: Vec::new(),
+            train_accuracies: Vec::new(),
+            test_accuracies: Vec::new(),
             checkpoints: Vec::new(),
             checkpoint_epochs: Vec::new(),
         })
@@ -363,6 +391,18 @@ impl Trainer {
         } else if self.epoch.is_multiple_of(self.settings.eval_every) {
             self.test_losses.push(f64::NAN);
         }
+        if self.settings.track_accuracy && self.epoch.is_multiple_of(self.settings.eval_every) {
+            let logits = &pass.pass.logits;
+            self.train_accuracies.push(task::accuracy(
+                logits.slice(ndarray::s![..n_train, ..]),
+                &self.train.1,
+            ));
+            self.test_accuracies.push(if test_due {
+                task::accuracy(logits.slice(ndarray::s![n_train.., ..]), &self.test.1)
+            } else {
+                f64::NAN
+            });
+        }
         self.pending = Some((model, pass));
         if (self.epoch + 1).is_multiple_of(self.settings.checkpoint_every) {
             self.checkpoint_epochs.push(self.epoch as i64);
@@ -374,8 +414,17 @@ impl Trainer {
 
     /// The run in the TL demo's file layout.
     pub fn to_run(&self) -> TrainingRun {
+        let mut cfg = self.cfg.clone();
+        if self.settings.op != task::Operation::Add {
+            cfg.extra.insert(
+                "operation".into(),
+                serde_json::Value::from(self.settings.op.name()),
+            );
+        }
         TrainingRun {
-            config: Some(self.cfg.clone()),
+            config: Some(cfg),
+            train_accuracies: self.train_accuracies.clone(),
+            test_accuracies: self.test_accuracies.clone(),
             model: self.params.clone(),
             checkpoints: self.checkpoints.clone(),
             checkpoint_epochs: self.checkpoint_epochs.clone(),
@@ -414,6 +463,8 @@ impl Trainer {
         t.epoch = o.step as usize;
         t.train_losses = run.train_losses;
         t.test_losses = run.test_losses;
+        t.train_accuracies = run.train_accuracies;
+        t.test_accuracies = run.test_accuracies;
         t.checkpoints = run.checkpoints;
         t.checkpoint_epochs = run.checkpoint_epochs;
         Ok(t)
