@@ -319,13 +319,13 @@ pub struct TrainingRun {
     pub train_indices: Option<Vec<i64>>,
     /// Test indices.
     pub test_indices: Option<Vec<i64>>,
-    /// Optimizer state, for resuming training (tlens writes it under the extra top-level key
-    /// `optimizer`, which TransformerLens and torch.load simply carry along).
     /// Train accuracy after each evaluated epoch (runs trained with `track_accuracy`; saved
     /// under the extra top-level key `train_accuracies`, which TL and torch.load ignore).
     pub train_accuracies: Vec<f64>,
     /// Test accuracy after each evaluated epoch (key `test_accuracies`).
     pub test_accuracies: Vec<f64>,
+    /// Optimizer state, for resuming training (tlens writes it under the extra top-level key
+    /// `optimizer`, which TransformerLens and torch.load simply carry along).
     pub optimizer: Option<OptimizerState>,
 }
 

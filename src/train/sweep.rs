@@ -7,8 +7,8 @@
 //! Slurm job array (`--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT`) or any scheduler
 //! spreads a sweep without coordination. Every run writes its own file (named after its
 //! settings) and, when finished, a `NAME.summary.json`; a finished run is skipped and an
-//! interrupted one resumed when the sweep is started again. [`summarize`] merges the summaries
-//! of every shard into `summary.json` and `summary.csv`.
+//! interrupted one resumed when the sweep is started again. [`collect`] and [`write_summary`]
+//! merge the summaries of every shard into `summary.json` and `summary.csv`.
 //!
 //! ```
 //! use tlens::train::sweep::{Axes, Sweep};
