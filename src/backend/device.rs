@@ -15,12 +15,12 @@ use crate::error::{Error, Result};
 /// The `--device` flag.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum DeviceArg {
-    /// The GPU when one can be used, else the CPU.
+    /// The GPU when a GPU backend can be used (none in this version), else the CPU.
     #[default]
     Auto,
     /// The CPU (always available).
     Cpu,
-    /// An NVIDIA GPU through CUDA (feature `cuda`).
+    /// An NVIDIA GPU through CUDA (feature `cuda`; not implemented yet: an error saying why).
     Cuda,
 }
 

@@ -67,7 +67,8 @@ fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
 #[derive(Subcommand, Debug)]
 /// The subcommands.
 pub enum Command {
-    /// Describe a checkpoint file: format, layout, config, tensors, checkpoints, losses.
+    /// Describe any torch or safetensors file: a run's format, layout, config, tensors,
+    /// checkpoints, losses and task, or the tree of anything else.
     Inspect {
         /// The file to describe.
         file: PathBuf,
@@ -92,7 +93,7 @@ pub enum Command {
         #[arg(long, default_value = "tl2")]
         config_style: String,
     },
-    /// Predict (a + b) mod p with a run's model: `tlens predict RUN.pth 37 58`.
+    /// Predict `a op b mod p` with a run's model: `tlens predict RUN.pth 37 58`.
     Predict {
         /// The run file.
         file: PathBuf,
@@ -103,7 +104,8 @@ pub enum Command {
         /// Use the checkpoint saved at this epoch instead of the final model.
         #[arg(long)]
         checkpoint: Option<i64>,
-        /// auto, cpu or cuda (auto: the GPU when one can be used, else the CPU).
+        /// auto, cpu or cuda. This version has no GPU backend: auto runs on the CPU, cuda is an
+        /// error that says why.
         #[arg(long, value_enum, default_value_t = crate::backend::DeviceArg::Auto)]
         device: crate::backend::DeviceArg,
     },
@@ -124,7 +126,8 @@ pub enum Command {
         /// demo (torch.randperm seed 598, 30%), or 2022 (random.shuffle seed 0, 30%).
         #[arg(long, default_value = "auto")]
         split: crate::run::SplitChoice,
-        /// auto, cpu or cuda (auto: the GPU when one can be used, else the CPU).
+        /// auto, cpu or cuda. This version has no GPU backend: auto runs on the CPU, cuda is an
+        /// error that says why.
         #[arg(long, value_enum, default_value_t = crate::backend::DeviceArg::Auto)]
         device: crate::backend::DeviceArg,
     },
@@ -147,7 +150,8 @@ pub enum Command {
         /// hook).
         #[arg(long)]
         names: Option<String>,
-        /// auto, cpu or cuda (auto: the GPU when one can be used, else the CPU).
+        /// auto, cpu or cuda. This version has no GPU backend: auto runs on the CPU, cuda is an
+        /// error that says why.
         #[arg(long, value_enum, default_value_t = crate::backend::DeviceArg::Auto)]
         device: crate::backend::DeviceArg,
     },
@@ -178,7 +182,8 @@ pub enum Command {
         /// demo (torch.randperm seed 598, 30%), or 2022 (random.shuffle seed 0, 30%).
         #[arg(long, default_value = "auto")]
         split: crate::run::SplitChoice,
-        /// auto, cpu or cuda (auto: the GPU when one can be used, else the CPU).
+        /// auto, cpu or cuda. This version has no GPU backend: auto runs on the CPU, cuda is an
+        /// error that says why.
         #[arg(long, value_enum, default_value_t = crate::backend::DeviceArg::Auto)]
         device: crate::backend::DeviceArg,
     },
@@ -188,8 +193,8 @@ pub enum Command {
     /// --weight-decay 1,0.3`), sharded with `--shard I/N`; `--summarize DIR` merges the shards'
     /// summaries (memorisation and grokking epochs) and draws the phase diagram.
     Sweep(sweep::SweepArgs),
-    /// The main job on the shipped grokked run: predictions, losses, key frequencies, neuron
-    /// clusters, restricted/excluded loss, phases, and the figures.
+    /// The main job on a run (default: the shipped grokked run): predictions, losses, key
+    /// frequencies, neuron clusters, restricted/excluded loss, phases, and the figures.
     Demo {
         /// The run (default: the grokked run shipped in fixtures/grokked_p113.pth).
         file: Option<PathBuf>,
