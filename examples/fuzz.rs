@@ -13,7 +13,7 @@ use std::io::{BufReader, Read, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use tlens::fuzz::{mutate, pickles_of, run_one, Rng, Target};
+use tlens::fuzz::{limit_address_space, mutate, pickles_of, run_one, Rng, Target};
 
 fn arg(args: &[String], name: &str, default: u64) -> u64 {
     args.iter()
@@ -227,34 +227,3 @@ fn worker() {
         }
     }
 }
-
-/// `setrlimit(RLIMIT_AS, bytes)` in the child before it runs (Linux); elsewhere no limit.
-#[cfg(target_os = "linux")]
-fn limit_address_space(cmd: &mut Command, bytes: u64) {
-    use std::os::unix::process::CommandExt;
-    #[repr(C)]
-    struct RLimit {
-        cur: u64,
-        max: u64,
-    }
-    extern "C" {
-        fn setrlimit(resource: i32, rlim: *const RLimit) -> i32;
-    }
-    const RLIMIT_AS: i32 = 9;
-    // SAFETY: setrlimit is async-signal-safe and only changes the child's own limit.
-    unsafe {
-        cmd.pre_exec(move || {
-            let l = RLimit {
-                cur: bytes,
-                max: bytes,
-            };
-            if setrlimit(RLIMIT_AS, &l) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn limit_address_space(_: &mut Command, _: u64) {}

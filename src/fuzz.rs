@@ -192,3 +192,36 @@ pub fn pickles_of(files: &[Vec<u8>]) -> Vec<Vec<u8>> {
     }
     out
 }
+
+/// `setrlimit(RLIMIT_AS, bytes)` in a child process before it runs (Linux; elsewhere no limit):
+/// the fuzzer and the budget tests run readers under it, so an allocation past the limit ends
+/// the child visibly instead of exhausting the machine.
+#[cfg(target_os = "linux")]
+pub fn limit_address_space(cmd: &mut std::process::Command, bytes: u64) {
+    use std::os::unix::process::CommandExt;
+    #[repr(C)]
+    struct RLimit {
+        cur: u64,
+        max: u64,
+    }
+    extern "C" {
+        fn setrlimit(resource: i32, rlim: *const RLimit) -> i32;
+    }
+    const RLIMIT_AS: i32 = 9;
+    // SAFETY: setrlimit is async-signal-safe and only changes the child's own limit.
+    unsafe {
+        cmd.pre_exec(move || {
+            let l = RLimit {
+                cur: bytes,
+                max: bytes,
+            };
+            if setrlimit(RLIMIT_AS, &l) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn limit_address_space(_: &mut std::process::Command, _: u64) {}

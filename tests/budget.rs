@@ -72,6 +72,19 @@ impl P {
             .op(b")R")
             .op(b"tR")
     }
+    /// Lists of `fanout` references to the previous level, `levels` deep (memo 0..levels):
+    /// fanout^levels values when expanded.
+    fn laughs(&mut self, levels: u32, fanout: usize) -> &mut P {
+        self.op(b"]").put(0);
+        for level in 1..levels {
+            self.op(b"(");
+            for _ in 0..fanout {
+                self.get(level - 1);
+            }
+            self.op(b"l").put(level);
+        }
+        self
+    }
     fn stop(&mut self) -> Vec<u8> {
         self.0.push(b'.');
         std::mem::take(&mut self.0)
@@ -133,32 +146,11 @@ fn children_peak_rss() -> u64 {
 /// Run tlens under an address-space limit; returns (exit code, stderr, seconds). A signal
 /// (an abort, an out-of-memory kill) fails the test.
 fn run_limited(args: &[&str]) -> (i32, String, f64) {
-    use std::os::unix::process::CommandExt;
-    #[repr(C)]
-    struct RLimit {
-        cur: u64,
-        max: u64,
-    }
-    extern "C" {
-        fn setrlimit(resource: i32, rlim: *const RLimit) -> i32;
-    }
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tlens"));
     cmd.args(args);
     // 8 GiB of address space: far below what the unbudgeted reader asked for (4 TiB, 100 GiB),
     // far above what thread stacks and the binary reserve.
-    // SAFETY: setrlimit only changes the child's own limit, before exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            let l = RLimit {
-                cur: 8 << 30,
-                max: 8 << 30,
-            };
-            if setrlimit(9, &l) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    tlens::fuzz::limit_address_space(&mut cmd, 8 << 30);
     let t = Instant::now();
     let out = cmd.output().unwrap();
     let secs = t.elapsed().as_secs_f64();
@@ -286,14 +278,7 @@ fn hostile_files_end_with_exit_1_in_bounded_time_and_memory() {
 
     // 3. "Billion laughs": 30 levels of lists, each holding the previous level 10 times.
     let mut p = P::new();
-    p.op(b"]").put(0);
-    for level in 1..30u32 {
-        p.op(b"(");
-        for _ in 0..10 {
-            p.get(level - 1);
-        }
-        p.op(b"l").put(level);
-    }
+    p.laughs(30, 10);
     let f = write(&dir, "laughs.pth", &torch_zip(&p.stop(), &[]));
     cases.push(Case {
         what: "billion laughs",
@@ -337,14 +322,7 @@ fn hostile_files_end_with_exit_1_in_bounded_time_and_memory() {
 
     // 5. Persistent ids that each expand a shared exponential structure.
     let mut p = P::new();
-    p.op(b"]").put(0);
-    for level in 1..20u32 {
-        p.op(b"(");
-        for _ in 0..8 {
-            p.get(level - 1);
-        }
-        p.op(b"l").put(level);
-    }
+    p.laughs(20, 8);
     p.op(b"0").op(b"(");
     for _ in 0..2000 {
         p.op(b"(")

@@ -2,21 +2,9 @@
 
 mod common;
 
-use common::{fixture, manifest};
+use common::{fixture, manifest, tlens};
 use serde_json::Value as Json;
 use std::process::Command;
-
-fn tlens(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tlens"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
-}
 
 fn inspect_json(file: &str) -> Json {
     let path = fixture(file);

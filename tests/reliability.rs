@@ -3,22 +3,10 @@
 
 mod common;
 
-use common::fixture;
+use common::{fixture, tlens};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tlens::{Error, Hook, HookedTransformer, RunFile};
-
-fn tlens(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tlens"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("tlens-rel-{}-{name}", std::process::id()));

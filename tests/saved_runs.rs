@@ -4,9 +4,8 @@
 
 mod common;
 
-use common::{check_tensor, num};
+use common::{check_tensor, num, tlens};
 use serde_json::Value as Json;
-use std::process::Command;
 use tlens::io::tree::{self, AnyFile};
 use tlens::io::Format;
 use tlens::run::{Layout, SplitChoice, SplitRule};
@@ -20,18 +19,6 @@ fn saved(name: &str) -> std::path::PathBuf {
 fn manifest() -> Json {
     let text = std::fs::read_to_string(saved("manifest.json")).unwrap();
     serde_json::from_str(&text).unwrap()
-}
-
-fn tlens(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tlens"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
 }
 
 const SINGLE_RUNS: [(&str, &str); 5] = [

@@ -1,21 +1,13 @@
 //! Sweeps: sharded runs in separate processes, resumed or skipped when restarted, merged into
 //! summary.json / summary.csv with memorisation and grokking epochs, and a phase diagram.
 
+mod common;
+
+use common::tlens;
+
 use std::path::Path;
 use std::process::Command;
 use tlens::RunFile;
-
-fn tlens(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tlens"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 const SWEEP: [&str; 12] = [
     "--p",

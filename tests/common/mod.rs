@@ -90,3 +90,16 @@ pub const EVAL_KEYS: [&str; 6] = [
     "test_accuracy",
     "accuracy",
 ];
+
+/// Run the `tlens` binary: (exit code, stdout, stderr); −1 when it ended by a signal.
+pub fn tlens(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tlens"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
