@@ -86,6 +86,28 @@ fn progress_measures_and_restricted_loss_sweep_over_checkpoints() {
 }
 
 #[test]
+fn a_small_sweep_finds_where_the_model_groks() {
+    let dir = std::env::temp_dir().join(format!("tlens-sweep-example-{}", std::process::id()));
+    let out = run("sweep", &[dir.to_str().unwrap(), "300"]);
+    assert_eq!(out.matches("memorised at").count(), 4, "{out}");
+    // With 90% of the pairs to train on and weight decay 3, the model groks within 300 epochs.
+    let line = out
+        .lines()
+        .find(|l| l.contains("frac_train 0.9  weight_decay   3"))
+        .unwrap();
+    assert!(!line.contains("never"), "{out}");
+    for f in [
+        "summary.json",
+        "summary.csv",
+        "phase_diagram.png",
+        "phase_diagram.svg",
+    ] {
+        assert!(dir.join(f).exists(), "{f}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn keeping_a_clusters_frequency_keeps_the_loss() {
     let out = run("ablate_cluster", &[]);
     let losses = numbers_after(&out, "loss");

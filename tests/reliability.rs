@@ -352,6 +352,15 @@ fn outputs_are_checked_before_the_work() {
     let (code, _, err) = tlens(&["cache", s(&file), "--out", s(&dir.join("c.txt"))]);
     assert_eq!(code, 1);
     assert!(err.contains("extension 'txt'"), "{err}");
+    // Without --inputs, cache says what a whole-dataset cache would be instead of writing it.
+    let npz = dir.join("all.npz");
+    let (code, _, err) = tlens(&["cache", s(&file), "--out", s(&npz)]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("--inputs all") && err.contains("529 inputs"),
+        "{err}"
+    );
+    assert!(!npz.exists());
     let t = std::time::Instant::now();
     let (code, _, err) = tlens(&[
         "analyze",
