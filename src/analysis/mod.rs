@@ -552,6 +552,9 @@ pub struct AnalysisArrays {
     /// The circles: each token's embedding on the directions of W_E's cos k and sin k
     /// components, for each key frequency k: [n_keys, p, 2].
     pub embed_key_circles: ndarray::Array3<f32>,
+    /// The frequency of each circle: the key frequencies, or (when none is found yet) the four
+    /// with the most embedding power.
+    pub embed_circle_freqs: Vec<usize>,
     /// Power per frequency (index 0: constant / mean term) at each stage of the signal chain.
     pub spectra: Vec<(&'static str, Array1<f64>)>,
     /// The epoch of each row of `logit_cos_sim`.
@@ -748,21 +751,40 @@ pub fn analyze_model(
         key_freq_logits_loss: add_only(periodicity.rebuilt_loss(&keys)),
     };
     let embedding = embedding_svd(&w.w_e, basis)?;
-    // Two neurons (the best explained) of each of the four largest clusters.
+    // Two neurons (the best explained) of each of the four largest clusters; before there are
+    // clusters, the eight best-explained neurons with their dominant frequencies.
     let clusters = neurons::clusters(&neuron_list);
     let mut by_size: Vec<&Cluster> = clusters.iter().collect();
     by_size.sort_by_key(|c| std::cmp::Reverse(c.neurons.len()));
-    let mut example_ids = Vec::new();
-    for c in by_size.iter().take(4) {
-        let mut ns = c.neurons.clone();
+    let best_first = |ns: &mut Vec<usize>| {
         ns.sort_by(|&x, &y| {
             neuron_list[y]
                 .frac_explained
                 .total_cmp(&neuron_list[x].frac_explained)
-        });
+        })
+    };
+    let mut example_ids = Vec::new();
+    for c in by_size.iter().take(4) {
+        let mut ns = c.neurons.clone();
+        best_first(&mut ns);
         example_ids.extend(ns.iter().take(2).map(|&n| (n, c.freq)));
     }
-    let embed_key_circles = key_circles(&w.w_e, basis, &keys)?;
+    if example_ids.is_empty() {
+        let mut ns: Vec<usize> = (0..neuron_list.len()).collect();
+        best_first(&mut ns);
+        example_ids.extend(ns.iter().take(8).map(|&n| (n, neuron_list[n].freq)));
+    }
+    // The circles of the key frequencies; before any are found (early in training), of the
+    // four frequencies with the most embedding power, so that the figure still shows what the
+    // embedding looks like.
+    let circle_freqs: Vec<usize> = if keys.is_empty() {
+        let mut by_power: Vec<usize> = (1..embed_power.len()).collect();
+        by_power.sort_by(|&x, &y| embed_power[y].total_cmp(&embed_power[x]));
+        by_power.into_iter().take(4).collect()
+    } else {
+        keys.clone()
+    };
+    let embed_key_circles = key_circles(&w.w_e, basis, &circle_freqs)?;
     let arrays = AnalysisArrays {
         fourier_basis: basis.basis.clone(),
         embed_fourier_norms: Array1::from(embed_norms),
@@ -776,6 +798,7 @@ pub fn analyze_model(
         embed_singular_values: Array1::from(embedding.singular_values.clone()),
         embed_pcs: embedding.pcs.clone(),
         embed_key_circles,
+        embed_circle_freqs: circle_freqs,
         spectra: vec![
             ("W_E", Array1::from(spec_w_e)),
             ("x1", Array1::from(spec_x1)),

@@ -154,7 +154,7 @@ pub fn write_all(dir: &Path, d: &PlotData) -> Result<Vec<PathBuf>> {
     render!(dir, "signal_chain_spectra", (1200, 720), out, |area| {
         signal_chain(&area, d)
     });
-    if !d.analysis.key_freqs.is_empty() {
+    if !d.arrays.embed_circle_freqs.is_empty() {
         render!(dir, "embedding_circles", (1300, 380), out, |area| {
             embedding_circles(&area, d)
         });
@@ -675,7 +675,8 @@ fn clusters<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, a: &Analysis) -> 
         .configure_mesh()
         .x_desc("frequency k")
         .x_label_formatter(&|v| format!("{v:.0}"))
-        .y_desc("neurons")
+        .y_desc("neurons in the cluster")
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .label_style(font(13))
         .draw()
         .map_err(pe)?;
@@ -829,6 +830,7 @@ fn gini_and_weights<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, d: &PlotD
     chart
         .configure_mesh()
         .x_desc("epoch")
+        .y_desc("Gini coefficient (0 spread, 1 one frequency)")
         .x_label_formatter(&|v| format!("{v:.0}"))
         .label_style(font(12))
         .draw()
@@ -861,6 +863,7 @@ fn gini_and_weights<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, d: &PlotD
     chart
         .configure_mesh()
         .x_desc("epoch")
+        .y_desc("sum of squared parameters")
         .x_label_formatter(&|v| format!("{v:.0}"))
         .label_style(font(12))
         .draw()
@@ -971,7 +974,7 @@ fn neuron_examples<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, d: &PlotDa
         let (neuron, freq) = ids[i];
         grid_heatmap(
             cell,
-            &format!("neuron {neuron} (cluster k = {freq})"),
+            &format!("neuron {neuron} (frequency k = {freq})"),
             ex.slice(s![i, .., ..]),
             (0.0, hi),
             p,
@@ -1071,6 +1074,7 @@ fn signal_chain<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, d: &PlotData)
         chart
             .configure_mesh()
             .x_desc("frequency k")
+            .y_desc("share of power")
             .x_label_formatter(&|v| format!("{v:.0}"))
             .label_style(font(11))
             .draw()
@@ -1183,7 +1187,11 @@ fn embedding_circles<DB: DrawingBackend>(
     let (title, body) = area.split_vertically(36);
     title
         .draw_text(
-            "Each token a's embedding on W_E's cos k / sin k directions, per key frequency (equal axes)",
+            if a.key_freqs.is_empty() {
+                "Each token a's embedding on W_E's cos k / sin k directions, top-power frequencies (no key frequencies yet)"
+            } else {
+                "Each token a's embedding on W_E's cos k / sin k directions, per key frequency (equal axes)"
+            },
             &font(16),
             (12, 8),
         )
@@ -1192,7 +1200,7 @@ fn embedding_circles<DB: DrawingBackend>(
     colorbar(&bar, 0.0, (p.max(2) - 1) as f64, "k·a mod p")?;
     let cells = body.split_evenly((1, n_keys.max(1)));
     for (i, cell) in cells.iter().enumerate().take(n_keys) {
-        let k = a.key_freqs[i];
+        let k = d.arrays.embed_circle_freqs[i];
         let pts: Vec<(f64, f64)> = (0..p)
             .map(|t| (circles[[i, t, 0]] as f64, circles[[i, t, 1]] as f64))
             .collect();
