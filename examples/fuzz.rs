@@ -193,12 +193,7 @@ impl Worker {
 /// The child: read (target, length, bytes) records from stdin, answer 1 (loaded), 0 (error)
 /// or 2 (panicked) for each.
 fn worker() {
-    let limits = tlens::io::pickle::Limits {
-        max_values: 200_000,
-        max_bytes_len: 1 << 20,
-        max_total_bytes: 16 << 20,
-        ..Default::default()
-    };
+    let limits = tlens::fuzz::fuzz_limits();
     std::panic::set_hook(Box::new(|_| {}));
     let mut stdin = std::io::stdin().lock();
     let mut stdout = std::io::stdout().lock();

@@ -146,17 +146,22 @@ pub fn run_one(target: Target, input: &[u8], limits: &Limits) -> Option<bool> {
     .ok()
 }
 
-/// Fuzz `target` from `seeds` for `iters` inputs.
-pub fn fuzz(target: Target, seeds: &[Vec<u8>], iters: u64, seed: u64) -> Report {
-    let mut rng = Rng::new(seed);
-    let mut report = Report::default();
-    // Small limits make the limit paths reachable quickly; the logic is the same.
-    let limits = Limits {
+/// The reader limits fuzzing runs under: small, so that the limit paths are reached quickly
+/// (the logic is the same as with the defaults).
+pub fn fuzz_limits() -> Limits {
+    Limits {
         max_values: 200_000,
         max_bytes_len: 1 << 20,
         max_total_bytes: 16 << 20,
         ..Limits::default()
-    };
+    }
+}
+
+/// Fuzz `target` from `seeds` for `iters` inputs.
+pub fn fuzz(target: Target, seeds: &[Vec<u8>], iters: u64, seed: u64) -> Report {
+    let mut rng = Rng::new(seed);
+    let mut report = Report::default();
+    let limits = fuzz_limits();
     let prev = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     for _ in 0..iters {

@@ -104,60 +104,58 @@ impl TrainArgs {
     /// named), except `--epochs`, which may extend the run.
     pub fn check_resume(&self, run: &TrainConfig) -> Result<()> {
         let given = self.settings_over(run)?;
-        let mut diffs = Vec::new();
-        let mut cmp = |flag: &str, a: String, b: String| {
-            if a != b {
-                diffs.push(format!("{flag} {a} (the run has {b})"));
-            }
-        };
-        cmp("--p", given.p.to_string(), run.p.to_string());
-        cmp(
-            "--frac-train",
-            given.frac_train.to_string(),
-            run.frac_train.to_string(),
-        );
-        cmp("--seed", given.seed.to_string(), run.seed.to_string());
-        cmp(
-            "--data-seed",
-            given.data_seed.to_string(),
-            run.data_seed.to_string(),
-        );
-        cmp("--lr", given.adamw.lr.to_string(), run.adamw.lr.to_string());
-        cmp(
-            "--weight-decay",
-            given.adamw.weight_decay.to_string(),
-            run.adamw.weight_decay.to_string(),
-        );
-        cmp(
-            "--beta1",
-            given.adamw.beta1.to_string(),
-            run.adamw.beta1.to_string(),
-        );
-        cmp(
-            "--beta2",
-            given.adamw.beta2.to_string(),
-            run.adamw.beta2.to_string(),
-        );
-        cmp(
-            "--checkpoint-every",
-            given.checkpoint_every.to_string(),
-            run.checkpoint_every.to_string(),
-        );
-        cmp(
-            "--eval-every",
-            given.eval_every.to_string(),
-            run.eval_every.to_string(),
-        );
-        cmp(
-            "--op",
-            given.op.name().to_string(),
-            run.op.name().to_string(),
-        );
-        cmp(
-            "--warmup-epochs",
-            given.warmup_epochs.to_string(),
-            run.warmup_epochs.to_string(),
-        );
+        let (g, r) = (&given, run);
+        let pairs = [
+            ("--p", g.p.to_string(), r.p.to_string()),
+            (
+                "--frac-train",
+                g.frac_train.to_string(),
+                r.frac_train.to_string(),
+            ),
+            ("--seed", g.seed.to_string(), r.seed.to_string()),
+            (
+                "--data-seed",
+                g.data_seed.to_string(),
+                r.data_seed.to_string(),
+            ),
+            ("--lr", g.adamw.lr.to_string(), r.adamw.lr.to_string()),
+            (
+                "--weight-decay",
+                g.adamw.weight_decay.to_string(),
+                r.adamw.weight_decay.to_string(),
+            ),
+            (
+                "--beta1",
+                g.adamw.beta1.to_string(),
+                r.adamw.beta1.to_string(),
+            ),
+            (
+                "--beta2",
+                g.adamw.beta2.to_string(),
+                r.adamw.beta2.to_string(),
+            ),
+            (
+                "--checkpoint-every",
+                g.checkpoint_every.to_string(),
+                r.checkpoint_every.to_string(),
+            ),
+            (
+                "--eval-every",
+                g.eval_every.to_string(),
+                r.eval_every.to_string(),
+            ),
+            ("--op", g.op.name().to_string(), r.op.name().to_string()),
+            (
+                "--warmup-epochs",
+                g.warmup_epochs.to_string(),
+                r.warmup_epochs.to_string(),
+            ),
+        ];
+        let diffs: Vec<String> = pairs
+            .into_iter()
+            .filter(|(_, a, b)| a != b)
+            .map(|(flag, a, b)| format!("{flag} {a} (the run has {b})"))
+            .collect();
         if diffs.is_empty() {
             Ok(())
         } else {

@@ -100,9 +100,14 @@ impl TrainConfig {
                 Err(Error::invalid(
                     flag,
                     format!(
-                        "{x} is not in {}{lo}, {hi}{}",
+                        "{x} is not in {}{lo}, {}{}",
                         if lo_open { "(" } else { "[" },
-                        if hi_open { ")" } else { "]" }
+                        if hi == f64::MAX {
+                            "∞".to_string()
+                        } else {
+                            hi.to_string()
+                        },
+                        if hi_open || hi == f64::MAX { ")" } else { "]" }
                     ),
                 ))
             }
