@@ -10,7 +10,9 @@ forward: on the shipped p=113 run (fixtures/demo_p113.pth), TL's run_with_cache 
          `cargo bench --bench forward`.
 
 train:   one epoch of the TL demo loop vs `cargo bench --bench train`, in three alternating
-         rounds (the ratio of each and their median).
+         rounds (the ratio of each and their median); then (also alone as `train2`) the same
+         loop for a 2-layer LayerNorm GELU model (p 113, d_model 128, 4 heads, d_mlp 512), which
+         tlens trains on its general path.
 analysis: every progress measure (train/test, restricted and excluded loss, Gini of W_E and W_L,
          sum of squared weights, logit cos-sims) over the 250 checkpoints of bench-data/demo_full.pth
          with the TL demo's analysis code (fixtures/demo_analysis.py, float32 as the notebook, one
@@ -125,12 +127,21 @@ def forward_bench():
     print(f"{'evaluation (last position, 3 losses+acc)':40}{t_eval*1e3:9.1f}ms{r_eval*1e3:9.1f}ms{t_eval/r_eval:7.1f}x")
 
 
-def train_bench():
-    """One epoch of the TL grokking demo loop vs `cargo bench --bench train`."""
+TRAIN_CASES = {
+    # bench name: (TL config fields, what the epoch is)
+    "demo_epoch": (dict(n_layers=1, act_fn="relu", normalization_type=None), "demo"),
+    "ln_gelu_2l_epoch": (dict(n_layers=2, act_fn="gelu", normalization_type="LN"),
+                         "2-layer LN GELU (general path)"),
+}
+
+
+def train_bench(bench="demo_epoch"):
+    """One epoch of the TL grokking demo loop vs `cargo bench --bench train -- BENCH`."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(n_layers=1, n_heads=4, d_model=128, d_head=32, d_mlp=512, act_fn="relu",
-                                  normalization_type=None, d_vocab=114, d_vocab_out=113, n_ctx=3,
+    arch, label = TRAIN_CASES[bench]
+    cfg = HookedTransformerConfig(n_heads=4, d_model=128, d_head=32, d_mlp=512, **arch,
+                                  d_vocab=114, d_vocab_out=113, n_ctx=3,
                                   init_weights=True, device="cpu", seed=999)
     model = HookedTransformer(cfg)
     for name, prm in model.named_parameters():
@@ -164,10 +175,10 @@ def train_bench():
     rounds = []
     for _ in range(TRAIN_ROUNDS):
         t_tl = timeit(epoch, 50)
-        subprocess.run(["cargo", "bench", "--bench", "train"], cwd=ROOT, check=True,
+        subprocess.run(["cargo", "bench", "--bench", "train", "--", bench], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL)
-        rounds.append((t_tl, criterion("train", "demo_epoch")))
-    print(f"one demo epoch (train step on 3,830 + test loss on 8,939; torch {torch.__version__}, "
+        rounds.append((t_tl, criterion("train", bench)))
+    print(f"one {label} epoch (train step on 3,830 + test loss on 8,939; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads)")
     print(f"{'':40}{'TL':>10}{'tlens':>10}{'ratio':>8}")
     for i, (t_tl, t_rs) in enumerate(rounds):
@@ -235,7 +246,9 @@ def main():
     if "forward" in which:
         forward_bench()
     if "train" in which:
-        train_bench()
+        train_bench("demo_epoch")
+    if "train" in which or "train2" in which:
+        train_bench("ln_gelu_2l_epoch")
     if "analysis" in which:
         analysis_bench()
 

@@ -20,6 +20,7 @@
 //! ```
 
 use crate::backend::simd;
+pub use crate::backend::LossKind;
 use ndarray::{Array2, ArrayView2};
 
 /// Mersenne Twister MT19937, as torch's CPU generator.
@@ -319,17 +320,63 @@ pub fn nll_and_grad(
 /// The demo's loss: last-position logits cast to f64, log-softmax, mean negative log-likelihood.
 /// `logits` is [N, V] (already the last position).
 pub fn loss(logits: ArrayView2<f32>, labels: &[u32]) -> f64 {
+    loss_with(LossKind::CrossEntropy, logits, labels)
+}
+
+/// StableMax's s(x) in f64: x + 1 for x ≥ 0, 1/(1 − x) below, and its derivative.
+fn stablemax_s(x: f64) -> (f64, f64) {
+    if x >= 0.0 {
+        (x + 1.0, 1.0)
+    } else {
+        let r = 1.0 / (1.0 - x);
+        (r, r * r)
+    }
+}
+
+/// The negative log-likelihood of `label` under one row of logits for a loss kind, and, with
+/// `grad`, its gradient times `scale` written in f32 (`scratch` is working space).
+pub fn row_loss(
+    kind: LossKind,
+    row: &[f32],
+    label: u32,
+    grad: Option<(f64, &mut [f32])>,
+    scratch: &mut Vec<f64>,
+) -> f64 {
+    match (kind, grad) {
+        (LossKind::CrossEntropy, None) => nll(row, label),
+        (LossKind::CrossEntropy, Some((scale, g))) => nll_and_grad(row, label, scale, g, scratch),
+        (LossKind::StableMax, grad) => {
+            let y = label as usize;
+            let total: f64 = row.iter().map(|&x| stablemax_s(x as f64).0).sum();
+            let (sy, dsy) = stablemax_s(row[y] as f64);
+            if let Some((scale, g)) = grad {
+                // d/dx_j [log Σ s − log s(x_y)] = s'(x_j)/Σ s − [j = y]·s'(x_y)/s(x_y)
+                for (j, (g, &x)) in g.iter_mut().zip(row).enumerate() {
+                    let mut d = stablemax_s(x as f64).1 / total;
+                    if j == y {
+                        d -= dsy / sy;
+                    }
+                    *g = (d * scale) as f32;
+                }
+            }
+            total.ln() - sy.ln()
+        }
+    }
+}
+
+/// The mean loss of a kind over rows of last-position logits [N, V], in f64.
+pub fn loss_with(kind: LossKind, logits: ArrayView2<f32>, labels: &[u32]) -> f64 {
     use rayon::prelude::*;
     assert_eq!(logits.nrows(), labels.len(), "one label per row");
     // Rows in parallel, summed in row order (the result does not depend on the thread count).
     let per_row: Vec<f64> = (0..labels.len())
         .into_par_iter()
         .with_min_len(256)
-        .map(|i| {
+        .map_init(Vec::new, |scratch, i| {
             let row = logits.row(i);
             match row.as_slice() {
-                Some(r) => nll(r, labels[i]),
-                None => nll(&row.to_vec(), labels[i]),
+                Some(r) => row_loss(kind, r, labels[i], None, scratch),
+                None => row_loss(kind, &row.to_vec(), labels[i], None, scratch),
             }
         })
         .collect();

@@ -48,14 +48,14 @@ pub fn tune_allocator() {
 }
 
 /// Rows per parallel task in products and row-wise ops.
-const ROWS: usize = 256;
+pub(super) const ROWS: usize = 256;
 
-fn shape_err(op: &str, msg: String) -> Error {
+pub(super) fn shape_err(op: &str, msg: String) -> Error {
     Error::invalid(format!("cpu backend {op}"), msg)
 }
 
 /// View `x` as a 2-D [N, K] matrix over its last axis (x must be in standard layout).
-fn rows(x: &ArrayD<f32>) -> ArrayView2<'_, f32> {
+pub(super) fn rows(x: &ArrayD<f32>) -> ArrayView2<'_, f32> {
     let k = *x.shape().last().unwrap_or(&1);
     let n = x.len().checked_div(k).unwrap_or(0);
     x.view()
@@ -63,7 +63,7 @@ fn rows(x: &ArrayD<f32>) -> ArrayView2<'_, f32> {
         .expect("standard layout")
 }
 
-fn std_layout(x: &ArrayD<f32>) -> std::borrow::Cow<'_, ArrayD<f32>> {
+pub(super) fn std_layout(x: &ArrayD<f32>) -> std::borrow::Cow<'_, ArrayD<f32>> {
     if x.is_standard_layout() {
         std::borrow::Cow::Borrowed(x)
     } else {
@@ -152,7 +152,7 @@ fn copy_into(dst: &mut [MaybeUninit<f32>], src: &[f32]) {
 }
 
 /// Elements per parallel task in element-wise ops.
-const CHUNK: usize = 1 << 14;
+pub(super) const CHUNK: usize = 1 << 14;
 
 /// Apply `f` to each row (last axis) of `x` in parallel, writing a same-shaped output.
 fn map_rows(x: &ArrayD<f32>, f: impl Fn(&[f32], &mut [f32]) + Sync) -> ArrayD<f32> {
@@ -175,41 +175,55 @@ fn map_rows(x: &ArrayD<f32>, f: impl Fn(&[f32], &mut [f32]) + Sync) -> ArrayD<f3
     out
 }
 
-/// erf in f64: its Taylor series for |x| < 2 (converged to ~1e-16), Numerical Recipes' erfc
-/// Chebyshev fit above (fractional error < 1.2e-7 on erfc ≤ 0.005): both far below f32 resolution
-/// of GELU's output.
-fn erf(x: f64) -> f64 {
-    let z = x.abs();
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t
-        * (-z * z - 1.265_512_23
-            + t * (1.000_023_68
-                + t * (0.374_091_96
-                    + t * (0.096_784_18
-                        + t * (-0.186_288_06
-                            + t * (0.278_868_07
-                                + t * (-1.135_203_98
-                                    + t * (1.488_515_87
-                                        + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
-            .exp();
-    let mut e = 1.0 - r;
-    if z < 2.0 {
-        // erf(z) = 2/√π Σ (−1)^n z^(2n+1) / (n! (2n+1))
-        let mut sum = 0.0f64;
-        let mut term = z;
-        let mut n = 0.0f64;
-        while term.abs() > 1e-17 * sum.abs().max(1e-300) && n < 60.0 {
-            sum += term / (2.0 * n + 1.0);
-            n += 1.0;
-            term *= -z * z / n;
+/// torch's float erf (`Vectorized<float>::erf` in ATen's vectorized CPU code, which its GELU
+/// kernels use): Abramowitz–Stegun 7.1.26, `1 − t·r(t)·exp(−x²)` with `t = 1/(1 + 0.3275911·|x|)`,
+/// evaluated with fused multiply-adds in f32 (absolute error ≤ 1.5e-7). Measured on 200,001
+/// points in [−6, 6], torch's GELU equals this formula's bits far more often than the exact
+/// erf's (81% vs 31% before fused multiply-adds), and it is what makes GELU cheap: the exact f64
+/// erf was 17–60% of a 2-layer GELU training epoch (perf).
+#[inline(always)]
+pub(super) fn erf_torch(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / 0.327_591_1f32.mul_add(a, 1.0);
+    let r = 1.061_405_4_f32
+        .mul_add(t, -1.453_152_1)
+        .mul_add(t, 1.421_413_8)
+        .mul_add(t, -0.284_496_74)
+        .mul_add(t, 0.254_829_6);
+    let e = (-(x * x)).exp();
+    (-e * t).mul_add(r, 1.0).copysign(x)
+}
+
+/// GELU (exact form) as torch computes it in f32: `x·0.5·(1 + erf(x·√½))`.
+#[inline(always)]
+pub(super) fn gelu_torch(x: f32) -> f32 {
+    x * 0.5 * (1.0 + erf_torch(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// GELU's derivative as torch's `GeluBackward` computes it in f32: `cdf + x·pdf`, cdf =
+/// `0.5·(1 + erf(x·√½))`, pdf = `(2/√π·√½·0.5)·exp(−0.5·x²)`.
+#[inline(always)]
+pub(super) fn gelu_grad_torch(x: f32) -> f32 {
+    let beta = (std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2 * 0.5) as f32;
+    let cdf = 0.5 * (1.0 + erf_torch(x * std::f32::consts::FRAC_1_SQRT_2));
+    let pdf = beta * (x * x * -0.5).exp();
+    cdf + x * pdf
+}
+
+/// `f` over a slice, compiled with fused multiply-adds where the CPU has them (`mul_add`
+/// is otherwise a library call).
+pub(super) fn map_fma(data: &mut [f32], f: impl Fn(f32) -> f32 + Copy) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        #[target_feature(enable = "fma")]
+        unsafe fn with_fma(data: &mut [f32], f: impl Fn(f32) -> f32 + Copy) {
+            data.iter_mut().for_each(|v| *v = f(*v));
         }
-        e = sum * std::f64::consts::FRAC_2_SQRT_PI;
+        // SAFETY: the CPU has FMA (checked above).
+        unsafe { with_fma(data, f) };
+        return;
     }
-    if x < 0.0 {
-        -e
-    } else {
-        e
-    }
+    data.iter_mut().for_each(|v| *v = f(*v));
 }
 
 fn act_scalar(act: Activation, x: f32) -> f32 {
@@ -223,10 +237,7 @@ fn act_scalar(act: Activation, x: f32) -> f32 {
                 0.0
             }
         }
-        Activation::Gelu => {
-            let xd = x as f64;
-            (0.5 * xd * (1.0 + erf(xd * std::f64::consts::FRAC_1_SQRT_2))) as f32
-        }
+        Activation::Gelu => gelu_torch(x),
         Activation::GeluNew | Activation::GeluPytorchTanh => {
             let c = (2.0f32 / std::f32::consts::PI).sqrt();
             0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
@@ -254,7 +265,7 @@ fn softmax_row(s: &[f32], o: &mut [f32]) {
     }
 }
 
-fn as4<'a>(x: &'a ArrayD<f32>, op: &str) -> Result<ndarray::ArrayView4<'a, f32>> {
+pub(super) fn as4<'a>(x: &'a ArrayD<f32>, op: &str) -> Result<ndarray::ArrayView4<'a, f32>> {
     x.view()
         .into_dimensionality::<Ix4>()
         .map_err(|_| shape_err(op, format!("expected 4 dims, found {:?}", x.shape())))
@@ -596,6 +607,9 @@ impl Cpu {
             // `act_scalar` kept it scalar).
             data.par_chunks_mut(CHUNK)
                 .for_each(|c| c.iter_mut().for_each(|v| *v = super::simd::relu(*v)));
+        } else if act == Activation::Gelu {
+            data.par_chunks_mut(CHUNK)
+                .for_each(|c| map_fma(c, gelu_torch));
         } else {
             data.par_chunks_mut(CHUNK)
                 .for_each(|c| c.iter_mut().for_each(|v| *v = act_scalar(act, *v)));
@@ -896,11 +910,8 @@ mod tests {
             (2.5, 0.999_593_047_982_555),
             (-1.5, -0.966_105_146_475_310_7),
         ] {
-            assert!(
-                (erf(x) - want).abs() < 2e-7,
-                "erf({x}) = {} vs {want}",
-                erf(x)
-            );
+            let got = erf_torch(x as f32) as f64;
+            assert!((got - want).abs() < 2.5e-7, "erf({x}) = {got} vs {want}");
         }
     }
 }

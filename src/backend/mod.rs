@@ -8,6 +8,7 @@
 //! and back only at hook points that are actually used.
 
 pub mod cpu;
+pub mod cpu_backward;
 pub mod device;
 pub mod gemm;
 pub mod simd;
@@ -71,6 +72,13 @@ pub trait Backend: Sync {
     fn download(&self, t: Self::Tensor) -> Result<ArrayD<f32>>;
     /// The shape of a tensor.
     fn shape(&self, t: &Self::Tensor) -> Vec<usize>;
+    /// A model parameter onto the backend (a copy), by its TL name. The plain backends upload
+    /// it as any array; the differentiating wrapper ([`crate::train::autodiff::Autodiff`])
+    /// records it as a leaf whose gradient it returns under that name.
+    fn parameter(&self, name: &str, a: &ArrayD<f32>) -> Result<Self::Tensor> {
+        let _ = name;
+        self.upload(a)
+    }
 
     /// `W_E[tokens]`: tokens [B, P] → [B, P, D].
     fn embed(&self, w_e: &Self::Tensor, tokens: &Array2<u32>) -> Result<Self::Tensor>;
@@ -148,4 +156,131 @@ pub trait Backend: Sync {
         w: &Self::Tensor,
         b: Option<&Self::Tensor>,
     ) -> Result<Self::Tensor>;
+}
+
+/// The loss at the last position, in f64 as the demo computes it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LossKind {
+    /// Log-softmax cross-entropy (the demo's).
+    #[default]
+    CrossEntropy,
+    /// StableMax cross-entropy (Prieto et al. 2025): s(x) = x + 1 for x ≥ 0, 1/(1 − x) below,
+    /// probabilities s(xᵢ)/Σ s(xⱼ).
+    StableMax,
+}
+
+/// The backward operation of every [`Backend`] operation: given the operation's inputs (or
+/// outputs, where the derivative is cheaper from them) and the gradient `g` of its output,
+/// the gradients of its inputs. Written per backend, like the forward operations, so the
+/// reverse-mode wrapper [`crate::train::autodiff::Autodiff`] differentiates the hooked forward
+/// pass on any backend that implements this trait. Shapes as in the forward operations.
+pub trait Differentiable: Backend {
+    /// Gradient of `W_E` [V, D] from the embedding's output gradient [B, P, D] (scatter-add).
+    fn embed_backward(
+        &self,
+        g: &Self::Tensor,
+        tokens: &Array2<u32>,
+        d_vocab: usize,
+    ) -> Result<Self::Tensor>;
+    /// Gradient of `W_pos` [n_ctx, D]: the output gradient summed over the batch (rows past
+    /// the batch's positions are zero).
+    fn pos_embed_backward(&self, g: &Self::Tensor, n_ctx: usize) -> Result<Self::Tensor>;
+    /// Gradient of a `take_rows` table [U, P, …] (scatter-add over the index).
+    fn take_rows_backward(
+        &self,
+        g: &Self::Tensor,
+        index: &Array2<u32>,
+        rows: usize,
+    ) -> Result<Self::Tensor>;
+    /// Σ of `g` over every axis but the last `keep` (a bias's gradient).
+    fn sum_leading(&self, g: &Self::Tensor, keep: usize) -> Result<Self::Tensor>;
+    /// `linear`: (dx = g·wᵀ, dw = xᵀ·g) over the rows of x [.., K] and g [.., N].
+    fn linear_backward(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        g: &Self::Tensor,
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
+    /// `head_linear`: (dx with x's shape — summed over heads for a shared [B, P, D] input —,
+    /// dW [H, D, E]).
+    fn head_linear_backward(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        g: &Self::Tensor,
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
+    /// `attn_scores`: (dq, dk); masked positions get no gradient.
+    fn attn_scores_backward(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        g: &Self::Tensor,
+        scale: f32,
+        causal: bool,
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
+    /// `softmax` from its output y: `y·(g − Σ g·y)` per row.
+    fn softmax_backward(&self, y: &Self::Tensor, g: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `attn_z`: (d_pattern, dv).
+    fn attn_z_backward(
+        &self,
+        pattern: &Self::Tensor,
+        v: &Self::Tensor,
+        g: &Self::Tensor,
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
+    /// `attn_result`: (dz, dW_O [H, E, D]).
+    fn attn_result_backward(
+        &self,
+        z: &Self::Tensor,
+        w_o: &Self::Tensor,
+        g: &Self::Tensor,
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
+    /// `attn_out`: (dz [B, P, H, E], dW_O as [H·E, D]); b_O's gradient is `sum_leading`.
+    fn attn_out_backward(
+        &self,
+        z: &Self::Tensor,
+        w_o_flat: &Self::Tensor,
+        g: &Self::Tensor,
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
+    /// `repeat_heads`: Σ over the head axis, [B, P, H, D] → [B, P, D].
+    fn repeat_heads_backward(&self, g: &Self::Tensor) -> Result<Self::Tensor>;
+    /// The activation function's derivative at its input x, times g (relu, gelu, gelu_new,
+    /// gelu_fast, gelu_pytorch_tanh, silu; SoLU is refused).
+    fn activation_backward(
+        &self,
+        x: &Self::Tensor,
+        act: Activation,
+        g: &Self::Tensor,
+    ) -> Result<Self::Tensor>;
+    /// `normalize` from its outputs (y, scale): `(g − mean g − y·mean(g·y)) / scale`
+    /// (no `mean g` term without centring).
+    fn normalize_backward(
+        &self,
+        y: &Self::Tensor,
+        scale: &Self::Tensor,
+        g: &Self::Tensor,
+        center: bool,
+    ) -> Result<Self::Tensor>;
+    /// `normalize_with` (the scale a hook set is a constant): `(g − mean g) / scale`.
+    fn normalize_with_backward(
+        &self,
+        scale: &Self::Tensor,
+        g: &Self::Tensor,
+        center: bool,
+    ) -> Result<Self::Tensor>;
+    /// `affine`: (dx = g·w, dw = Σ g·x over the leading axes).
+    fn affine_backward(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        g: &Self::Tensor,
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
+    /// The mean loss over the last position of logits [B, P, V] (f64) and its gradient
+    /// (zero at the other positions), cast to f32 as torch's `.to(float64)` node does.
+    fn last_position_loss(
+        &self,
+        logits: &Self::Tensor,
+        labels: &[u32],
+        kind: LossKind,
+    ) -> Result<(f64, Self::Tensor)>;
 }

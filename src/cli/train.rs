@@ -59,6 +59,51 @@ pub struct TrainArgs {
     /// Record train and test accuracy after every evaluated epoch (saved in the run file).
     #[arg(long)]
     pub track_accuracy: bool,
+    /// Transformer blocks (default 1).
+    #[arg(long)]
+    pub n_layers: Option<usize>,
+    /// Residual stream width (default 128).
+    #[arg(long)]
+    pub d_model: Option<usize>,
+    /// Attention heads per block (default 4).
+    #[arg(long)]
+    pub n_heads: Option<usize>,
+    /// Width of each head (default 32).
+    #[arg(long)]
+    pub d_head: Option<usize>,
+    /// MLP width (default 512).
+    #[arg(long)]
+    pub d_mlp: Option<usize>,
+    /// Activation: relu (default), gelu, gelu_new, gelu_fast, gelu_pytorch_tanh, silu.
+    #[arg(long)]
+    pub act_fn: Option<String>,
+    /// Normalization: none (default), LN, LNPre, RMS, RMSPre.
+    #[arg(long)]
+    pub normalization: Option<String>,
+    /// Attention-only blocks (no MLP).
+    #[arg(long)]
+    pub attn_only: bool,
+    /// Attention direction: causal (default) or bidirectional.
+    #[arg(long)]
+    pub attention_dir: Option<String>,
+    /// Train the biases too (the demo freezes every parameter whose name contains `b_`).
+    #[arg(long)]
+    pub train_biases: bool,
+    /// The loss: cross-entropy (default) or stablemax (Prieto et al. 2025).
+    #[arg(long)]
+    pub loss: Option<String>,
+    /// Grokfast EMA filter ALPHA,LAMBDA (Lee et al. 2024; the authors use 0.98,2.0).
+    #[arg(long, value_name = "ALPHA,LAMBDA", conflicts_with = "grokfast_ma")]
+    pub grokfast_ema: Option<String>,
+    /// Grokfast moving-average filter WINDOW,LAMBDA (the authors use 100,5.0).
+    #[arg(long, value_name = "WINDOW,LAMBDA")]
+    pub grokfast_ma: Option<String>,
+    /// ⊥Grad: remove each gradient's component along its weight (Prieto et al. 2025).
+    #[arg(long)]
+    pub orthograd: bool,
+    /// Gradient computation: auto (default: tabulated where it applies), tabulated, general.
+    #[arg(long)]
+    pub path: Option<String>,
     /// Continue the run in --out (written by an earlier, interrupted `tlens train`).
     #[arg(long)]
     pub resume: bool,
@@ -79,7 +124,53 @@ impl TrainArgs {
             Some(name) => parse_op(name)?,
             None => base.op,
         };
+        let arch = crate::train::Arch {
+            n_layers: self.n_layers.unwrap_or(base.arch.n_layers),
+            d_model: self.d_model.unwrap_or(base.arch.d_model),
+            n_heads: self.n_heads.unwrap_or(base.arch.n_heads),
+            d_head: self.d_head.unwrap_or(base.arch.d_head),
+            d_mlp: self.d_mlp.unwrap_or(base.arch.d_mlp),
+            act_fn: self.act_fn.clone().unwrap_or(base.arch.act_fn.clone()),
+            normalization: match self.normalization.as_deref() {
+                None => base.arch.normalization.clone(),
+                Some("none" | "None") => None,
+                Some(n) => Some(n.to_string()),
+            },
+            attn_only: self.attn_only || base.arch.attn_only,
+            attention_dir: self
+                .attention_dir
+                .clone()
+                .unwrap_or(base.arch.attention_dir.clone()),
+        };
+        let loss = match self.loss.as_deref() {
+            None => base.loss,
+            Some("cross-entropy" | "cross_entropy" | "crossentropy" | "ce") => {
+                crate::backend::LossKind::CrossEntropy
+            }
+            Some("stablemax") => crate::backend::LossKind::StableMax,
+            Some(other) => {
+                return Err(Error::invalid(
+                    "--loss",
+                    format!("'{other}' is not cross-entropy or stablemax"),
+                ))
+            }
+        };
+        let grokfast = match (&self.grokfast_ema, &self.grokfast_ma) {
+            (Some(e), _) => Some(crate::train::Grokfast::parse("--grokfast-ema", e)?),
+            (None, Some(m)) => Some(crate::train::Grokfast::parse("--grokfast-ma", m)?),
+            (None, None) => base.grokfast,
+        };
+        let path = match &self.path {
+            Some(p) => crate::train::TrainPath::parse(p)?,
+            None => base.path,
+        };
         Ok(TrainConfig {
+            arch,
+            loss,
+            grokfast,
+            path,
+            train_biases: self.train_biases || base.train_biases,
+            orthograd: self.orthograd || base.orthograd,
             op,
             track_accuracy: self.track_accuracy || base.track_accuracy,
             p: self.p.unwrap_or(base.p),
@@ -150,6 +241,23 @@ impl TrainArgs {
                 g.warmup_epochs.to_string(),
                 r.warmup_epochs.to_string(),
             ),
+            (
+                "architecture",
+                format!("{:?}", g.arch),
+                format!("{:?}", r.arch),
+            ),
+            (
+                "--train-biases",
+                g.train_biases.to_string(),
+                r.train_biases.to_string(),
+            ),
+            ("--loss", format!("{:?}", g.loss), format!("{:?}", r.loss)),
+            (
+                "--orthograd",
+                g.orthograd.to_string(),
+                r.orthograd.to_string(),
+            ),
+            ("--path", format!("{:?}", g.path), format!("{:?}", r.path)),
         ];
         let diffs: Vec<String> = pairs
             .into_iter()
@@ -209,6 +317,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         settings.validate()?;
         Trainer::new(settings)?
     };
+    eprintln!("{}", t.settings.path_message()?);
     let total = t.settings.epochs;
     let bar = indicatif::ProgressBar::new(total as u64);
     bar.set_style(

@@ -110,7 +110,7 @@ impl<B: Backend> Loader<'_, B> {
     fn get(&mut self, name: &str, shape: &[usize]) -> Result<B::Tensor> {
         self.used.push(name.to_string());
         self.backend
-            .upload(self.sd.array::<f32>(name, Some(shape))?)
+            .parameter(name, self.sd.array::<f32>(name, Some(shape))?)
     }
 
     fn norm(&mut self, prefix: &str, width: usize, kind: NormKind) -> Result<Norm<B::Tensor>> {
@@ -229,14 +229,6 @@ impl<B: Backend> HookedTransformer<B> {
         for l in 0..cfg.n_layers() {
             let p = format!("blocks.{l}");
             let ln1 = ld.norm(&format!("{p}.ln1"), d, norm)?;
-            let w_o_host = sd.array::<f32>(&format!("{p}.attn.W_O"), Some(&[h, e, d]))?;
-            let w_o_flat = backend.upload(
-                &w_o_host
-                    .as_standard_layout()
-                    .into_owned()
-                    .into_shape_with_order(IxDyn(&[h * e, d]))
-                    .expect("sizes match"),
-            )?;
             let ignore = match sd.get(&format!("{p}.attn.IGNORE")) {
                 Some(t) => *t
                     .expect::<f32>(&format!("{p}.attn.IGNORE"))?
@@ -248,6 +240,17 @@ impl<B: Backend> HookedTransformer<B> {
             let a = format!("{p}.attn");
             let w_q = ld.get(&format!("{a}.W_Q"), &[h, d, e])?;
             let w_o = ld.get(&format!("{a}.W_O"), &[h, e, d])?;
+            let w_o_host = sd.array::<f32>(&format!("{p}.attn.W_O"), Some(&[h, e, d]))?;
+            // The same parameter as W_O, flattened (its gradient is added to W_O's, whose
+            // shape it takes: W_O comes first).
+            let w_o_flat = backend.parameter(
+                &format!("{p}.attn.W_O"),
+                &w_o_host
+                    .as_standard_layout()
+                    .into_owned()
+                    .into_shape_with_order(IxDyn(&[h * e, d]))
+                    .expect("sizes match"),
+            )?;
             let b_q = ld.get(&format!("{a}.b_Q"), &[h, e])?;
             let b_o = ld.get(&format!("{a}.b_O"), &[d])?;
             let w_k = ld.get(&format!("{a}.W_K"), &[h, d, e])?;
@@ -361,6 +364,12 @@ impl<B: Backend> HookedTransformer<B> {
     pub fn forward(&self, tokens: &Array2<u32>) -> Result<ArrayD<f32>> {
         let out = self.forward_ctx(tokens, &mut HookCtx::none())?;
         self.backend.download(out)
+    }
+
+    /// Logits [batch, pos, d_vocab_out] as the backend's tensor, without hooks: on
+    /// [`Autodiff`](crate::train::autodiff::Autodiff), the variable to differentiate.
+    pub fn forward_tensor(&self, tokens: &Array2<u32>) -> Result<B::Tensor> {
+        self.forward_ctx(tokens, &mut HookCtx::none())
     }
 
     /// Logits and the activations at every hook point accepted by `names_filter` (all if None).

@@ -135,14 +135,28 @@ pub fn torch_normal(g: &mut Mt19937, n: usize, mean: f32, std: f32) -> Result<Ve
     Ok(d)
 }
 
-/// The parameter names and shapes of a TL model, in `named_parameters()` order (TL ≥ 1.13),
-/// for the model family the trainer supports (no LayerNorm).
+/// The parameter names and shapes of a TL model, in `named_parameters()` order (TL ≥ 1.13:
+/// per block ln1, ln2, attn, mlp — the modules in the order `TransformerBlock` creates them —,
+/// then ln_final and unembed; LayerNorm has `w` and `b`, RMSNorm `w`, the *Pre variants none).
 pub fn parameter_shapes(cfg: &HookedTransformerConfig) -> Result<Vec<(String, Vec<usize>)>> {
-    if cfg.normalization_type.is_some() {
-        return Err(Error::Unsupported(
-            "initialising models with LayerNorm (the trainer supports normalization_type None)"
-                .into(),
-        ));
+    let norm = cfg.normalization_type.as_deref();
+    let norm_params = |prefix: &str, width: usize| -> Result<Vec<(String, Vec<usize>)>> {
+        Ok(match norm {
+            None | Some("LNPre") | Some("RMSPre") => vec![],
+            Some("LN") => vec![
+                (format!("{prefix}.w"), vec![width]),
+                (format!("{prefix}.b"), vec![width]),
+            ],
+            Some("RMS") => vec![(format!("{prefix}.w"), vec![width])],
+            Some(other) => {
+                return Err(Error::Unsupported(format!(
+                    "initialising normalization_type {other}"
+                )))
+            }
+        })
+    };
+    if cfg.act_fn.as_deref() == Some("solu_ln") {
+        return Err(Error::Unsupported("initialising act_fn solu_ln".into()));
     }
     let (d, h, e) = (cfg.d_model(), cfg.n_heads(), cfg.d_head());
     let mut out = vec![
@@ -150,6 +164,10 @@ pub fn parameter_shapes(cfg: &HookedTransformerConfig) -> Result<Vec<(String, Ve
         ("pos_embed.W_pos".to_string(), vec![cfg.n_ctx(), d]),
     ];
     for l in 0..cfg.n_layers() {
+        out.extend(norm_params(&format!("blocks.{l}.ln1"), d)?);
+        if !cfg.attn_only {
+            out.extend(norm_params(&format!("blocks.{l}.ln2"), d)?);
+        }
         let a = format!("blocks.{l}.attn");
         out.extend([
             (format!("{a}.W_Q"), vec![h, d, e]),
@@ -171,6 +189,7 @@ pub fn parameter_shapes(cfg: &HookedTransformerConfig) -> Result<Vec<(String, Ve
             ]);
         }
     }
+    out.extend(norm_params("ln_final", d)?);
     out.push(("unembed.W_U".to_string(), vec![d, cfg.d_vocab_out()]));
     out.push(("unembed.b_U".to_string(), vec![cfg.d_vocab_out()]));
     Ok(out)
@@ -190,12 +209,12 @@ pub fn init_weights(cfg: &HookedTransformerConfig) -> Result<StateDict> {
     let mut sd = StateDict::new();
     for (name, shape) in parameter_shapes(cfg)? {
         let n: usize = shape.iter().product();
-        let data = if name
-            .rsplit('.')
-            .next()
-            .is_some_and(|leaf| leaf.starts_with("W_"))
-        {
+        let leaf = name.rsplit('.').next().unwrap_or("");
+        // "W_" in name: normal_; LayerNorm/RMSNorm weights ones; biases zeros.
+        let data = if name.contains("W_") {
             torch_normal(&mut g, n, 0.0, std)?
+        } else if leaf == "w" {
+            vec![1.0; n]
         } else {
             vec![0.0; n]
         };

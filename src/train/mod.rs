@@ -17,16 +17,21 @@
 //! ```
 
 pub mod adamw;
+pub mod autodiff;
+pub mod filters;
+pub mod general;
 pub mod grad;
 pub mod init;
 pub mod sweep;
 
 pub use adamw::{AdamW, AdamWConfig};
+pub use filters::{Filters, Grokfast};
+pub use general::TrainPath;
 pub use grad::{check_trainable, loss_and_grads};
 pub use init::{init_weights, torch_normal};
 
 use crate::error::{Error, Result};
-use crate::eval::last_logits_fast;
+use crate::eval::last_logits;
 use crate::model::{HookedTransformer, HookedTransformerConfig, StateDict};
 use crate::run::TrainingRun;
 use crate::task;
@@ -62,6 +67,130 @@ pub struct TrainConfig {
     /// more.
     #[serde(default)]
     pub track_accuracy: bool,
+    /// The model's architecture (the demo's by default).
+    #[serde(default)]
+    pub arch: Arch,
+    /// Train the biases too (the demo freezes every parameter whose name contains `b_`).
+    #[serde(default)]
+    pub train_biases: bool,
+    /// The loss at the last position.
+    #[serde(default)]
+    pub loss: crate::backend::LossKind,
+    /// A Grokfast gradient filter.
+    #[serde(default)]
+    pub grokfast: Option<Grokfast>,
+    /// ⊥Grad: train with the gradient's component along each weight removed.
+    #[serde(default)]
+    pub orthograd: bool,
+    /// Which gradient computation to use.
+    #[serde(default)]
+    pub path: TrainPath,
+}
+
+/// The architecture of the model a run trains: TL config fields (the demo's by default).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Arch {
+    /// Transformer blocks.
+    pub n_layers: usize,
+    /// Residual stream width.
+    pub d_model: usize,
+    /// Attention heads per block.
+    pub n_heads: usize,
+    /// Width of each head.
+    pub d_head: usize,
+    /// MLP width.
+    pub d_mlp: usize,
+    /// TL's act_fn (relu, gelu, gelu_new, gelu_fast, gelu_pytorch_tanh, silu).
+    pub act_fn: String,
+    /// TL's normalization_type: None, LN, LNPre, RMS or RMSPre.
+    pub normalization: Option<String>,
+    /// Attention-only blocks (no MLP).
+    pub attn_only: bool,
+    /// causal or bidirectional.
+    pub attention_dir: String,
+}
+
+impl Default for Arch {
+    fn default() -> Self {
+        Arch {
+            n_layers: 1,
+            d_model: 128,
+            n_heads: 4,
+            d_head: 32,
+            d_mlp: 512,
+            act_fn: "relu".into(),
+            normalization: None,
+            attn_only: false,
+            attention_dir: "causal".into(),
+        }
+    }
+}
+
+impl Arch {
+    /// Check every field (the error names the flag).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |flag: &str, msg: String| Err(Error::invalid(flag, msg));
+        for (flag, v, max) in [
+            ("--n-layers", self.n_layers, 64),
+            ("--d-model", self.d_model, 8192),
+            ("--n-heads", self.n_heads, 256),
+            ("--d-head", self.d_head, 8192),
+            ("--d-mlp", self.d_mlp, 65536),
+        ] {
+            if v == 0 || v > max {
+                return bad(flag, format!("{v} is not in [1, {max}]"));
+            }
+        }
+        if !self.attn_only
+            && ![
+                "relu",
+                "gelu",
+                "gelu_new",
+                "gelu_fast",
+                "gelu_pytorch_tanh",
+                "silu",
+            ]
+            .contains(&self.act_fn.as_str())
+        {
+            return bad(
+                "--act-fn",
+                format!(
+                    "'{}' is not one of relu, gelu, gelu_new, gelu_fast, gelu_pytorch_tanh, silu",
+                    self.act_fn
+                ),
+            );
+        }
+        if let Some(n) = &self.normalization {
+            if !["LN", "LNPre", "RMS", "RMSPre"].contains(&n.as_str()) {
+                return bad(
+                    "--normalization",
+                    format!("'{n}' is not one of none, LN, LNPre, RMS, RMSPre"),
+                );
+            }
+        }
+        if !["causal", "bidirectional"].contains(&self.attention_dir.as_str()) {
+            return bad(
+                "--attention-dir",
+                format!("'{}' is not causal or bidirectional", self.attention_dir),
+            );
+        }
+        Ok(())
+    }
+
+    /// The TL config of this architecture for the task mod p: d_vocab p + 1 (the `=` token),
+    /// d_vocab_out p, n_ctx 3, init "gpt2", model seed `seed`.
+    pub fn config(&self, p: usize, seed: i64) -> Result<HookedTransformerConfig> {
+        self.validate()?;
+        HookedTransformerConfig::from_json(serde_json::json!({
+            "n_layers": self.n_layers, "n_heads": self.n_heads, "d_model": self.d_model,
+            "d_head": self.d_head, "d_mlp": self.d_mlp, "act_fn": self.act_fn,
+            "normalization_type": self.normalization, "attn_only": self.attn_only,
+            "attention_dir": self.attention_dir,
+            "d_vocab": p + 1, "d_vocab_out": p, "n_ctx": 3, "init_weights": true,
+            "device": "cpu", "seed": seed
+        }))
+    }
 }
 
 fn default_op() -> task::Operation {
@@ -81,6 +210,7 @@ impl TrainConfig {
         if self.epochs == 0 {
             return bad("--epochs", "must be at least 1".into());
         }
+        self.arch.validate()?;
         if !task::Operation::TRAINABLE.contains(&self.op) {
             return bad(
                 "--op",
@@ -145,12 +275,80 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// Bytes the demo model's training needs for this p, roughly: per input the tokens, the
-    /// MLP activations and logits (and their gradients), checked with overflow-safe arithmetic.
+    /// Bytes the training needs for this p and architecture, roughly: per input and position
+    /// the activations each block keeps for the backward pass (about 24 residual-width, 6
+    /// MLP-width and 8 per-head tensors) and the logits with their gradient, checked with
+    /// overflow-safe arithmetic.
     pub fn memory_estimate(&self) -> u64 {
         let n = (self.p as u64).saturating_mul(self.p as u64);
-        let per_input = 4 * (2 * 512 + 2 * (self.p as u64 + 1) + 4 * 128 + 3);
-        n.saturating_mul(per_input)
+        if matches!(self.resolved_path(), Ok(TrainPath::Tabulated)) {
+            // Per input: tokens, MLP activations and logits (and their gradients).
+            let a = &self.arch;
+            let per_input =
+                4 * (2 * a.d_mlp as u64 + 2 * (self.p as u64 + 1) + 4 * a.d_model as u64 + 3);
+            return n.saturating_mul(per_input);
+        }
+        let a = &self.arch;
+        let per_block = 24u64
+            .saturating_mul(a.d_model as u64)
+            .saturating_add(6u64.saturating_mul(a.d_mlp as u64))
+            .saturating_add(8u64.saturating_mul(a.n_heads as u64).saturating_mul(3))
+            .saturating_add(4u64.saturating_mul((a.n_heads * a.d_head) as u64));
+        let per_pos = per_block
+            .saturating_mul(a.n_layers as u64)
+            .saturating_add(4u64.saturating_mul(self.p as u64 + 1));
+        n.saturating_mul(per_pos.saturating_mul(3 * 4))
+    }
+}
+
+impl TrainConfig {
+    /// The TL config of the run's model.
+    pub fn model_config(&self) -> Result<HookedTransformerConfig> {
+        self.arch.config(self.p, self.seed)
+    }
+
+    /// The gradient computation this run uses: [`TrainPath::Tabulated`] where it applies
+    /// (and `path` is not `general`), else [`TrainPath::General`]; an error for `tabulated`
+    /// where it does not apply, saying why.
+    pub fn resolved_path(&self) -> Result<TrainPath> {
+        let cfg = self.model_config()?;
+        let mut why = Vec::new();
+        if let Err(e) = check_trainable(&cfg) {
+            why.push(e.to_string());
+        }
+        if self.loss != crate::backend::LossKind::CrossEntropy {
+            why.push("the loss is not cross-entropy".into());
+        }
+        if self.train_biases {
+            why.push("biases train".into());
+        }
+        match (self.path, why.is_empty()) {
+            (TrainPath::General, _) | (TrainPath::Auto, false) => Ok(TrainPath::General),
+            (_, true) => Ok(TrainPath::Tabulated),
+            (TrainPath::Tabulated, false) => Err(Error::invalid(
+                "--path tabulated",
+                format!("does not apply: {}", why.join("; ")),
+            )),
+        }
+    }
+
+    /// One line saying which path trains and why, for the CLI.
+    pub fn path_message(&self) -> Result<String> {
+        Ok(match self.resolved_path()? {
+            TrainPath::Tabulated => {
+                "training path: tabulated (1-layer attention + ReLU MLP without \
+                LayerNorm: exact gradients of the tabulated pass)"
+                    .into()
+            }
+            _ if self.path == TrainPath::General => {
+                "training path: general (reverse-mode over the hooked forward pass; --path general)"
+                    .into()
+            }
+            _ => "training path: general (reverse-mode over the hooked forward pass; the \
+                  tabulated path covers only 1-layer attention + ReLU MLP models without \
+                  LayerNorm, cross-entropy, frozen biases)"
+                .into(),
+        })
     }
 }
 
@@ -168,6 +366,12 @@ impl Default for TrainConfig {
             warmup_epochs: 0,
             op: task::Operation::Add,
             track_accuracy: false,
+            arch: Arch::default(),
+            train_biases: false,
+            loss: crate::backend::LossKind::CrossEntropy,
+            grokfast: None,
+            orthograd: false,
+            path: TrainPath::Auto,
         }
     }
 }
@@ -226,6 +430,10 @@ pub struct Trainer {
     /// (and the test inputs when the test loss was due): the last step's test evaluation,
     /// whose train rows the next step differentiates.
     pending: Option<(HookedTransformer, grad::TrainPass)>,
+    /// The gradient computation in use (tabulated or general).
+    pub path: TrainPath,
+    /// Grokfast / ⊥Grad and their state.
+    pub filters: Filters,
 }
 
 fn subset(tokens: &Array2<u32>, labels: &[u32], idx: &[i64]) -> (Array2<u32>, Vec<u32>) {
@@ -257,8 +465,8 @@ const BAND: i64 = 32;
 impl Trainer {
     /// A fresh run: the demo's model config for `settings.p`, TL's init, the demo split.
     pub fn new(settings: TrainConfig) -> Result<Trainer> {
-        let mut cfg = HookedTransformerConfig::grokking_demo(settings.p as i64);
-        cfg.seed = Some(settings.seed);
+        settings.validate()?;
+        let cfg = settings.model_config()?;
         let params = init_weights(&cfg)?;
         Self::with_params(cfg, params, settings)
     }
@@ -269,9 +477,13 @@ impl Trainer {
         params: StateDict,
         settings: TrainConfig,
     ) -> Result<Trainer> {
-        check_trainable(&cfg)?;
         // Every setting, also those read back from a file for --resume.
         settings.validate()?;
+        let path = settings.resolved_path()?;
+        match path {
+            TrainPath::Tabulated => check_trainable(&cfg)?,
+            _ => general::check_general(&cfg)?,
+        }
         if settings.p < 2 || settings.p + 1 != cfg.d_vocab() {
             return Err(Error::invalid(
                 "p",
@@ -312,6 +524,8 @@ impl Trainer {
             test,
             train_then_test,
             pending: None,
+            path,
+            filters: Filters::new(settings.grokfast, settings.orthograd),
             opt: AdamW::new(settings.adamw),
             cfg,
             settings,
@@ -345,8 +559,12 @@ impl Trainer {
             return Ok(f64::NAN);
         }
         let model = HookedTransformer::new(self.cfg.clone(), self.params.clone())?;
-        let logits = last_logits_fast(&model, &self.test.0)?;
-        Ok(task::loss(logits.view(), &self.test.1))
+        let logits = last_logits(&model, &self.test.0)?;
+        Ok(task::loss_with(
+            self.settings.loss,
+            logits.view(),
+            &self.test.1,
+        ))
     }
 
     /// One epoch of the demo: train loss and gradients, AdamW step, test loss, checkpoint.
@@ -365,6 +583,9 @@ impl Trainer {
     /// inputs in it, so this gives the same numbers as separate passes (tested), and a resumed
     /// run, which starts with a pass over the train inputs alone, stays bit-identical.
     fn step_inner(&mut self) -> Result<()> {
+        if self.path != TrainPath::Tabulated {
+            return self.step_general();
+        }
         let n_train = self.train.1.len();
         let (model, pass) = match self.pending.take() {
             Some((model, pass)) if model.state_dict == self.params => (model, pass),
@@ -374,9 +595,12 @@ impl Trainer {
                 (model, pass)
             }
         };
-        let (loss, grads) = grad::backward(&model, pass)?;
+        let (loss, mut grads) = grad::backward(&model, pass)?;
         drop(model);
         self.train_losses.push(loss);
+        if self.filters.active() {
+            self.filters.apply(&mut grads, &self.params)?;
+        }
         let lr = self.lr();
         self.opt.step(&mut self.params, &grads, lr)?;
         let model = HookedTransformer::new(self.cfg.clone(), self.params.clone())?;
@@ -409,6 +633,55 @@ impl Trainer {
             });
         }
         self.pending = Some((model, pass));
+        if (self.epoch + 1).is_multiple_of(self.settings.checkpoint_every) {
+            self.checkpoint_epochs.push(self.epoch as i64);
+            self.checkpoints.push(self.params.clone());
+        }
+        self.epoch += 1;
+        Ok(())
+    }
+
+    /// The epoch on the general path: differentiate the hooked forward pass over the train
+    /// inputs, filter, AdamW, then evaluate the new weights (test loss; accuracies when
+    /// tracked), checkpoint.
+    fn step_general(&mut self) -> Result<()> {
+        let s = &self.settings;
+        let (loss, mut grads) = general::loss_and_grads(
+            &self.cfg,
+            &self.params,
+            &self.train.0,
+            &self.train.1,
+            s.loss,
+            s.train_biases,
+        )?;
+        self.train_losses.push(loss);
+        if self.filters.active() {
+            self.filters.apply(&mut grads, &self.params)?;
+        }
+        let lr = self.lr();
+        self.opt.step(&mut self.params, &grads, lr)?;
+        if self.epoch.is_multiple_of(self.settings.eval_every) {
+            let model = HookedTransformer::new(self.cfg.clone(), self.params.clone())?;
+            let kind = self.settings.loss;
+            let test = if self.test.1.is_empty() {
+                None
+            } else {
+                Some(last_logits(&model, &self.test.0)?)
+            };
+            self.test_losses.push(match &test {
+                Some(l) => task::loss_with(kind, l.view(), &self.test.1),
+                None => f64::NAN,
+            });
+            if self.settings.track_accuracy {
+                let train = last_logits(&model, &self.train.0)?;
+                self.train_accuracies
+                    .push(task::accuracy(train.view(), &self.train.1));
+                self.test_accuracies.push(match &test {
+                    Some(l) => task::accuracy(l.view(), &self.test.1),
+                    None => f64::NAN,
+                });
+            }
+        }
         if (self.epoch + 1).is_multiple_of(self.settings.checkpoint_every) {
             self.checkpoint_epochs.push(self.epoch as i64);
             self.checkpoints.push(self.params.clone());
@@ -454,6 +727,11 @@ impl Trainer {
             .ok_or_else(|| Error::missing("run", "optimizer (a file written by `tlens train`)"))?;
         let settings: TrainConfig = serde_json::from_value(o.settings.clone())
             .map_err(|e| Error::invalid("run['optimizer']['settings']", e.to_string()))?;
+        if settings.grokfast.is_some() {
+            return Err(Error::Unsupported(
+                "resuming a Grokfast run (the filter's state is not saved in the run file)".into(),
+            ));
+        }
         let cfg = run.config.ok_or_else(|| Error::missing("run", "config"))?;
         let mut t = Self::with_params(cfg, run.model, settings)?;
         if run.train_indices.as_deref() != Some(&t.train_indices[..]) {
