@@ -1058,18 +1058,22 @@ pub struct Evaluation {
 /// the demo's indices). Each input's loss and correctness is computed once; the three splits
 /// average them (an empty split gives NaN).
 pub fn evaluate(model: &HookedTransformer<Cpu>, train: &[i64], test: &[i64]) -> Result<Evaluation> {
-    evaluate_op(model, task::Operation::Add, train, test)
+    evaluate_op(model, task::Operation::Add, None, train, test)
 }
 
-/// [`evaluate`] for the labels of another operation (the 2022 code's `fn_name`).
+/// [`evaluate`] for the labels of another operation (the 2022 code's `fn_name`, or tlens's
+/// `--op`); `rand_seed` is a `rand` run's table seed. The full loss is over the pairs the
+/// operation is defined on (b ≠ 0 for div and mix1); `train`/`test` are a·p + b ids.
 pub fn evaluate_op(
     model: &HookedTransformer<Cpu>,
     op: task::Operation,
+    rand_seed: Option<u64>,
     train: &[i64],
     test: &[i64],
 ) -> Result<Evaluation> {
     let p = task_p(&model.cfg);
-    let (tokens, labels) = task::dataset(p, op)?;
+    let (tokens, labels) = task::dataset_seeded(p, op, rand_seed)?;
+    let rows_of = task::rows_of(p, op);
     let logits = last_logits(model, &tokens)?;
     let per_row: Vec<(f64, bool)> = logits
         .axis_chunks_iter(Axis(0), 512)
@@ -1103,9 +1107,16 @@ pub fn evaluate_op(
             .map(|&i| {
                 usize::try_from(i)
                     .ok()
-                    .filter(|&i| i < per_row.len())
+                    .and_then(|i| rows_of.get(i).copied().flatten())
                     .ok_or_else(|| {
-                        Error::invalid("indices", format!("index {i} outside 0..{}", per_row.len()))
+                        Error::invalid(
+                            "indices",
+                            format!(
+                                "index {i} is not one of the {} pairs of {} mod {p}",
+                                per_row.len(),
+                                op.name()
+                            ),
+                        )
                     })
             })
             .collect()

@@ -163,23 +163,37 @@ pub enum Operation {
     X3xy,
     /// (a³ + ab² + b) mod p (Power et al.).
     X3xy2y,
-    /// A random table: the 2022 code drew it from numpy's unseeded global generator, so no
-    /// file says what it was ([`Operation::label`] is `None`).
+    /// A random table. The 2022 code drew it from numpy's unseeded global generator, so no
+    /// file says what it was; tlens draws it as `torch.manual_seed(seed); torch.randint(0, p,
+    /// (p*p,))` from the run's data seed ([`torch_randint`]), recorded in the run as
+    /// `rand_seed` ([`Operation::label`] is `None`: the table is needed).
     Rand,
+    /// a · b⁻¹ mod p (Power et al.), p prime; pairs with b = 0 are excluded.
+    Div,
+    /// a · b⁻¹ mod p if b is odd, else (a − b) mod p (Power et al.), p prime; b = 0 excluded.
+    Mix1,
 }
 
 impl Operation {
-    /// Every operation defined on all p² pairs whose labels a file can recover.
-    pub const TRAINABLE: [Operation; 8] = [
+    /// The operations `tlens train --op` takes: the Power et al. (2022) list.
+    pub const TRAINABLE: [Operation; 11] = [
         Operation::Add,
         Operation::Subtract,
         Operation::Mul,
+        Operation::Div,
         Operation::X2y2,
         Operation::X2xyy2,
         Operation::X2xyy2x,
         Operation::X3xy,
         Operation::X3xy2y,
+        Operation::Mix1,
+        Operation::Rand,
     ];
+
+    /// Whether the pairs with b = 0 are excluded (b⁻¹ is undefined): div and mix1.
+    pub fn excludes_b_zero(self) -> bool {
+        matches!(self, Operation::Div | Operation::Mix1)
+    }
 
     /// From the 2022 `Config.fn_name` or tlens's `--op` (`sub` = `subtract`).
     pub fn from_2022_name(name: &str) -> Option<Operation> {
@@ -193,6 +207,8 @@ impl Operation {
             "x3xy" => Operation::X3xy,
             "x3xy2y" => Operation::X3xy2y,
             "rand" => Operation::Rand,
+            "div" => Operation::Div,
+            "mix1" => Operation::Mix1,
             _ => return None,
         })
     }
@@ -209,6 +225,8 @@ impl Operation {
             Operation::X3xy => "x3xy",
             Operation::X3xy2y => "x3xy2y",
             Operation::Rand => "rand",
+            Operation::Div => "div",
+            Operation::Mix1 => "mix1",
         }
     }
 
@@ -224,12 +242,25 @@ impl Operation {
             Operation::X3xy => "a^3 + ab",
             Operation::X3xy2y => "a^3 + ab^2 + b",
             Operation::Rand => "random table",
+            Operation::Div => "a / b",
+            Operation::Mix1 => "a / b if b odd else a - b",
         }
     }
 
-    /// The label of (a, b) mod p (`None` for `rand`, whose table is not recoverable).
+    /// The label of (a, b) mod p (`None` for `rand`, whose label is a table's, and for b = 0
+    /// in div and mix1). Division takes b⁻¹ = b^(p−2) mod p, which is the inverse for prime p.
     pub fn label(self, a: usize, b: usize, p: usize) -> Option<u32> {
         let (a, b) = (a % p, b % p);
+        if self.excludes_b_zero() {
+            if b == 0 {
+                return None;
+            }
+            let div = (a as u128 * pow_mod(b as u128, p as u128 - 2, p as u128) % p as u128) as u32;
+            return Some(match self {
+                Operation::Mix1 if b % 2 == 0 => ((a + p - b) % p) as u32,
+                _ => div,
+            });
+        }
         Some(match self {
             Operation::Add => (a + b) % p,
             Operation::Subtract => (a + p - b) % p,
@@ -250,23 +281,111 @@ impl Operation {
                     _ => a * a % p * a + a * b % p * b + b,
                 } % p) as usize
             }
-            Operation::Rand => return None,
+            Operation::Rand | Operation::Div | Operation::Mix1 => return None,
         } as u32)
     }
 }
 
-/// All p² inputs `[a, b, p]` (a-major) and their labels `op(a, b) mod p`.
+fn pow_mod(mut b: u128, mut e: u128, m: u128) -> u128 {
+    let mut r = 1 % m;
+    b %= m;
+    while e > 0 {
+        if e & 1 == 1 {
+            r = r * b % m;
+        }
+        b = b * b % m;
+        e >>= 1;
+    }
+    r
+}
+
+/// Whether p is prime (trial division; p ≤ 2³² in practice).
+pub fn is_prime(p: usize) -> bool {
+    p >= 2 && (2..).take_while(|d| d * d <= p).all(|d| !p.is_multiple_of(d))
+}
+
+/// `torch.manual_seed(seed); torch.randint(0, high, (n,))` (int64, CPU): each value is
+/// `next_u32 % high` (torch's `uniform_int_from_to` for ranges below 2³²).
+pub fn torch_randint(n: usize, high: u32, seed: u64) -> Vec<u32> {
+    let mut g = Mt19937::new(seed);
+    (0..n).map(|_| g.next_u32() % high).collect()
+}
+
+/// The pairs an operation is defined on, as a·p + b in a-major order: all p², or the p(p − 1)
+/// with b ≠ 0 for div and mix1. Row i of [`dataset`] is pair `ids[i]`.
+pub fn ids(p: usize, op: Operation) -> Vec<i64> {
+    (0..p * p)
+        .filter(|i| !(op.excludes_b_zero() && i % p == 0))
+        .map(|i| i as i64)
+        .collect()
+}
+
+/// The split of an operation's pairs as the demo makes it: the first
+/// `int(n_pairs·frac_train)` of `torch.randperm(n_pairs)` (seed `data_seed`) train, the rest
+/// test, as a·p + b ids ([`demo_split`] where all p² pairs are used).
+pub fn split(p: usize, op: Operation, frac_train: f64, data_seed: u64) -> (Vec<i64>, Vec<i64>) {
+    let ids = ids(p, op);
+    let n = ids.len();
+    let perm = torch_randperm(n, data_seed);
+    let cutoff = ((n as f64 * frac_train) as usize).min(n);
+    let map = |r: &[i64]| r.iter().map(|&i| ids[i as usize]).collect::<Vec<_>>();
+    (map(&perm[..cutoff]), map(&perm[cutoff..]))
+}
+
+/// For each a·p + b, its row in [`dataset`] (None for an excluded pair).
+pub fn rows_of(p: usize, op: Operation) -> Vec<Option<usize>> {
+    let mut rows = vec![None; p * p];
+    for (r, &i) in ids(p, op).iter().enumerate() {
+        rows[i as usize] = Some(r);
+    }
+    rows
+}
+
+/// [`dataset`] with the seed of a `rand` table (`None`: no table, an error for `rand`).
+pub fn dataset_seeded(
+    p: usize,
+    op: Operation,
+    rand_seed: Option<u64>,
+) -> crate::Result<(Array2<u32>, Vec<u32>)> {
+    match (op, rand_seed) {
+        (Operation::Rand, Some(seed)) => {
+            let (tokens, _) = modular_addition(p);
+            let high = u32::try_from(p).map_err(|_| crate::Error::invalid("p", "too large"))?;
+            Ok((tokens, torch_randint(p * p, high, seed)))
+        }
+        _ => dataset(p, op),
+    }
+}
+
+/// The inputs `[a, b, p]` an operation is defined on (a-major; all p², or those with b ≠ 0
+/// for div and mix1: see [`ids`]) and their labels `op(a, b) mod p`.
 pub fn dataset(p: usize, op: Operation) -> crate::Result<(Array2<u32>, Vec<u32>)> {
     if op == Operation::Rand {
         return Err(crate::Error::UnknownData(
-            "the labels of fn_name 'rand' are a table the 2022 code drew from numpy's unseeded \
-             global generator and did not save"
+            "the labels of 'rand' are a random table: the 2022 code drew it from numpy's \
+             unseeded global generator and did not save it (a tlens run records its rand_seed)"
                 .into(),
         ));
     }
-    let (tokens, _) = modular_addition(p);
-    let labels = (0..p * p)
-        .map(|i| op.label(i / p, i % p, p).expect("not rand"))
+    if op.excludes_b_zero() && !is_prime(p) {
+        return Err(crate::Error::invalid(
+            "p",
+            format!(
+                "{} needs a prime p (b⁻¹ mod p); {p} is not prime",
+                op.name()
+            ),
+        ));
+    }
+    let (all, _) = modular_addition(p);
+    let ids = ids(p, op);
+    let rows: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
+    let tokens = all.select(ndarray::Axis(0), &rows);
+    let labels = ids
+        .iter()
+        .map(|&i| {
+            let i = i as usize;
+            op.label(i / p, i % p, p).expect("defined on its ids")
+        })
         .collect();
     Ok((tokens, labels))
 }

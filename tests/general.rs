@@ -386,3 +386,93 @@ fn curve_orthograd() {
 fn curve_trained_biases_ln() {
     check_curve("add_ln_train_biases");
 }
+
+/// `--op rand` draws `torch.manual_seed(s); torch.randint(0, p, (p*p,))`, and div/mix1 split
+/// `torch.randperm(p(p − 1))` over the pairs with b ≠ 0: both against torch's own draws.
+#[test]
+fn rand_table_and_b_nonzero_split_are_torchs() {
+    let text = std::fs::read_to_string(fixture("training/rand_table.json")).unwrap();
+    let t: Json = serde_json::from_str(&text).unwrap();
+    for (p, seed) in [(23usize, 598u64), (7, 1)] {
+        let want: Vec<u32> =
+            serde_json::from_value(t[format!("randint_{p}_{seed}")].clone()).unwrap();
+        assert_eq!(task::torch_randint(p * p, p as u32, seed), want);
+        let perm: Vec<i64> =
+            serde_json::from_value(t[format!("randperm_{}_{seed}", p * (p - 1))].clone()).unwrap();
+        let ids = task::ids(p, Operation::Div);
+        let (train, test) = task::split(p, Operation::Div, 0.3, seed);
+        let cut = (p * (p - 1)) as f64 * 0.3;
+        let expect: Vec<i64> = perm.iter().map(|&i| ids[i as usize]).collect();
+        assert_eq!(train, expect[..cut as usize]);
+        assert_eq!(test, expect[cut as usize..]);
+        assert!(
+            train.iter().chain(&test).all(|&i| i % p as i64 != 0),
+            "b = 0 excluded"
+        );
+    }
+}
+
+#[test]
+fn power_et_al_operations_train_and_evaluate() {
+    // div: a·b⁻¹ (3⁻¹ = 8 mod 23); mix1: division for odd b, subtraction for even b.
+    assert_eq!(Operation::Div.label(5, 3, 23), Some(17));
+    assert_eq!(Operation::Div.label(5, 0, 23), None);
+    assert_eq!(Operation::Mix1.label(5, 3, 23), Some(17));
+    assert_eq!(Operation::Mix1.label(5, 4, 23), Some(1));
+    let (tokens, labels) = task::dataset(23, Operation::Div).unwrap();
+    assert_eq!((tokens.nrows(), labels.len()), (23 * 22, 23 * 22));
+    assert!(matches!(
+        task::dataset(21, Operation::Div),
+        Err(tlens::Error::Invalid { .. })
+    ));
+    for op in [Operation::Div, Operation::Mix1, Operation::Rand] {
+        let settings = TrainConfig {
+            p: 23,
+            op,
+            epochs: 5,
+            arch: Arch {
+                d_model: 32,
+                d_head: 8,
+                d_mlp: 64,
+                ..Arch::default()
+            },
+            ..TrainConfig::default()
+        };
+        let mut t = Trainer::new(settings).unwrap();
+        for _ in 0..5 {
+            t.step().unwrap();
+        }
+        let n = if op == Operation::Rand {
+            23 * 23
+        } else {
+            23 * 22
+        };
+        assert_eq!(t.train_indices.len() + t.test_indices.len(), n, "{op:?}");
+        // The run file's evaluation reproduces the trainer's last test loss.
+        let dir =
+            std::env::temp_dir().join(format!("tlens_ops_{}_{}", op.name(), std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("run.pth");
+        t.to_run()
+            .save_pth(&path, tlens::ConfigStyle::Tl2Object)
+            .unwrap();
+        let run = tlens::RunFile::open(&path).unwrap();
+        assert_eq!(run.operation().unwrap(), op);
+        if op == Operation::Rand {
+            assert_eq!(run.rand_seed(), Some(598));
+        }
+        let model =
+            tlens::HookedTransformer::new(run.config.clone().unwrap(), run.model().unwrap())
+                .unwrap();
+        let split = run.split(23, tlens::run::SplitChoice::Auto).unwrap();
+        let ev = tlens::eval::evaluate_op(&model, op, run.rand_seed(), &split.train, &split.test)
+            .unwrap();
+        let last = *t.test_losses.last().unwrap();
+        assert!(
+            ((ev.test_loss - last) / last).abs() < 1e-6,
+            "{op:?}: {} vs {last}",
+            ev.test_loss
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

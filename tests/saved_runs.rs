@@ -145,7 +145,7 @@ fn eval_equals_the_2022_models_own_forward_pass() {
         let s = run.split(p, SplitChoice::Auto).unwrap();
         let model =
             HookedTransformer::new(run.config.clone().unwrap(), run.model().unwrap()).unwrap();
-        let ev = tlens::eval::evaluate_op(&model, op, &s.train, &s.test).unwrap();
+        let ev = tlens::eval::evaluate_op(&model, op, None, &s.train, &s.test).unwrap();
         let e = &d["eval_2022"];
         for (got, name) in [
             (ev.train_loss, "train_loss"),
@@ -187,7 +187,7 @@ fn eval_cli_on_a_2022_run_prints_the_2022_numbers() {
 }
 
 #[test]
-fn analyze_runs_on_a_2022_run_and_says_what_assumes_addition() {
+fn analyze_runs_on_2022_runs_and_says_what_assumes_addition() {
     use tlens::analysis::{analyze_run, Options};
     let opts = Options {
         skip_checkpoints: true,
@@ -205,9 +205,13 @@ fn analyze_runs_on_a_2022_run_and_says_what_assumes_addition() {
     let sub = RunFile::open(saved("run_subtract.pth")).unwrap();
     let (a, _) = analyze_run(&sub, &opts).unwrap();
     assert_eq!(a.operation, Operation::Subtract);
-    assert_eq!(a.skipped.len(), tlens::analysis::ADDITION_ONLY.len());
-    assert!(a.final_.restricted_loss.is_nan() && a.final_.excluded_loss.is_nan());
-    assert!(a.final_.train_loss.is_finite());
+    // Subtraction is analysed in (a, −b) coordinates: the cos/sin k(a − b) analyses run, and
+    // the split (re-indexed) gives the 2022 forward pass's accuracies.
+    assert!(a.skipped.is_empty());
+    assert!(a.final_.restricted_loss.is_finite() && a.final_.excluded_loss.is_finite());
+    let e = &manifest()["run_subtract"]["eval_2022"];
+    assert_eq!(a.final_.train_accuracy, num(&e["train_accuracy"]));
+    assert_eq!(a.final_.test_accuracy, num(&e["test_accuracy"]));
     // The CLI says which analyses it skipped.
     let path = saved("run_x2xyy2.pth");
     let (code, out, err) = tlens(&["analyze", path.to_str().unwrap(), "--no-checkpoints"]);

@@ -115,6 +115,7 @@ fn tracked_accuracy_equals_evaluating_the_checkpoint() {
         let ev = tlens::eval::evaluate_op(
             &model,
             tlens::task::Operation::Subtract,
+            None,
             &split.train,
             &split.test,
         )
@@ -136,7 +137,7 @@ fn tracked_accuracy_equals_evaluating_the_checkpoint() {
 fn sweep_flags_are_checked() {
     for (args, why) in [
         (vec!["--shard", "2/2"], "--shard"),
-        (vec!["--op", "div"], "--op"),
+        (vec!["--op", "nothing"], "--op"),
         (vec!["--frac-train", "0.5,x"], "--frac-train"),
         (vec!["--weight-decay", "-1"], "--weight-decay"),
     ] {

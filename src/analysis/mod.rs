@@ -55,7 +55,8 @@ pub struct Task {
     pub p: usize,
     /// The operation whose value mod p is the label.
     pub op: task::Operation,
-    /// All p² inputs `[a, b, p]`, a-major (row a·p + b).
+    /// All p² inputs `[a, b, p]`, a-major (row a·p + b; for subtraction row a·p + b′ holds
+    /// [a, −b′ mod p, p], so that labels are (a + b′) mod p).
     pub tokens: Array2<u32>,
     /// The label of each input, `op(a, b) mod p`.
     pub labels: Vec<u32>,
@@ -65,8 +66,8 @@ pub struct Task {
     pub test: Vec<i64>,
 }
 
-/// The analyses whose definitions project onto cos/sin of k(a + b): skipped (NaN in the
-/// report) for other operations.
+/// The analyses whose definitions project onto cos/sin of k(a + b) (of k(a − b) for
+/// subtraction): skipped (NaN in the report) for other operations.
 pub const ADDITION_ONLY: [&str; 4] = [
     "restricted loss",
     "excluded loss",
@@ -89,7 +90,36 @@ impl Task {
                 format!("index {i} outside 0..{n} (p = {p})"),
             ));
         }
-        let (tokens, labels) = task::dataset(p, op)?;
+        if op.excludes_b_zero() {
+            return Err(Error::Unsupported(format!(
+                "the analyses of {} runs: they read all p² pairs as [a, b] grids, and {} \
+                 excludes b = 0 (`tlens eval` evaluates such runs)",
+                op.name(),
+                op.name()
+            )));
+        }
+        let (mut tokens, mut labels) = task::dataset(p, op)?;
+        let (mut train, mut test) = (train, test);
+        if op == task::Operation::Subtract {
+            // (a − b) mod p = (a + b′) mod p with b′ = −b mod p: the subtraction task in
+            // (a, b′) coordinates is the addition task, so every analysis defined through
+            // cos/sin k(a + b) reads cos/sin k(a − b). Row a·p + b′ holds the input [a, b, =].
+            let neg = |b: usize| (p - b) % p;
+            let (all, _) = task::modular_addition(p);
+            tokens = Array2::from_shape_fn((p * p, 3), |(i, j)| match j {
+                1 => neg(i % p) as u32,
+                _ => all[[i, j]],
+            });
+            labels = (0..p * p).map(|i| ((i / p + i % p) % p) as u32).collect();
+            let flip = |v: &mut Vec<i64>| {
+                for i in v.iter_mut() {
+                    let (a, b) = (*i as usize / p, *i as usize % p);
+                    *i = (a * p + neg(b)) as i64;
+                }
+            };
+            flip(&mut train);
+            flip(&mut test);
+        }
         Ok(Task {
             p,
             op,
@@ -115,12 +145,26 @@ impl Task {
         let p = run.modular_p()?;
         check_model_family(cfg)?;
         let s = run.split(p, split)?;
-        Task::with_op(p, run.operation()?, s.train, s.test)
+        let op = run.operation()?;
+        if op == task::Operation::Rand {
+            let (tokens, labels) = task::dataset_seeded(p, op, run.rand_seed())?;
+            return Ok(Task {
+                p,
+                op,
+                tokens,
+                labels,
+                train: s.train,
+                test: s.test,
+            });
+        }
+        Task::with_op(p, op, s.train, s.test)
     }
 
-    /// Whether the addition-specific analyses ([`ADDITION_ONLY`]) are defined for this task.
+    /// Whether the addition-specific analyses ([`ADDITION_ONLY`]) are defined for this task:
+    /// addition, and subtraction, whose task is held in (a, −b) coordinates
+    /// ([`Task::with_op`]), where they read cos/sin k(a − b).
     pub fn is_addition(&self) -> bool {
-        self.op == task::Operation::Add
+        matches!(self.op, task::Operation::Add | task::Operation::Subtract)
     }
 }
 

@@ -59,15 +59,47 @@ pub fn predict(file: &Path, a: u32, b: u32, checkpoint: Option<i64>) -> Result<(
     let m = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
     let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
     let prob = (row[c] as f64 - m).exp() / z;
-    let expr = op
-        .formula()
-        .replace('a', &a.to_string())
-        .replace('b', &b.to_string());
+    let expr = match op {
+        task::Operation::Rand => format!("table[{a}, {b}]"),
+        // The formula with a and b substituted (ab → a·b).
+        _ => {
+            let mut out = String::new();
+            let mut after_var = false;
+            for ch in op.formula().chars() {
+                let v = match ch {
+                    'a' => Some(a),
+                    'b' => Some(b),
+                    _ => None,
+                };
+                match v {
+                    Some(v) => {
+                        if after_var {
+                            out.push('·');
+                        }
+                        out.push_str(&v.to_string());
+                        after_var = true;
+                    }
+                    None => {
+                        out.push(ch);
+                        after_var = false;
+                    }
+                }
+            }
+            out
+        }
+    };
     out!("{expr} mod {p} = {c}   (p = {prob:.4})")?;
-    match op.label(a as usize, b as usize, p) {
+    let truth = match (op, run.rand_seed()) {
+        (task::Operation::Rand, Some(seed)) => task::torch_randint(p * p, p as u32, seed)
+            .get(a as usize * p + b as usize)
+            .copied(),
+        _ => op.label(a as usize, b as usize, p),
+    };
+    match truth {
         Some(truth) if truth as usize != c => out!("  (wrong: the answer is {truth})")?,
         Some(_) => {}
-        None => out!("  (fn_name 'rand': the true table is not in the file)")?,
+        None if op == task::Operation::Rand => out!("  (rand: the true table is not in the file)")?,
+        None => out!("  ({} is undefined for b = 0)", op.name())?,
     }
     outln!("")?;
     Ok(())
@@ -106,7 +138,7 @@ pub fn eval(
     };
     let mut rows = Vec::new();
     for e in epochs {
-        let ev = evaluate_op(&load_model(&run, e)?, op, &tr, &te)?;
+        let ev = evaluate_op(&load_model(&run, e)?, op, run.rand_seed(), &tr, &te)?;
         let mut j = serde_json::to_value(ev)?;
         if let Some(e) = e {
             j["epoch"] = json!(e);

@@ -32,7 +32,8 @@ pub struct SweepArgs {
     /// Moduli, comma-separated.
     #[arg(long)]
     pub p: Option<String>,
-    /// Operations, comma-separated (add, sub, mul, x2y2, x2xyy2, x2xyy2x, x3xy, x3xy2y).
+    /// Operations, comma-separated (add, sub, mul, div, x2y2, x2xyy2, x2xyy2x, x3xy, x3xy2y,
+    /// mix1, rand).
     #[arg(long)]
     pub op: Option<String>,
     /// Train fractions, comma-separated.
@@ -56,6 +57,9 @@ pub struct SweepArgs {
     /// Evaluate test loss and accuracies every this many epochs.
     #[arg(long, default_value_t = 10)]
     pub eval_every: usize,
+    /// Architecture, loss, filters and path of every run (as `tlens train`).
+    #[command(flatten)]
+    pub model: super::train::ModelArgs,
 }
 
 fn list<T: std::str::FromStr>(flag: &str, v: &Option<String>) -> Result<Vec<T>> {
@@ -99,12 +103,12 @@ impl SweepArgs {
             seeds: list("--seeds", &self.seeds)?,
             data_seeds: list("--data-seeds", &self.data_seeds)?,
         };
-        let base = TrainConfig {
+        let base = self.model.apply(&TrainConfig {
             epochs: self.epochs,
             checkpoint_every: self.checkpoint_every,
             eval_every: self.eval_every,
             ..TrainConfig::default()
-        };
+        })?;
         let s = Sweep::new(axes, base);
         for r in s.runs() {
             r.settings.validate()?;

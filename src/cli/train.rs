@@ -53,12 +53,27 @@ pub struct TrainArgs {
     /// Linear learning-rate warm-up over this many epochs (default 0 = none, as the demo).
     #[arg(long)]
     pub warmup_epochs: Option<usize>,
-    /// The operation mod p: add (default), sub, mul, x2y2, x2xyy2, x2xyy2x, x3xy, x3xy2y.
+    /// The operation mod p: add (default), sub, mul, div, x2y2, x2xyy2, x2xyy2x, x3xy, x3xy2y,
+    /// mix1, rand (div and mix1 need a prime p).
     #[arg(long)]
     pub op: Option<String>,
     /// Record train and test accuracy after every evaluated epoch (saved in the run file).
     #[arg(long)]
     pub track_accuracy: bool,
+    /// Architecture, loss, filters and path.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Continue the run in --out (written by an earlier, interrupted `tlens train`).
+    #[arg(long)]
+    pub resume: bool,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    /// Where to run: auto, cpu or cuda.
+    pub device: DeviceArg,
+}
+
+/// The model, loss and gradient-filter flags `train` and `sweep` share.
+#[derive(clap::Args, Debug, Default)]
+pub struct ModelArgs {
     /// Transformer blocks (default 1).
     #[arg(long)]
     pub n_layers: Option<usize>,
@@ -104,26 +119,11 @@ pub struct TrainArgs {
     /// Gradient computation: auto (default: tabulated where it applies), tabulated, general.
     #[arg(long)]
     pub path: Option<String>,
-    /// Continue the run in --out (written by an earlier, interrupted `tlens train`).
-    #[arg(long)]
-    pub resume: bool,
-    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
-    /// Where to run: auto, cpu or cuda.
-    pub device: DeviceArg,
 }
 
-impl TrainArgs {
-    /// The settings: the flags given, the reference setup's defaults for the others.
-    pub fn settings(&self) -> Result<TrainConfig> {
-        self.settings_over(&TrainConfig::default())
-    }
-
-    /// The flags given over `base` (a resumed run's settings, or the defaults).
-    fn settings_over(&self, base: &TrainConfig) -> Result<TrainConfig> {
-        let op = match &self.op {
-            Some(name) => parse_op(name)?,
-            None => base.op,
-        };
+impl ModelArgs {
+    /// These flags over `base` (a run's settings, or the defaults).
+    pub fn apply(&self, base: &TrainConfig) -> Result<TrainConfig> {
         let arch = crate::train::Arch {
             n_layers: self.n_layers.unwrap_or(base.arch.n_layers),
             d_model: self.d_model.unwrap_or(base.arch.d_model),
@@ -171,6 +171,31 @@ impl TrainArgs {
             path,
             train_biases: self.train_biases || base.train_biases,
             orthograd: self.orthograd || base.orthograd,
+            ..base.clone()
+        })
+    }
+}
+
+impl TrainArgs {
+    /// The settings: the flags given, the reference setup's defaults for the others.
+    pub fn settings(&self) -> Result<TrainConfig> {
+        self.settings_over(&TrainConfig::default())
+    }
+
+    /// The flags given over `base` (a resumed run's settings, or the defaults).
+    fn settings_over(&self, base: &TrainConfig) -> Result<TrainConfig> {
+        let op = match &self.op {
+            Some(name) => parse_op(name)?,
+            None => base.op,
+        };
+        let base = &self.model.apply(base)?;
+        Ok(TrainConfig {
+            arch: base.arch.clone(),
+            loss: base.loss,
+            grokfast: base.grokfast,
+            path: base.path,
+            train_biases: base.train_biases,
+            orthograd: base.orthograd,
             op,
             track_accuracy: self.track_accuracy || base.track_accuracy,
             p: self.p.unwrap_or(base.p),

@@ -1043,6 +1043,14 @@ impl RunFile {
         }
     }
 
+    /// The seed of a tlens `rand` run's table (`rand_seed` in its config), if recorded.
+    pub fn rand_seed(&self) -> Option<u64> {
+        self.config
+            .as_ref()
+            .and_then(|c| c.extra.get("rand_seed"))
+            .and_then(serde_json::Value::as_u64)
+    }
+
     /// The run's train/test split as indices into the a-major dataset of p² inputs, and the
     /// rule that gave it ([`SplitChoice::Auto`]): the indices stored in the file; else, for a
     /// run of the 2022 code, the split its `gen_train_test` made (`random.seed(seed);

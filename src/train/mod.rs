@@ -220,6 +220,16 @@ impl TrainConfig {
         if self.p < 3 || self.p.is_multiple_of(2) {
             return bad("--p", format!("{} is not an odd number ≥ 3", self.p));
         }
+        if self.op.excludes_b_zero() && !task::is_prime(self.p) {
+            return bad(
+                "--p",
+                format!(
+                    "{} needs a prime p (b⁻¹ mod p); {} is not prime",
+                    self.op.name(),
+                    self.p
+                ),
+            );
+        }
         let finite_in = |flag: &str, x: f64, lo: f64, hi: f64, lo_open: bool, hi_open: bool| {
             let ok = x.is_finite()
                 && if lo_open { x > lo } else { x >= lo }
@@ -436,8 +446,17 @@ pub struct Trainer {
     pub filters: Filters,
 }
 
-fn subset(tokens: &Array2<u32>, labels: &[u32], idx: &[i64]) -> (Array2<u32>, Vec<u32>) {
-    let rows: Vec<usize> = idx.iter().map(|&i| i as usize).collect();
+/// The dataset rows of pairs `idx` (a·p + b ids; `rows_of` maps them to rows).
+fn subset(
+    tokens: &Array2<u32>,
+    labels: &[u32],
+    rows_of: &[Option<usize>],
+    idx: &[i64],
+) -> (Array2<u32>, Vec<u32>) {
+    let rows: Vec<usize> = idx
+        .iter()
+        .map(|&i| rows_of[i as usize].expect("split ids are dataset pairs"))
+        .collect();
     (
         tokens.select(Axis(0), &rows),
         rows.iter().map(|&i| labels[i]).collect(),
@@ -499,9 +518,11 @@ impl Trainer {
                 "frac_train in [0, 1], intervals ≥ 1",
             ));
         }
-        let (tokens, labels) = task::dataset(settings.p, settings.op)?;
+        let (p, op) = (settings.p, settings.op);
+        let (tokens, labels) = task::dataset_seeded(p, op, Some(settings.data_seed))?;
+        let rows_of = task::rows_of(p, op);
         let (train_indices, test_indices) =
-            task::demo_split(settings.p, settings.frac_train, settings.data_seed);
+            task::split(p, op, settings.frac_train, settings.data_seed);
         if train_indices.is_empty() {
             return Err(Error::invalid("frac_train", "the train split is empty"));
         }
@@ -514,8 +535,13 @@ impl Trainer {
         // loss is a mean, so the order only moves its last bits; the gradient sums follow it).
         // The test set, only evaluated, in bands (its loss is an f64 mean: the order moves
         // nothing but its last bits).
-        let train = subset(&tokens, &labels, &sorted(&train_indices));
-        let test = subset(&tokens, &labels, &banded(&test_indices, settings.p));
+        let train = subset(&tokens, &labels, &rows_of, &sorted(&train_indices));
+        let test = subset(
+            &tokens,
+            &labels,
+            &rows_of,
+            &banded(&test_indices, settings.p),
+        );
         let train_then_test =
             ndarray::concatenate(Axis(0), &[train.0.view(), test.0.view()]).expect("same width");
         Ok(Trainer {
@@ -697,6 +723,12 @@ impl Trainer {
             cfg.extra.insert(
                 "operation".into(),
                 serde_json::Value::from(self.settings.op.name()),
+            );
+        }
+        if self.settings.op == task::Operation::Rand {
+            cfg.extra.insert(
+                "rand_seed".into(),
+                serde_json::Value::from(self.settings.data_seed),
             );
         }
         TrainingRun {
