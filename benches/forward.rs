@@ -24,7 +24,7 @@ fn forward(c: &mut Criterion) {
         b.iter(|| model.forward(&tokens).unwrap())
     });
     g.bench_function("evaluate_last_position", |b| {
-        b.iter(|| tlens::eval::evaluate(&model, &tr, &te).unwrap())
+        b.iter(|| tlens::task::evaluate(&model, &tr, &te).unwrap())
     });
     g.finish();
 }

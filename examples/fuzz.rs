@@ -9,11 +9,15 @@
 //! `fuzz-crashes/`, and starts a new child. Every input must load or return an error, within
 //! the memory limit and the time limit.
 
+#[path = "../tests/support/fuzz.rs"]
+#[allow(dead_code)]
+mod fuzz;
+
+use fuzz::{limit_address_space, mutate, pickles_of, run_one, Rng, Target};
 use std::io::{BufReader, Read, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use tlens::fuzz::{limit_address_space, mutate, pickles_of, run_one, Rng, Target};
 
 fn arg(args: &[String], name: &str, default: u64) -> u64 {
     args.iter()
@@ -193,7 +197,7 @@ impl Worker {
 /// The child: read (target, length, bytes) records from stdin, answer 1 (loaded), 0 (error)
 /// or 2 (panicked) for each.
 fn worker() {
-    let limits = tlens::fuzz::fuzz_limits();
+    let limits = fuzz::fuzz_limits();
     std::panic::set_hook(Box::new(|_| {}));
     let mut stdin = std::io::stdin().lock();
     let mut stdout = std::io::stdout().lock();

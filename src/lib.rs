@@ -24,9 +24,6 @@ pub mod analysis;
 pub mod backend;
 pub mod cli;
 pub mod error;
-pub mod eval;
-#[doc(hidden)]
-pub mod fuzz;
 pub mod io;
 pub mod model;
 pub mod run;

@@ -6,6 +6,10 @@
 //! One test function runs the children one after another, so that the peak resident size the
 //! kernel reports for waited-for children (getrusage RUSAGE_CHILDREN) is this file's alone.
 
+#[path = "support/fuzz.rs"]
+#[allow(dead_code)]
+mod fuzz;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -150,7 +154,7 @@ fn run_limited(args: &[&str]) -> (i32, String, f64) {
     cmd.args(args);
     // 8 GiB of address space: far below what the unbudgeted reader asked for (4 TiB, 100 GiB),
     // far above what thread stacks and the binary reserve.
-    tlens::fuzz::limit_address_space(&mut cmd, 8 << 30);
+    fuzz::limit_address_space(&mut cmd, 8 << 30);
     let t = Instant::now();
     let out = cmd.output().unwrap();
     let secs = t.elapsed().as_secs_f64();

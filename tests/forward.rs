@@ -6,8 +6,9 @@ mod common;
 
 use common::{fixture, manifest};
 use ndarray::{Array2, ArrayD, Axis, Ix2};
-use tlens::eval::{evaluate, last_logits_fast, last_logits_general};
 use tlens::io::npz::NpzReader;
+use tlens::model::tabulated::{last_logits_fast, last_logits_general};
+use tlens::task::evaluate;
 use tlens::{Hook, HookedTransformer, RunFile};
 
 const CASES: [&str; 8] = [
@@ -248,7 +249,7 @@ fn full_dataset_logits_and_losses_match_transformer_lens() {
         }
     }
     // Losses and accuracies of the final model and every checkpoint, vs TL's float64 values.
-    let check = |ev: tlens::eval::Evaluation, want: &serde_json::Value, what: &str| {
+    let check = |ev: tlens::task::Evaluation, want: &serde_json::Value, what: &str| {
         let got = serde_json::to_value(ev).unwrap();
         for k in common::EVAL_KEYS {
             let (g, w) = (got[k].as_f64().unwrap(), want[k].as_f64().unwrap());
@@ -288,7 +289,7 @@ fn fast_path_equals_general_path_on_every_1_layer_fixture() {
         let n_ctx = model.cfg.n_ctx();
         let tokens =
             Array2::from_shape_fn((200, n_ctx), |(i, j)| ((i * 7 + j * 3 + i / 5) as u32) % v);
-        if !tlens::eval::fast_path_applies(&model) {
+        if !tlens::model::tabulated::fast_path_applies(&model) {
             assert!(
                 model.cfg.use_attn_in,
                 "{case}: only split-input models fall back"
@@ -382,4 +383,29 @@ fn unsupported_configs_are_rejected_at_construction() {
         HookedTransformer::new(run.config.clone().unwrap(), extra),
         Err(tlens::Error::Invalid { .. })
     ));
+}
+
+/// `forward_last` (the final block at the last position only, as training and evaluation use
+/// it) gives the last position of `forward` bit for bit, on every fixture config: layers,
+/// normalizations, activations, attention-only, bidirectional, split-QKV/attn-in hooks.
+#[test]
+fn forward_last_is_the_last_position_of_forward() {
+    for case in CASES {
+        let model = load_model(&format!("models/{case}.pth"));
+        let mut npz = NpzReader::open(fixture(&format!("activations/{case}.npz"))).unwrap();
+        let tokens = tokens_of(&mut npz, "tokens");
+        let full = model.forward(&tokens).unwrap();
+        let p = full.shape()[1];
+        let last = model.forward_last(&tokens).unwrap();
+        assert_eq!(
+            last.shape(),
+            &[full.shape()[0], 1, full.shape()[2]],
+            "{case}"
+        );
+        assert_eq!(
+            *last,
+            full.slice_axis(ndarray::Axis(1), ndarray::Slice::from(p - 1..p)),
+            "{case}"
+        );
+    }
 }

@@ -182,7 +182,7 @@ fn finite_differences_agree() {
                 sd.insert(n, Tensor::F32(moved));
             }
             let model = tlens::HookedTransformer::new(c.cfg.clone(), sd).unwrap();
-            let logits = tlens::eval::last_logits(&model, &tokens).unwrap();
+            let logits = tlens::model::tabulated::last_logits(&model, &tokens).unwrap();
             task::loss_with(c.kind, logits.view(), &labels)
         };
         let fd = (shifted(1.0) - shifted(-1.0)) / (2.0 * eps);
@@ -465,7 +465,7 @@ fn power_et_al_operations_train_and_evaluate() {
             tlens::HookedTransformer::new(run.config.clone().unwrap(), run.model().unwrap())
                 .unwrap();
         let split = run.split(23, tlens::run::SplitChoice::Auto).unwrap();
-        let ev = tlens::eval::evaluate_op(&model, op, run.rand_seed(), &split.train, &split.test)
+        let ev = tlens::task::evaluate_op(&model, op, run.rand_seed(), &split.train, &split.test)
             .unwrap();
         let last = *t.test_losses.last().unwrap();
         assert!(

@@ -28,7 +28,7 @@ fn shipped_run_groks() {
     let final_test = *run.test_losses.last().unwrap();
     assert!(final_test < 0.01, "final test loss {final_test}");
     let model = HookedTransformer::new(run.config.clone().unwrap(), run.model().unwrap()).unwrap();
-    let ev = tlens::eval::evaluate(
+    let ev = tlens::task::evaluate(
         &model,
         run.train_indices.as_ref().unwrap(),
         run.test_indices.as_ref().unwrap(),
@@ -59,7 +59,7 @@ fn transformer_lens_agrees_on_the_shipped_run() {
     let keys = common::EVAL_KEYS;
     let check = |sd: tlens::StateDict, want: &serde_json::Value, what: &str| {
         let model = HookedTransformer::new(run.config.clone().unwrap(), sd).unwrap();
-        let got = serde_json::to_value(tlens::eval::evaluate(&model, &tr, &te).unwrap()).unwrap();
+        let got = serde_json::to_value(tlens::task::evaluate(&model, &tr, &te).unwrap()).unwrap();
         for k in keys {
             let (a, b) = (got[k].as_f64().unwrap(), want[k].as_f64().unwrap());
             // 1e-6 relative; for losses below 1e-3 the loss's relative error *is* the logits'
@@ -83,7 +83,7 @@ fn transformer_lens_agrees_on_the_shipped_run() {
     // Predictions equal TL's argmax on every input.
     let model = HookedTransformer::new(run.config.clone().unwrap(), run.model().unwrap()).unwrap();
     let (tokens, labels) = tlens::task::modular_addition(113);
-    let logits = tlens::eval::last_logits(&model, &tokens).unwrap();
+    let logits = tlens::model::tabulated::last_logits(&model, &tokens).unwrap();
     let want = tlens::io::npz::NpzReader::open(fixture("activations/grokked_p113.npz"))
         .unwrap()
         .array::<i64>("argmax")

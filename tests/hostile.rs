@@ -1,5 +1,9 @@
 //! Hostile input: every malformed file gives a typed error — never a panic, never zero-filling.
 
+#[path = "support/fuzz.rs"]
+#[allow(dead_code)]
+mod fuzz;
+
 mod common;
 
 use common::fixture;
@@ -382,7 +386,7 @@ fn compressed_zip_entries_are_inflated_checked_or_rejected() {
 
 #[test]
 fn fuzz_smoke_pass_finds_no_panic() {
-    use tlens::fuzz::{fuzz, pickles_of, Target};
+    use fuzz::{fuzz, pickles_of, Target};
     let files: Vec<Vec<u8>> = [
         "demo_small.pth",
         "demo_small_legacy.pth",

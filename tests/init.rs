@@ -74,8 +74,16 @@ fn tl_initial_weights_are_reproduced_bit_for_bit() {
 
 #[test]
 fn init_refuses_what_it_cannot_reproduce() {
+    // LayerNorm and the other architectures are TL's init too (tests/general.rs); solu_ln's
+    // extra LayerNorm and other init modes are refused.
     let mut cfg = tlens::HookedTransformerConfig::grokking_demo(113);
-    cfg.normalization_type = Some("LN".into());
+    cfg.act_fn = Some("solu_ln".into());
+    assert!(matches!(
+        tlens::train::init_weights(&cfg),
+        Err(tlens::Error::Unsupported(_))
+    ));
+    let mut cfg = tlens::HookedTransformerConfig::grokking_demo(113);
+    cfg.init_mode = "xavier_uniform".into();
     assert!(matches!(
         tlens::train::init_weights(&cfg),
         Err(tlens::Error::Unsupported(_))
@@ -102,7 +110,7 @@ fn epoch_zero_loss_from_tlens_init_equals_pytorchs() {
         tlens::HookedTransformer::new(cfg.clone(), tlens::train::init_weights(&cfg).unwrap())
             .unwrap();
     let (tr, te) = tlens::task::demo_split(113, 0.3, 598);
-    let ev = tlens::eval::evaluate(&model, &tr, &te).unwrap();
+    let ev = tlens::task::evaluate(&model, &tr, &te).unwrap();
     assert!(
         (ev.train_loss - want).abs() <= 1e-7 * want,
         "{} vs {want}",

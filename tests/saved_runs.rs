@@ -145,7 +145,7 @@ fn eval_equals_the_2022_models_own_forward_pass() {
         let s = run.split(p, SplitChoice::Auto).unwrap();
         let model =
             HookedTransformer::new(run.config.clone().unwrap(), run.model().unwrap()).unwrap();
-        let ev = tlens::eval::evaluate_op(&model, op, None, &s.train, &s.test).unwrap();
+        let ev = tlens::task::evaluate_op(&model, op, None, &s.train, &s.test).unwrap();
         let e = &d["eval_2022"];
         for (got, name) in [
             (ev.train_loss, "train_loss"),

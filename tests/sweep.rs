@@ -112,7 +112,7 @@ fn tracked_accuracy_equals_evaluating_the_checkpoint() {
         let model =
             tlens::HookedTransformer::new(run.config.clone().unwrap(), run.checkpoint(i).unwrap())
                 .unwrap();
-        let ev = tlens::eval::evaluate_op(
+        let ev = tlens::task::evaluate_op(
             &model,
             tlens::task::Operation::Subtract,
             None,

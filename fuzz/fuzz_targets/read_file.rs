@@ -3,8 +3,12 @@
 //! panics, aborts, out-of-memory (`-rss_limit_mb`) and time-outs (`-timeout`).
 #![no_main]
 
+#[path = "../../tests/support/fuzz.rs"]
+#[allow(dead_code)]
+mod fuzz;
+
 use libfuzzer_sys::fuzz_target;
-use tlens::fuzz::{run_one, Target};
+use fuzz::{run_one, Target};
 use tlens::io::pickle::Limits;
 
 fuzz_target!(|data: &[u8]| {

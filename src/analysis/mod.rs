@@ -5,7 +5,7 @@
 //! Every definition is the demo's (`docs/reference.md` §8; `fixtures/demo_analysis.py` runs
 //! the Python side), and `tests/analysis.rs` checks every scalar and array against it. What
 //! differs is how they are computed: activations come from the tabulated last-position pass
-//! ([`crate::eval::last_position`]) instead of a full cached forward, per-frequency power from
+//! ([`crate::model::tabulated::last_position`]) instead of a full cached forward, per-frequency power from
 //! FFTs ([`fourier`]), and the restricted/excluded logits from a rank-(1 + 2·|keys|)
 //! factorisation ([`ablation`]) — which is why all progress measures of a 250-checkpoint run
 //! take seconds.
@@ -35,8 +35,8 @@ pub mod plots;
 pub mod progress;
 
 use crate::error::{Error, Result};
-use crate::eval::{fast_path_applies, last_position, LastPosition};
 use crate::io::npz::NpzWriter;
+use crate::model::tabulated::{fast_path_applies, last_position, LastPosition};
 use crate::run::RunFile;
 use crate::{task, HookedTransformer};
 use fourier::{power_from_components, power_spectrum_1d, power_spectrum_2d, FourierBasis};

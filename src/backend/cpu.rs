@@ -483,6 +483,9 @@ impl Cpu {
     ) -> Result<ArrayD<f32>> {
         let (b, pq, h, e) = as4(q, "attn_scores")?.dim();
         let pk = as4(k, "attn_scores")?.dim().1;
+        if pq > pk {
+            return Err(shape_err("attn_scores", format!("{pq} queries, {pk} keys")));
+        }
         let (q, k) = (std_layout(q), std_layout(k));
         let (qs, ks) = (q.as_slice().expect("std"), k.as_slice().expect("std"));
         let mut out = vec![0f32; b * h * pq * pk];
@@ -496,7 +499,7 @@ impl Cpu {
                         let qv = &qb[(i * h + hi) * e..(i * h + hi + 1) * e];
                         for j in 0..pk {
                             ob[(hi * pq + i) * pk + j] = match causal_ignore {
-                                Some(ig) if j > i => ig,
+                                Some(ig) if j > i + (pk - pq) => ig,
                                 _ => {
                                     let kv = &kb[(j * h + hi) * e..(j * h + hi + 1) * e];
                                     qv.iter().zip(kv).map(|(a, b)| a * b).sum::<f32>() / scale
@@ -507,6 +510,20 @@ impl Cpu {
                 }
             });
         Ok(ArrayD::from_shape_vec(IxDyn(&[b, h, pq, pk]), out).expect("sizes match"))
+    }
+
+    /// The last position of [B, P, …] as [B, 1, …].
+    pub fn last_position(&self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        let p = *x
+            .shape()
+            .get(1)
+            .ok_or_else(|| shape_err("last_position", "1-D input".into()))?;
+        if p == 0 {
+            return Err(shape_err("last_position", "no positions".into()));
+        }
+        Ok(x.slice_axis(Axis(1), ndarray::Slice::from(p - 1..p))
+            .as_standard_layout()
+            .into_owned())
     }
 
     /// Softmax over the last axis (NaN → 0, as TL).
@@ -828,6 +845,10 @@ impl Backend for Cpu {
         causal_ignore: Option<f32>,
     ) -> Result<Self::Tensor> {
         Cpu::attn_scores(self, q, k, scale, causal_ignore).map(Arc::new)
+    }
+
+    fn last_position(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
+        Cpu::last_position(self, x).map(Arc::new)
     }
 
     fn softmax(&self, x: &Self::Tensor) -> Result<Self::Tensor> {

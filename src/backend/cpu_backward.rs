@@ -125,6 +125,21 @@ impl Differentiable for Cpu {
         Ok(arc(ArrayD::from_shape_vec(shape, out).expect("sizes")))
     }
 
+    fn last_position_backward(&self, g: &T, pos: usize) -> Result<T> {
+        let mut shape = g.shape().to_vec();
+        if shape.get(1) != Some(&1) || pos == 0 {
+            return Err(shape_err(
+                "last_position_backward",
+                format!("{shape:?} to {pos} positions"),
+            ));
+        }
+        shape[1] = pos;
+        let mut out = ArrayD::<f32>::zeros(IxDyn(&shape));
+        out.slice_axis_mut(Axis(1), ndarray::Slice::from(pos - 1..pos))
+            .assign(&**g);
+        Ok(arc(out))
+    }
+
     fn sum_leading(&self, g: &T, keep: usize) -> Result<T> {
         let nd = g.ndim();
         if keep > nd {
@@ -267,7 +282,7 @@ impl Differentiable for Cpu {
                 for hi in 0..h {
                     for i in 0..pq {
                         for j in 0..pk {
-                            if causal && j > i {
+                            if causal && j > i + (pk - pq) {
                                 continue;
                             }
                             let gv = gb[(hi * pq + i) * pk + j] / scale;

@@ -104,8 +104,12 @@ pub trait Backend: Sync {
         w: &Self::Tensor,
         b: &Self::Tensor,
     ) -> Result<Self::Tensor>;
+    /// The last position of x: [B, P, …] → [B, 1, …] (the final block computes only what the
+    /// loss at the last position needs, when nothing else asks for the other positions).
+    fn last_position(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
     /// Attention scores `q·k / scale` (a true division), with key positions after the query
     /// set to `causal_ignore` when given: q [B, Pq, H, E], k [B, Pk, H, E] → [B, H, Pq, Pk].
+    /// With Pq < Pk the queries are the last Pq positions (query i sits at Pk − Pq + i).
     fn attn_scores(
         &self,
         q: &Self::Tensor,
@@ -193,6 +197,8 @@ pub trait Differentiable: Backend {
         index: &Array2<u32>,
         rows: usize,
     ) -> Result<Self::Tensor>;
+    /// `last_position`: g [B, 1, …] placed at the last of `pos` positions, zeros elsewhere.
+    fn last_position_backward(&self, g: &Self::Tensor, pos: usize) -> Result<Self::Tensor>;
     /// Σ of `g` over every axis but the last `keep` (a bias's gradient).
     fn sum_leading(&self, g: &Self::Tensor, keep: usize) -> Result<Self::Tensor>;
     /// `linear`: (dx = g·wᵀ, dw = xᵀ·g) over the rows of x [.., K] and g [.., N].

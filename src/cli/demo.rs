@@ -3,7 +3,7 @@
 //! analyses — key frequencies, neuron clusters, restricted/excluded loss, phases — with figures.
 
 use crate::error::Result;
-use crate::eval::last_logits;
+use crate::model::tabulated::last_logits;
 use crate::HookedTransformer;
 use ndarray::Array2;
 use std::path::Path;

@@ -1,11 +1,12 @@
 //! `tlens predict`, `tlens eval`, `tlens cache`: run a run's final model or a checkpoint.
 
 use crate::error::{Error, Result};
-use crate::eval::{evaluate_op, last_logits, task_p};
 use crate::io::npz::NpzWriter;
 use crate::model::get_act_name;
+use crate::model::tabulated::last_logits;
 use crate::run::{RunFile, SplitChoice};
 use crate::task;
+use crate::task::{evaluate_op, task_p};
 use crate::HookedTransformer;
 use ndarray::Array2;
 use serde_json::json;

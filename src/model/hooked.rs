@@ -366,10 +366,13 @@ impl<B: Backend> HookedTransformer<B> {
         self.backend.download(out)
     }
 
-    /// Logits [batch, pos, d_vocab_out] as the backend's tensor, without hooks: on
-    /// [`Autodiff`](crate::train::autodiff::Autodiff), the variable to differentiate.
-    pub fn forward_tensor(&self, tokens: &Array2<u32>) -> Result<B::Tensor> {
-        self.forward_ctx(tokens, &mut HookCtx::none())
+    /// The logits at the last position, [batch, 1, d_vocab_out], as the backend's tensor: the
+    /// same arithmetic as [`forward`](Self::forward) for that position (equal bit for bit), but
+    /// the final block computes its query side, attention output, MLP and unembedding for the
+    /// last position only (the others feed nothing the last position reads). On
+    /// [`Autodiff`](crate::train::autodiff::Autodiff), the variable the loss differentiates.
+    pub fn forward_last(&self, tokens: &Array2<u32>) -> Result<B::Tensor> {
+        self.forward_pass(tokens, &mut HookCtx::none(), true)
     }
 
     /// Logits and the activations at every hook point accepted by `names_filter` (all if None).
@@ -511,6 +514,17 @@ impl<B: Backend> HookedTransformer<B> {
     }
 
     pub(crate) fn forward_ctx(&self, tokens: &Array2<u32>, ctx: &mut HookCtx) -> Result<B::Tensor> {
+        self.forward_pass(tokens, ctx, false)
+    }
+
+    /// The forward pass; with `last_only` the final block works on the last position alone
+    /// (only without hooks or a cache, which see every position).
+    fn forward_pass(
+        &self,
+        tokens: &Array2<u32>,
+        ctx: &mut HookCtx,
+        last_only: bool,
+    ) -> Result<B::Tensor> {
         let be = &self.backend;
         let (b, p) = tokens.dim();
         if p == 0 || b == 0 {
@@ -519,8 +533,10 @@ impl<B: Backend> HookedTransformer<B> {
         let embed = self.point(ctx, "hook_embed", be.embed(&self.w_e, tokens)?)?;
         let pos = self.point(ctx, "hook_pos_embed", be.pos_embed(&self.w_pos, b, p)?)?;
         let mut resid = be.add(embed, &pos)?;
+        let n = self.blocks.len();
         for (l, blk) in self.blocks.iter().enumerate() {
-            resid = self.block(ctx, l, blk, resid, (l == 0).then_some(tokens))?;
+            let last = last_only && l + 1 == n;
+            resid = self.block(ctx, l, blk, resid, (l == 0).then_some(tokens), last)?;
         }
         let resid = self
             .norm(ctx, "ln_final", &self.ln_final, &resid)?
@@ -589,6 +605,7 @@ impl<B: Backend> HookedTransformer<B> {
         blk: &Block<B::Tensor>,
         resid: B::Tensor,
         tokens: Option<&Array2<u32>>,
+        last: bool,
     ) -> Result<B::Tensor> {
         let be = &self.backend;
         let cfg = &self.cfg;
@@ -624,6 +641,13 @@ impl<B: Backend> HookedTransformer<B> {
             Some([q, k, v]) => [q, k, v],
             None => [&resid_pre; 3],
         };
+        // `last`: the query side of the final block at the last position only.
+        let q_last = if last {
+            Some(be.last_position(q_in)?)
+        } else {
+            None
+        };
+        let q_in = q_last.as_ref().unwrap_or(q_in);
         // TL calls ln1 once for each of the three inputs (its hooks fire three times).
         let ln1 = format!("{p}.ln1");
         let q_n = self.norm(ctx, &ln1, &blk.ln1, q_in)?;
@@ -641,7 +665,13 @@ impl<B: Backend> HookedTransformer<B> {
         };
         let [q, k, v] = match tables {
             Some((index, [q, k, v])) => [
-                be.take_rows(&q, &index)?,
+                if last {
+                    let pos = index.ncols();
+                    let last_index = index.slice(ndarray::s![.., pos - 1..]).to_owned();
+                    be.take_rows(&be.last_position(&q)?, &last_index)?
+                } else {
+                    be.take_rows(&q, &index)?
+                },
                 be.take_rows(&k, &index)?,
                 be.take_rows(&v, &index)?,
             ],
@@ -674,6 +704,11 @@ impl<B: Backend> HookedTransformer<B> {
             be.attn_out(&z, &blk.w_o_flat, &blk.b_o)?
         };
         let attn_out = self.point(ctx, &format!("{p}.hook_attn_out"), attn_out)?;
+        let resid_pre = if last {
+            be.last_position(&resid_pre)?
+        } else {
+            resid_pre
+        };
         let (Some(ln2), Some(mlp)) = (&blk.ln2, &blk.mlp) else {
             return self.point(
                 ctx,

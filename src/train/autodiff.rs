@@ -19,7 +19,7 @@
 //! let sd = tlens::train::init_weights(&cfg)?;
 //! let model = HookedTransformer::with_backend(cfg, sd, Autodiff::new(Cpu, |n| !n.contains("b_")))?;
 //! let (tokens, labels) = tlens::task::modular_addition(7);
-//! let logits = model.forward_tensor(&tokens)?;
+//! let logits = model.forward_last(&tokens)?;
 //! let (loss, grads) = model.backend().backward(&logits, &labels, LossKind::CrossEntropy)?;
 //! assert!(loss > 0.0 && grads.get("blocks.0.ln1.w").is_some() && grads.get("unembed.b_U").is_none());
 //! # Ok::<(), tlens::Error>(())
@@ -315,6 +315,14 @@ where
         Ok(self.record(out, &ids(&[Some(q), Some(k)]), move |be, g| {
             let (dq, dk) = be.attn_scores_backward(&qv, &kv, g, scale, causal)?;
             Ok(vec![Some(dq), Some(dk)])
+        }))
+    }
+
+    fn last_position(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
+        let out = self.inner.last_position(&x.value)?;
+        let pos = self.inner.shape(&x.value)[1];
+        Ok(self.record(out, &ids(&[Some(x)]), move |be, g| {
+            Ok(vec![Some(be.last_position_backward(g, pos)?)])
         }))
     }
 

@@ -78,6 +78,6 @@ pub fn loss_and_grads(
     crate::backend::cpu::tune_allocator();
     let backend = Autodiff::new(Cpu, move |n: &str| trainable(n, train_biases));
     let model = HookedTransformer::with_backend(cfg.clone(), params.clone(), backend)?;
-    let logits = model.forward_tensor(tokens)?;
+    let logits = model.forward_last(tokens)?;
     model.backend().backward(&logits, labels, kind)
 }

@@ -42,7 +42,7 @@ use crate::backend::cpu::{matmul, matmul_acc};
 use crate::backend::gemm::{sgemm_chain, Mat, PackedB, KC};
 use crate::backend::simd::{self, axpy};
 use crate::error::{Error, Result};
-use crate::eval::{BlockSink, NormFreePass, Tables};
+use crate::model::tabulated::{BlockSink, NormFreePass, Tables};
 use crate::model::{HookedTransformer, HookedTransformerConfig, StateDict};
 use crate::tensor::Tensor;
 use ndarray::{s, Array2, ArrayView2, Axis, Ix2, Ix3, IxDyn};

@@ -31,7 +31,7 @@ pub use grad::{check_trainable, loss_and_grads};
 pub use init::{init_weights, torch_normal};
 
 use crate::error::{Error, Result};
-use crate::eval::last_logits;
+use crate::model::tabulated::last_logits;
 use crate::model::{HookedTransformer, HookedTransformerConfig, StateDict};
 use crate::run::TrainingRun;
 use crate::task;

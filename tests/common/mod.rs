@@ -81,7 +81,7 @@ pub fn i64s(v: &Json) -> Vec<i64> {
         .collect()
 }
 
-/// The keys of `tlens::eval::Evaluation` (and of `eval --json`), as TL's values are recorded.
+/// The keys of `tlens::task::Evaluation` (and of `eval --json`), as TL's values are recorded.
 pub const EVAL_KEYS: [&str; 6] = [
     "train_loss",
     "test_loss",

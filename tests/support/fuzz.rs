@@ -4,12 +4,12 @@
 //! structure-blind mutations — bit flips, interesting bytes, little-endian length fields set to
 //! boundary values, insertions, deletions, truncations, splices — and runs the full read path
 //! under `catch_unwind`. The property is simply: every input either loads or returns an
-//! [`crate::Error`]; a panic is a bug. `cargo run --release --example fuzz -- --iters N` runs it
+//! [`tlens::Error`]; a panic is a bug. `cargo run --release --example fuzz -- --iters N` runs it
 //! at length; `tests/hostile.rs` runs a short smoke pass in CI.
 
-use crate::io::pickle::{unpickle, Limits, Value};
-use crate::run::RunFile;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use tlens::io::pickle::{unpickle, Limits, Value};
+use tlens::run::RunFile;
 
 /// What a fuzzing session saw.
 #[derive(Debug, Default, Clone)]
@@ -126,10 +126,10 @@ pub fn run_one(target: Target, input: &[u8], limits: &Limits) -> Option<bool> {
             let run = RunFile::from_bytes(input.to_vec())
                 .and_then(|r| r.load())
                 .is_ok();
-            let tree = crate::io::tree::AnyFile::from_bytes(input.to_vec())
+            let tree = tlens::io::tree::AnyFile::from_bytes(input.to_vec())
                 .and_then(|f| {
-                    crate::io::tree::describe(&f, crate::io::tree::Options { values: true })?;
-                    crate::io::tree::read_tensors(&f)
+                    tlens::io::tree::describe(&f, tlens::io::tree::Options { values: true })?;
+                    tlens::io::tree::read_tensors(&f)
                 })
                 .is_ok();
             run || tree
@@ -137,7 +137,7 @@ pub fn run_one(target: Target, input: &[u8], limits: &Limits) -> Option<bool> {
         Target::Pickle => {
             let mut load = |pid: Value, pos: usize| {
                 Ok(Value::Storage(std::sync::Arc::new(
-                    crate::io::torch::storage_from_pid(pid, pos, false)?,
+                    tlens::io::torch::storage_from_pid(pid, pos, false)?,
                 )))
             };
             unpickle(input, &mut load, limits).is_ok()
@@ -184,12 +184,12 @@ pub fn fuzz(target: Target, seeds: &[Vec<u8>], iters: u64, seed: u64) -> Report 
 pub fn pickles_of(files: &[Vec<u8>]) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     for f in files {
-        let Ok(cd) = crate::io::zipdir::central_directory(f) else {
+        let Ok(cd) = tlens::io::zipdir::central_directory(f) else {
             continue;
         };
         for e in cd.iter().filter(|e| e.name.ends_with("data.pkl")) {
             if let Ok(r) =
-                crate::io::zipdir::data_range(f, &e.name, e.header_start, e.compressed_size)
+                tlens::io::zipdir::data_range(f, &e.name, e.header_start, e.compressed_size)
             {
                 out.push(f[r].to_vec());
             }
