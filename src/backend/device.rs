@@ -8,7 +8,8 @@
 //!
 //! Status: the GPU backend itself (cuBLAS/NVRTC forward, training, sweeps) is not implemented in
 //! this version — it could not be verified without a GPU — so `auto` runs on the CPU everywhere
-//! and `cuda` reports either why CUDA is unavailable or that the backend is missing.
+//! and `cuda` reports either why CUDA is unavailable or that the backend is missing. Its
+//! kernels exist and are compile-checked with NVRTC ([`super::cuda`]).
 
 use crate::error::{Error, Result};
 

@@ -9,6 +9,7 @@
 
 pub mod cpu;
 pub mod cpu_backward;
+pub mod cuda;
 pub mod device;
 pub mod gemm;
 pub mod simd;
