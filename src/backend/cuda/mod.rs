@@ -3,7 +3,7 @@
 //!
 //! What exists: the kernels ([`kernels`]: every non-matrix operation of the forward and
 //! backward passes, the loss, AdamW and Grokfast as CUDA C with their CPU twins named) and,
-//! with the `cuda` feature, their NVRTC compilation ([`compile_ptx`]), which
+//! with the `cuda` feature, their NVRTC compilation (`compile_ptx`), which
 //! `tests/cuda_kernels.rs` checks for sm_90 on machines without a GPU. What does not exist yet:
 //! the `Cuda` type implementing [`Backend`](super::Backend) and
 //! [`Differentiable`](super::Differentiable) with cuBLAS products, the CUDA-graph training
