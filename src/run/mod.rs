@@ -278,7 +278,14 @@ pub struct RunFile {
     /// Test indices stored in the file.
     pub test_indices: Option<Vec<i64>>,
     original: Option<OriginalShapes>,
-    optimizer: Option<(i64, StateDictRef, StateDictRef, serde_json::Value)>,
+    /// (step, exp_avg, exp_avg_sq, settings, Grokfast EMA state).
+    optimizer: Option<(
+        i64,
+        StateDictRef,
+        StateDictRef,
+        serde_json::Value,
+        StateDictRef,
+    )>,
     /// What kind of file this is, in words (`inspect` prints it).
     pub description: String,
     /// A torch `Optimizer.state_dict()` saved with the run (2022 runs), summarised; tlens
@@ -340,6 +347,9 @@ pub struct OptimizerState {
     pub exp_avg_sq: StateDict,
     /// The training settings (`tlens::train::TrainConfig` as JSON).
     pub settings: serde_json::Value,
+    /// The Grokfast EMA filter's state by parameter name (empty without the filter; written
+    /// under `grokfast_ema`, so a Grokfast run resumes exactly).
+    pub grokfast_ema: StateDict,
 }
 
 /// How to pickle the config when writing a `.pth`.
@@ -526,12 +536,16 @@ impl RunFile {
                         }
                         None => serde_json::Value::Null,
                     };
+                    let ema = match take(&mut o, "grokfast_ema") {
+                        Some(v) => sd_ref(v, "run['optimizer']['grokfast_ema']")?,
+                        None => StateDictRef::default(),
+                    };
                     let mut sd = |k: &str| -> Result<StateDictRef> {
                         let v = take(&mut o, k)
                             .ok_or_else(|| Error::missing(ctx_key("optimizer"), k))?;
                         sd_ref(v, &format!("run['optimizer']['{k}']"))
                     };
-                    run.optimizer = Some((step, sd("exp_avg")?, sd("exp_avg_sq")?, settings));
+                    run.optimizer = Some((step, sd("exp_avg")?, sd("exp_avg_sq")?, settings, ema));
                 }
                 Some(other) => {
                     return Err(Error::type_err(
@@ -662,6 +676,7 @@ impl RunFile {
         let mut ckpts: Vec<StateDictRef> = Vec::new();
         let mut run_tensors: HashMap<String, String> = HashMap::new();
         let (mut exp_avg, mut exp_avg_sq) = (StateDictRef::default(), StateDictRef::default());
+        let mut ema = StateDictRef::default();
         let mut unreadable = Vec::new();
         for name in &names {
             let (dtype, shape) = match f.info(name) {
@@ -675,6 +690,7 @@ impl RunFile {
             let opt = [
                 ("optimizer.exp_avg_sq.", &mut exp_avg_sq),
                 ("optimizer.exp_avg.", &mut exp_avg),
+                ("optimizer.grokfast_ema.", &mut ema),
             ]
             .into_iter()
             .find_map(|(prefix, sd)| name.strip_prefix(prefix).map(|p| (p, sd)));
@@ -719,6 +735,7 @@ impl RunFile {
         ckpts.iter_mut().for_each(by_tl_order);
         by_tl_order(&mut exp_avg);
         by_tl_order(&mut exp_avg_sq);
+        by_tl_order(&mut ema);
         let optimizer = match meta.get("optimizer_step") {
             Some(step) => {
                 let step = step.parse::<i64>().map_err(|_| {
@@ -737,7 +754,7 @@ impl RunFile {
                         "optimizer.exp_avg.* and optimizer.exp_avg_sq.* tensors",
                     ));
                 }
-                Some((step, exp_avg, exp_avg_sq, settings))
+                Some((step, exp_avg, exp_avg_sq, settings, ema))
             }
             None if !exp_avg.is_empty() || !exp_avg_sq.is_empty() => {
                 return Err(Error::missing(
@@ -910,8 +927,11 @@ impl RunFile {
         for c in &self.checkpoints {
             total = total.saturating_add(sd(c));
         }
-        if let Some((_, m, v, _)) = &self.optimizer {
-            total = total.saturating_add(sd(m)).saturating_add(sd(v));
+        if let Some((_, m, v, _, ema)) = &self.optimizer {
+            total = total
+                .saturating_add(sd(m))
+                .saturating_add(sd(v))
+                .saturating_add(sd(ema));
         }
         total
     }
@@ -957,11 +977,12 @@ impl RunFile {
             train_indices: self.train_indices.clone(),
             test_indices: self.test_indices.clone(),
             optimizer: match &self.optimizer {
-                Some((step, m, v, settings)) => Some(OptimizerState {
+                Some((step, m, v, settings, ema)) => Some(OptimizerState {
                     step: *step,
                     exp_avg: self.load_sd(m)?,
                     exp_avg_sq: self.load_sd(v)?,
                     settings: settings.clone(),
+                    grokfast_ema: self.load_sd(ema)?,
                 }),
                 None => None,
             },
@@ -1136,7 +1157,7 @@ impl RunFile {
         if n_test == n_train {
             return Some(1);
         }
-        if let Some((_, _, _, settings)) = &self.optimizer {
+        if let Some((_, _, _, settings, _)) = &self.optimizer {
             if let Some(k) = settings
                 .get("eval_every")
                 .and_then(serde_json::Value::as_u64)
@@ -1411,7 +1432,13 @@ impl TrainingRun {
                         Value::Str("settings".into()),
                         crate::model::config::json_to_pickle(&o.settings),
                     ),
-                ],
+                ]
+                .into_iter()
+                .chain(
+                    (!o.grokfast_ema.is_empty())
+                        .then(|| (Value::Str("grokfast_ema".into()), sd(w, &o.grokfast_ema))),
+                )
+                .collect(),
                 attrs: None,
             };
             items.push((Value::Str("optimizer".into()), Value::Dict(opt)));
@@ -1483,6 +1510,7 @@ impl TrainingRun {
             for (prefix, sd) in [
                 ("optimizer.exp_avg_sq.", &o.exp_avg_sq),
                 ("optimizer.exp_avg.", &o.exp_avg),
+                ("optimizer.grokfast_ema.", &o.grokfast_ema),
             ] {
                 tensors.extend(sd.iter().map(|(n, t)| (format!("{prefix}{n}"), t.clone())));
             }

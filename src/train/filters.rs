@@ -92,6 +92,38 @@ impl Filters {
         }
     }
 
+    /// The Grokfast EMA state by parameter name (empty before the first step or without EMA).
+    pub fn ema_state(&self) -> StateDict {
+        let mut sd = StateDict::new();
+        let mut names: Vec<&String> = self.ema.keys().collect();
+        names.sort_by_key(|n| crate::model::tl_order_key(n));
+        for n in names {
+            sd.insert(n.clone(), Tensor::F32(self.ema[n].clone()));
+        }
+        sd
+    }
+
+    /// Restore the Grokfast EMA state saved by [`Filters::ema_state`]. A moving-average
+    /// filter's window is not saved: resuming one is an error.
+    pub fn restore(&mut self, ema: &StateDict, steps: u64) -> Result<()> {
+        if let (Some(Grokfast::Ma { .. }), true) = (self.grokfast, steps > 0) {
+            return Err(Error::Unsupported(
+                "resuming a Grokfast-MA run (its window of gradients is not saved)".into(),
+            ));
+        }
+        if let (Some(Grokfast::Ema { .. }), true, true) = (self.grokfast, steps > 0, ema.is_empty())
+        {
+            return Err(Error::missing(
+                "run['optimizer']",
+                "grokfast_ema (the EMA filter's state)",
+            ));
+        }
+        for (n, t) in ema.iter() {
+            self.ema.insert(n.to_string(), t.expect::<f32>(n)?.clone());
+        }
+        Ok(())
+    }
+
     /// Whether any filter is on.
     pub fn active(&self) -> bool {
         self.grokfast.is_some() || self.orthograd

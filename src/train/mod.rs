@@ -747,6 +747,7 @@ impl Trainer {
                 exp_avg: self.opt.exp_avg.clone(),
                 exp_avg_sq: self.opt.exp_avg_sq.clone(),
                 settings: serde_json::to_value(&self.settings).expect("settings serialise"),
+                grokfast_ema: self.filters.ema_state(),
             }),
         }
     }
@@ -759,11 +760,6 @@ impl Trainer {
             .ok_or_else(|| Error::missing("run", "optimizer (a file written by `tlens train`)"))?;
         let settings: TrainConfig = serde_json::from_value(o.settings.clone())
             .map_err(|e| Error::invalid("run['optimizer']['settings']", e.to_string()))?;
-        if settings.grokfast.is_some() {
-            return Err(Error::Unsupported(
-                "resuming a Grokfast run (the filter's state is not saved in the run file)".into(),
-            ));
-        }
         let cfg = run.config.ok_or_else(|| Error::missing("run", "config"))?;
         let mut t = Self::with_params(cfg, run.model, settings)?;
         if run.train_indices.as_deref() != Some(&t.train_indices[..]) {
@@ -772,6 +768,7 @@ impl Trainer {
                 "train indices differ from the settings' split",
             ));
         }
+        t.filters.restore(&o.grokfast_ema, o.step as u64)?;
         t.opt.step = o.step as u64;
         t.opt.exp_avg = o.exp_avg;
         t.opt.exp_avg_sq = o.exp_avg_sq;
