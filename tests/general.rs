@@ -551,3 +551,59 @@ fn grokfast_runs_resume_exactly_on_the_general_path() {
     ));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `tlens train` says which path trains, and refuses `--path tabulated` where it cannot apply.
+#[test]
+fn train_cli_names_its_path() {
+    let bin = env!("CARGO_BIN_EXE_tlens");
+    let dir = std::env::temp_dir().join(format!("tlens_path_cli_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("run.pth");
+    let small = [
+        "--p",
+        "23",
+        "--epochs",
+        "2",
+        "--d-model",
+        "32",
+        "--d-head",
+        "8",
+        "--d-mlp",
+        "64",
+    ];
+    let run = |extra: &[&str]| {
+        let o = std::process::Command::new(bin)
+            .args(["train", "--out", out.to_str().unwrap()])
+            .args(small)
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (code, err) = run(&[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("training path: tabulated"), "{err}");
+    let (code, err) = run(&[
+        "--n-layers",
+        "2",
+        "--normalization",
+        "LN",
+        "--act-fn",
+        "gelu",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("training path: general"), "{err}");
+    let (code, err) = run(&["--normalization", "LN", "--path", "tabulated"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("--path tabulated") && err.contains("normalization_type"),
+        "{err}"
+    );
+    let (code, err) = run(&["--act-fn", "solu"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--act-fn"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
