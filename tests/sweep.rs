@@ -50,6 +50,24 @@ fn a_sharded_sweep_merges_into_a_summary_and_a_phase_diagram() {
     let (code, _, err) = tlens(&args);
     assert_eq!(code, 0, "{err}");
     assert_eq!(err.matches("skipped").count(), 2, "{err}");
+    // Restarted with another architecture or other intervals: the runs of the same name were
+    // made with other settings, which is an error naming them, never a silent skip.
+    for extra in [&["--n-layers", "2"][..], &["--eval-every", "5"][..]] {
+        let mut args = vec!["sweep", "--out", d, "--shard", "1/2"];
+        args.extend(SWEEP);
+        args.extend(extra);
+        let (code, _, err) = tlens(&args);
+        assert_eq!(code, 1, "{extra:?}: {err}");
+        assert!(err.contains("other settings"), "{extra:?}: {err}");
+        assert!(
+            err.contains(if extra[0] == "--n-layers" {
+                "n_layers"
+            } else {
+                "eval_every"
+            }),
+            "{err}"
+        );
+    }
     // Merged.
     let (code, out, err) = tlens(&["sweep", "--summarize", d]);
     assert_eq!(code, 0, "{err}");

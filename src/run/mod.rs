@@ -1172,6 +1172,14 @@ impl RunFile {
     pub fn has_optimizer_state(&self) -> bool {
         self.optimizer.is_some()
     }
+
+    /// The training settings a `tlens train` run was made with (JSON of
+    /// `tlens::train::TrainConfig`), read without loading any tensor.
+    pub fn train_settings(&self) -> Option<&serde_json::Value> {
+        self.optimizer
+            .as_ref()
+            .map(|(_, _, _, settings, _)| settings)
+    }
 }
 
 /// Which kind of config a `config` entry holds.

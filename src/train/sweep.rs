@@ -250,6 +250,11 @@ pub fn run_shard(
         r.settings.validate()?;
         let file = dir.join(format!("{}.pth", r.name()));
         let summary_path = summary_path(&file);
+        if file.exists() {
+            // A file of the same name made with other settings (other epochs, architecture,
+            // loss, filters…) would be skipped or continued silently: refuse it.
+            same_settings(&file, &r.settings, summary_path.exists())?;
+        }
         if summary_path.exists() {
             let s: RunSummary = serde_json::from_slice(
                 &std::fs::read(&summary_path).map_err(|e| Error::from(e).in_file(&summary_path))?,
@@ -279,6 +284,53 @@ pub fn run_shard(
         out.push(s);
     }
     Ok(out)
+}
+
+/// The run in `file` was made with `settings` (the epochs may differ for a run to continue,
+/// not for a finished one).
+fn same_settings(file: &Path, settings: &TrainConfig, finished: bool) -> Result<()> {
+    let run = RunFile::open(file)?;
+    let stored: TrainConfig = match run.train_settings() {
+        Some(v) => serde_json::from_value(v.clone())
+            .map_err(|e| Error::invalid("run['optimizer']['settings']", e.to_string()))?,
+        None => {
+            return Err(Error::invalid(
+                file.display().to_string(),
+                "not a `tlens train` run (no settings): use another --out folder",
+            ))
+        }
+    };
+    let mut want = settings.clone();
+    if !finished {
+        want.epochs = stored.epochs;
+    }
+    if stored != want {
+        return Err(Error::invalid(
+            file.display().to_string(),
+            format!(
+                "was trained with other settings ({}); use another --out folder or the same \
+                 flags",
+                differences(&stored, &want)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The top-level settings that differ, as `name: stored vs requested`.
+fn differences(a: &TrainConfig, b: &TrainConfig) -> String {
+    let (a, b) = (
+        serde_json::to_value(a).unwrap_or_default(),
+        serde_json::to_value(b).unwrap_or_default(),
+    );
+    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+        return String::new();
+    };
+    a.iter()
+        .filter(|(k, v)| b.get(*k) != Some(*v))
+        .map(|(k, v)| format!("{k}: {v} vs {}", b.get(k).cloned().unwrap_or_default()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn summary_path(run_file: &Path) -> PathBuf {
