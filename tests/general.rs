@@ -607,3 +607,27 @@ fn train_cli_names_its_path() {
     assert!(err.contains("--act-fn"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Split per-head Q/K/V inputs and per-head results compute the same function, so their
+/// gradients (through the per-head backward operations) must equal PyTorch's for the plain
+/// config.
+#[test]
+fn per_head_inputs_and_results_have_pytorchs_gradients() {
+    for name in ["relu_none_1l", "gelu_ln_2l"] {
+        let mut c = grad_case(name);
+        c.cfg.use_split_qkv_input = true;
+        c.cfg.use_attn_result = true;
+        let (tokens, labels) = task::dataset(c.p, c.op).unwrap();
+        let (_, grads) =
+            general::loss_and_grads(&c.cfg, &c.params, &tokens, &labels, c.kind, true).unwrap();
+        for n in &c.order {
+            let (g, t) = (f32_of(&grads, n), f32_of(&c.grads, n));
+            let scale = t.iter().fold(1e-6f32, |m, x| m.max(x.abs()));
+            let diff = (g - t).iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert!(
+                diff <= 1e-5 * scale.max(1e-3),
+                "{name}: {n} differs by {diff:e}"
+            );
+        }
+    }
+}

@@ -63,6 +63,49 @@ fn act_grad(act: Activation, x: f32) -> Result<f32> {
     })
 }
 
+/// The backward pass of a per-head product `out[.., h, :] = x[.., h, :] @ w[h]`: x [B, P, H, K],
+/// w [H, K, N], g [B, P, H, N] → (dx = g_h·w[h]ᵀ per head, dw[h] = x_hᵀ·g_h). Serves
+/// `head_linear` with per-head inputs and `attn_result`.
+fn per_head_backward(
+    x: &ArrayD<f32>,
+    w: &ArrayD<f32>,
+    g: &ArrayD<f32>,
+    op: &str,
+) -> Result<(T, T)> {
+    let x4 = as4(x, op)?;
+    let g4 = as4(g, op)?;
+    let (b, p, h, k) = x4.dim();
+    let n = g4.dim().3;
+    if w.shape() != [h, k, n] || g4.dim() != (b, p, h, n) {
+        return Err(shape_err(
+            op,
+            format!("x {:?}, w {:?}, g {:?}", x.shape(), w.shape(), g.shape()),
+        ));
+    }
+    let mut dx = Array4::<f32>::zeros((b, p, h, k));
+    let mut dw = Array3::<f32>::zeros((h, k, n));
+    for hi in 0..h {
+        let head = |a: &ndarray::ArrayView4<f32>, width: usize| {
+            a.slice(s![.., .., hi, ..])
+                .to_owned()
+                .into_shape_with_order((b * p, width))
+                .expect("sizes")
+        };
+        let (xi, gi) = (head(&x4, k), head(&g4, n));
+        let wi = w
+            .slice(s![hi, .., ..])
+            .into_dimensionality::<Ix2>()
+            .expect("2-D");
+        dx.slice_mut(s![.., .., hi, ..]).assign(
+            &mm(gi.view(), wi.t())
+                .into_shape_with_order((b, p, k))
+                .expect("sizes"),
+        );
+        dw.slice_mut(s![hi, .., ..]).assign(&mm(xi.t(), gi.view()));
+    }
+    Ok((arc(dx.into_dyn()), arc(dw.into_dyn())))
+}
+
 impl Differentiable for Cpu {
     fn embed_backward(&self, g: &T, tokens: &Array2<u32>, d_vocab: usize) -> Result<T> {
         let d = *g.shape().last().unwrap_or(&0);
@@ -219,34 +262,7 @@ impl Differentiable for Cpu {
                     arc(dw.into_dyn()),
                 ))
             }
-            4 => {
-                let x4 = as4(&x, "head_linear_backward")?;
-                let mut dx = Array4::<f32>::zeros((b, p, h, d));
-                let mut dw = Array3::<f32>::zeros((h, d, e));
-                for hi in 0..h {
-                    let xi = x4
-                        .slice(s![.., .., hi, ..])
-                        .to_owned()
-                        .into_shape_with_order((b * p, d))
-                        .expect("sizes");
-                    let gi = g4
-                        .slice(s![.., .., hi, ..])
-                        .to_owned()
-                        .into_shape_with_order((b * p, e))
-                        .expect("sizes");
-                    let wi = w
-                        .slice(s![hi, .., ..])
-                        .into_dimensionality::<Ix2>()
-                        .expect("2-D");
-                    dx.slice_mut(s![.., .., hi, ..]).assign(
-                        &mm(gi.view(), wi.t())
-                            .into_shape_with_order((b, p, d))
-                            .expect("sizes"),
-                    );
-                    dw.slice_mut(s![hi, .., ..]).assign(&mm(xi.t(), gi.view()));
-                }
-                Ok((arc(dx.into_dyn()), arc(dw.into_dyn())))
-            }
+            4 => per_head_backward(&x, w, &g, "head_linear_backward"),
             n => Err(shape_err(
                 "head_linear_backward",
                 format!("input with {n} dims"),
@@ -365,35 +381,7 @@ impl Differentiable for Cpu {
     }
 
     fn attn_result_backward(&self, z: &T, w_o: &T, g: &T) -> Result<(T, T)> {
-        let z4 = as4(z, "attn_result_backward")?;
-        let g4 = as4(g, "attn_result_backward")?;
-        let (b, p, h, e) = z4.dim();
-        let d = w_o.shape()[2];
-        let mut dz = Array4::<f32>::zeros((b, p, h, e));
-        let mut dw = Array3::<f32>::zeros((h, e, d));
-        for hi in 0..h {
-            let zi = z4
-                .slice(s![.., .., hi, ..])
-                .to_owned()
-                .into_shape_with_order((b * p, e))
-                .expect("sizes");
-            let gi = g4
-                .slice(s![.., .., hi, ..])
-                .to_owned()
-                .into_shape_with_order((b * p, d))
-                .expect("sizes");
-            let wi = w_o
-                .slice(s![hi, .., ..])
-                .into_dimensionality::<Ix2>()
-                .expect("2-D");
-            dz.slice_mut(s![.., .., hi, ..]).assign(
-                &mm(gi.view(), wi.t())
-                    .into_shape_with_order((b, p, e))
-                    .expect("sizes"),
-            );
-            dw.slice_mut(s![hi, .., ..]).assign(&mm(zi.t(), gi.view()));
-        }
-        Ok((arc(dz.into_dyn()), arc(dw.into_dyn())))
+        per_head_backward(z, w_o, g, "attn_result_backward")
     }
 
     fn attn_out_backward(&self, z: &T, w_o_flat: &T, g: &T) -> Result<(T, T)> {
